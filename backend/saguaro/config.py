@@ -1,0 +1,98 @@
+"""All configuration in one typed place. Defaults serve the vendored demo pair on this CPU."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from saguaro.errors import SaguaroError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEMO_TARGET = PROJECT_ROOT / "models" / "demo-code-target"
+DEMO_DRAFT = PROJECT_ROOT / "models" / "demo-code-draft"
+DEV_PROMPTS = PROJECT_ROOT / "prompts" / "dev.jsonl"
+
+MODES = ("ar", "sd", "ssd")
+BACKUPS = ("auto", "neural", "fast")
+FANOUTS = ("geometric", "uniform")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One model instance (target or draft)."""
+    checkpoint: str = str(DEMO_TARGET)
+    engine: str = "torch"            # torch | trtllm
+    device: str = "cpu"
+    dtype: str = "auto"              # auto: float32 on CPU, bfloat16 on CUDA
+    max_slots: int = 16              # sequences live at once
+    max_seq_len: int = 1024          # prompt + generated + one speculation
+    max_draft_len: int = 8           # largest K a request may ask for
+    max_branches: int = 64           # speculation-cache branches per sequence (draft only)
+    threads: int = 1                 # intra-op threads on CPU (0: leave torch's default)
+
+    def validate(self) -> "EngineConfig":
+        if self.engine not in ("torch", "trtllm"):
+            raise SaguaroError(f"engine={self.engine!r}: use 'torch' (CPU or CUDA) or 'trtllm' (GPU)")
+        for name in ("max_slots", "max_seq_len", "max_draft_len"):
+            if getattr(self, name) < 1:
+                raise SaguaroError(f"{name}={getattr(self, name)}: must be >= 1")
+        return self
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """How speculation is done. K may be overridden per request up to the engines' max_draft_len."""
+    k: int = 4                       # draft tokens per round
+    budget: int = 16                 # B: speculation-cache branches per sequence per round
+    fanout: str = "geometric"        # geometric (DESIGN §1.1) | uniform
+    accept_rate: float | None = None  # a; None: fitted online from observed rounds
+    power: float | None = None       # r in 1 - p_hit(F) = F^-r; None: fitted online
+    saguaro_c: float = 1.0           # C in (0, 1]; 1.0 = plain draft sampling (DESIGN §1.3)
+    backup: str = "auto"             # auto (b* rule) | neural | fast
+    draft_timeout_s: float = 10.0    # after this the request falls back to target-only decoding
+
+    def validate(self, max_draft_len: int, max_branches: int) -> "SpecConfig":
+        if not 1 <= self.k <= max_draft_len:
+            raise SaguaroError(f"num_draft_tokens (K)={self.k}: must be in [1, {max_draft_len}] (raise max_draft_len to allow more)")
+        if not 1 <= self.budget <= max_branches:
+            raise SaguaroError(f"fan-out budget={self.budget}: must be in [1, {max_branches}] (raise max_branches to allow more)")
+        if self.fanout not in FANOUTS:
+            raise SaguaroError(f"fanout={self.fanout!r}: use one of {FANOUTS}")
+        if self.backup not in BACKUPS:
+            raise SaguaroError(f"backup={self.backup!r}: use one of {BACKUPS}")
+        if not 0.0 <= self.saguaro_c <= 1.0:
+            raise SaguaroError(f"saguaro_c={self.saguaro_c}: must be in [0, 1] (1 disables Saguaro sampling)")
+        if self.accept_rate is not None and not 0.0 < self.accept_rate < 1.0:
+            raise SaguaroError(f"accept_rate={self.accept_rate}: must be in (0, 1), or None to fit it online")
+        if self.power is not None and self.power <= 0:
+            raise SaguaroError(f"power={self.power}: must be > 0, or None to fit it online")
+        return self
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per request. temperature 0 means greedy."""
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0                   # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+    end_id: int | None = None        # stop after emitting this token
+    stop: tuple[tuple[int, ...], ...] = field(default_factory=tuple)  # stop token sequences
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> "SamplingParams":
+        if self.max_tokens <= 0:
+            raise SaguaroError(f"max_tokens={self.max_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise SaguaroError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SaguaroError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise SaguaroError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+        return self
+
+    def with_(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)

@@ -1,0 +1,261 @@
+"""The decoding loop: AR, SD and SSD rounds for many sequences at once (DESIGN §1).
+
+One round, for every active sequence together:
+  1. one exchange with the drafter: last round's outcomes in, this round's speculations out
+     (SSD: a cache lookup, the draft already pre-drafted them; SD: drafted now; AR: none);
+  2. one batched target forward over [pending token, speculation] per sequence;
+  3. verification -> (k, bonus) per sequence; k + 1 tokens are emitted.
+With a drafter in another process, step 1 returns at once on a cache hit and the drafter spends
+step 2 building the next caches: drafting is hidden behind verification.
+Sequences join and leave between rounds. AR is a round with an empty speculation.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from saguaro.config import MODES, SamplingParams, SpecConfig
+from saguaro.draft import DraftReply, DraftRound, Join, Outcome, Speculation
+from saguaro.engines.base import Engine
+from saguaro.errors import DraftFailure, SaguaroError
+from saguaro.sampling import probs, verify_greedy, verify_sampled
+
+
+class DraftClient(Protocol):
+    vocab_size: int
+    max_draft_len: int
+    max_branches: int
+
+    def step(self, rnd: DraftRound) -> DraftReply: ...
+    def reset(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class SeqStats:
+    rounds: int = 0
+    drafted: int = 0                 # draft tokens sent to verification
+    accepted: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    degraded: bool = False           # finished on the target alone after a draft failure
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt: list[int]
+    params: SamplingParams
+    mode: str
+    k: int
+    slot: int
+    generator: torch.Generator | None
+    pending: int                     # last committed token: not yet in the target's KV
+    output: list[int] = field(default_factory=list)
+    spec: Speculation | None = None
+    finish_reason: str | None = None  # length | stop | aborted
+    stats: SeqStats = field(default_factory=SeqStats)
+
+
+@dataclass
+class Event:
+    """What one round produced for one sequence."""
+    seq_id: int
+    tokens: list[int]
+    finish_reason: str | None
+    stats: SeqStats
+
+
+@dataclass
+class RoundStats:
+    batch: int
+    verify_ms: float                 # target forward + verification
+    draft_wait_ms: float             # time the loop waited for the drafter's answer
+    draft_ms: float                  # drafter's own time for that answer
+    build_ms: float                  # drafter's cache-build time (hidden behind verify under SSD)
+    hits: int
+    misses: int
+    backup: str
+    degraded: bool = False
+
+
+class Decoder:
+    def __init__(self, target: Engine, draft: DraftClient | None, spec: SpecConfig):
+        self.target, self.draft, self.spec = target, draft, spec
+        self.max_draft_len = min(target.max_draft_len, draft.max_draft_len if draft else target.max_draft_len)
+        if draft is not None and draft.vocab_size != target.vocab_size:
+            raise SaguaroError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size}): "
+                               "use a draft trained with the target's tokenizer")
+        spec.validate(self.max_draft_len, draft.max_branches if draft else spec.budget)
+        self.seqs: dict[int, Sequence] = {}
+        self.ids = itertools.count()
+        self.joins: list[Join] = []
+        self.outcomes: list[Outcome] = []
+        self.leaves: list[int] = []
+        self.last_verify_ms = 0.0
+        self.history: list[RoundStats] = []
+
+    # -- requests -------------------------------------------------------------------------------
+    def add(self, prompt: list[int], params: SamplingParams = SamplingParams(), mode: str = "ssd",
+            k: int | None = None, budget: int | None = None, saguaro_c: float | None = None) -> int:
+        params.validate()
+        if mode not in MODES:
+            raise SaguaroError(f"decoding_mode={mode!r}: use one of {', '.join(MODES)}")
+        if mode != "ar" and self.draft is None:
+            raise SaguaroError(f"decoding_mode={mode} needs a draft model: configure one or use decoding_mode=ar")
+        if not prompt:
+            raise SaguaroError("the prompt is empty: send at least one token of text")
+        k = self.spec.k if k is None else k
+        if mode != "ar":
+            SpecConfig(k=k, budget=budget or self.spec.budget, saguaro_c=self.spec.saguaro_c if saguaro_c is None else saguaro_c
+                       ).validate(self.max_draft_len, self.draft.max_branches)
+        limit = self.target.max_seq_len
+        if len(prompt) + params.max_tokens > limit:
+            raise SaguaroError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                               f"max_seq_len={limit}: shorten the prompt, lower max_tokens or raise max_seq_len")
+        seq_id = next(self.ids)
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator()
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        slot = self.target.allocate()
+        if len(prompt) > 1:
+            self.target.forward([slot], [prompt[:-1]], logits=False)
+        self.seqs[seq_id] = Sequence(seq_id, list(prompt), params, mode, 0 if mode == "ar" else k, slot, generator, prompt[-1])
+        if mode != "ar":
+            self.joins.append(Join(seq_id, list(prompt), params, mode, k, budget or self.spec.budget,
+                                   self.spec.saguaro_c if saguaro_c is None else saguaro_c))
+        return seq_id
+
+    def abort(self, seq_id: int) -> None:
+        """Free what a request holds (cancelled or disconnected); safe between rounds."""
+        s = self.seqs.get(seq_id)
+        if s is not None:
+            s.finish_reason = "aborted"
+            self._finish(s)
+        self._flush_leaves()
+
+    @property
+    def active(self) -> int:
+        return len(self.seqs)
+
+    # -- one round ------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        if not self.seqs:
+            return []
+        wait_ms, reply = self._exchange_with_drafter()
+        seqs = list(self.seqs.values())
+        t0 = time.perf_counter()
+        logits = self.target.forward([s.slot for s in seqs], [[s.pending] + self._spec_tokens(s) for s in seqs])
+        events = [self._verify(s, lg) for s, lg in zip(seqs, logits)]
+        self.last_verify_ms = (time.perf_counter() - t0) * 1e3
+        hits = sum(reply.hits.values()) if reply else 0
+        self.history.append(RoundStats(
+            len(seqs), self.last_verify_ms, wait_ms, reply.draft_ms if reply else 0.0, reply.build_ms if reply else 0.0,
+            hits, len(reply.hits) - hits if reply else 0, reply.backup if reply else "", any(s.stats.degraded for s in seqs)))
+        self._flush_leaves()
+        return events
+
+    def _spec_tokens(self, s: Sequence) -> list[int]:
+        return s.spec.tokens[: s.k] if s.spec is not None and s.k else []
+
+    def _exchange_with_drafter(self) -> tuple[float, DraftReply | None]:
+        if self.draft is None or not (self.joins or self.outcomes or self.leaves):
+            return 0.0, None
+        rnd = DraftRound(self.joins, self.outcomes, self.leaves, self.last_verify_ms)
+        self.joins, self.outcomes, self.leaves = [], [], []
+        t0 = time.perf_counter()
+        try:
+            reply = self.draft.step(rnd)
+        except DraftFailure:
+            self._degrade()
+            return (time.perf_counter() - t0) * 1e3, None
+        for seq_id, spec in reply.specs.items():
+            if seq_id in self.seqs:
+                self.seqs[seq_id].spec = spec
+        for seq_id, hit in reply.hits.items():
+            if seq_id in self.seqs:
+                st = self.seqs[seq_id].stats
+                st.cache_hits += hit
+                st.cache_misses += not hit
+        return (time.perf_counter() - t0) * 1e3, reply
+
+    def _degrade(self) -> None:
+        """Finish every speculative sequence on the target alone: same distribution, same greedy
+        output, only slower. The drafter is reset so its slots are freed."""
+        for s in self.seqs.values():
+            if s.mode != "ar":
+                s.mode, s.k, s.spec, s.stats.degraded = "ar", 0, None, True
+        self.draft.reset()
+
+    def _verify(self, s: Sequence, logits: torch.Tensor) -> Event:
+        draft = self._spec_tokens(s)
+        if s.params.greedy:
+            k, bonus = verify_greedy(logits, draft)
+        else:
+            q = s.spec.q[: len(draft)] if draft else None
+            k, bonus = verify_sampled(probs(logits, s.params), q, draft, s.generator)
+        new = draft[:k] + [bonus]
+        st = s.stats
+        st.rounds, st.drafted, st.accepted = st.rounds + 1, st.drafted + len(draft), st.accepted + k
+        new = self._apply_stops(s, new)
+        s.output.extend(new)
+        self.target.truncate(s.slot, self.target.length(s.slot) - len(draft) + k)
+        s.pending = bonus
+        if s.finish_reason is None and s.mode != "ar":
+            self.outcomes.append(Outcome(s.seq_id, k, draft[:k] + [bonus]))
+        event = Event(s.seq_id, new, s.finish_reason, st)
+        if s.finish_reason is not None:
+            self._finish(s)
+        return event
+
+    def _apply_stops(self, s: Sequence, new: list[int]) -> list[int]:
+        p = s.params
+        for i, tok in enumerate(new):
+            done = len(s.output) + i + 1
+            if tok == p.end_id or any(_ends_with(s.output + new[: i + 1], stop) for stop in p.stop):
+                s.finish_reason = "stop"
+                return new[: i + 1]
+            if done >= p.max_tokens:
+                s.finish_reason = "length"
+                return new[: i + 1]
+        return new
+
+    def _finish(self, s: Sequence) -> None:
+        self.seqs.pop(s.seq_id, None)
+        self.target.release(s.slot)
+        pending_join = [j for j in self.joins if j.seq_id == s.seq_id]
+        if pending_join:            # the drafter never saw it
+            self.joins.remove(pending_join[0])
+        elif s.mode != "ar":
+            self.leaves.append(s.seq_id)
+
+    def _flush_leaves(self) -> None:
+        # With no round left to carry them, tell the drafter now so its slots are freed.
+        if not self.seqs and self.draft is not None and self.leaves:
+            self._exchange_with_drafter()
+
+    # -- convenience ----------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams(), mode: str = "ssd",
+                 **kw) -> list[list[int]]:
+        """Run the prompts to completion together and return the generated tokens of each."""
+        ids = [self.add(p, params, mode, **kw) for p in prompts]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        while self.seqs:
+            for e in self.step():
+                out[e.seq_id].extend(e.tokens)
+        return [out[i] for i in ids]
+
+    def close(self) -> None:
+        for seq_id in list(self.seqs):
+            self.abort(seq_id)
+        if self.draft is not None:
+            self.draft.close()
+
+
+def _ends_with(tokens: list[int], stop: tuple[int, ...]) -> bool:
+    return len(stop) > 0 and tuple(tokens[-len(stop):]) == tuple(stop)

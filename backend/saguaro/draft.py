@@ -1,0 +1,286 @@
+"""The draft side of speculative decoding: drafting (SD), and for SSD the speculation cache built
+while the target verifies, its lookup, and the backups on a miss (DESIGN §1).
+
+The decoder talks to a Drafter only through `DraftRound` -> `DraftReply`, one exchange per round,
+so the same Drafter runs in-process (`LocalDraft`), in a worker process (draft_worker.py) or in
+Triton's `draft` model. After answering a round the Drafter builds the SSD caches for it
+(`build`): in a worker that runs while the target verifies, which is the point of SSD.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from saguaro.backup import matched_prefix, ngram_proposal
+from saguaro.config import SamplingParams, SpecConfig
+from saguaro.engines.base import Engine
+from saguaro.fanout import FanoutFit, backup_threshold, expected_tokens
+from saguaro.sampling import one_hot, probs, sample, saguaro
+
+
+@dataclass
+class Speculation:
+    tokens: list[int]
+    q: torch.Tensor | None          # [K, V] the tokens were drawn from; None under greedy
+    source: str                      # cache | neural | fast
+
+
+@dataclass
+class Join:
+    seq_id: int
+    prompt: list[int]
+    params: SamplingParams
+    mode: str                        # sd | ssd
+    k: int
+    budget: int
+    saguaro_c: float
+
+
+@dataclass
+class Outcome:
+    seq_id: int
+    accepted: int                    # k: draft tokens the target accepted
+    emitted: list[int]               # d_1..d_k followed by the bonus token
+
+
+@dataclass
+class DraftRound:
+    joins: list[Join] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    leaves: list[int] = field(default_factory=list)
+    verify_ms: float = 0.0           # the target's last round, for the backup rule
+
+
+@dataclass
+class DraftReply:
+    specs: dict[int, Speculation]
+    hits: dict[int, bool]            # SSD sequences with an outcome: was it in the cache?
+    backup: str                      # the backup used for misses this round (neural | fast)
+    draft_ms: float                  # time spent producing the answer (lookups, backups, SD drafting)
+    build_ms: float                  # time the previous round's cache build took
+
+
+@dataclass
+class _Seq:
+    slot: int
+    history: list[int]               # committed tokens; the last is not yet in the draft's KV
+    params: SamplingParams
+    mode: str
+    k: int
+    budget: int
+    c: float
+    generator: torch.Generator
+    spec: Speculation | None = None  # being verified now
+    cache: dict[tuple[int, int], Speculation] = field(default_factory=dict)
+    fanout: list[int] = field(default_factory=list)
+    fast_guess: list[int] = field(default_factory=list)
+
+
+class Drafter:
+    def __init__(self, engine: Engine, spec: SpecConfig):
+        self.engine, self.spec = engine, spec
+        self.seqs: dict[int, _Seq] = {}
+        self.fit = FanoutFit(spec.accept_rate, spec.power)
+        self.top_next: dict[int, int] = {}          # draft's top-1 after a token (fast backup)
+        self.to_build: list[int] = []
+        self.build_ms = self.jit_ms = 0.0
+        self.hit_rate = 0.5
+
+    # -- one round ------------------------------------------------------------------------------
+    def step(self, rnd: DraftRound) -> DraftReply:
+        t0 = time.perf_counter()
+        for seq_id in rnd.leaves:
+            self._leave(seq_id)
+        for j in rnd.joins:
+            self._join(j)
+        specs, hits, jit = {}, {}, [j.seq_id for j in rnd.joins]
+        backup = self._backup_choice(len(rnd.outcomes), rnd.verify_ms)
+        for o in rnd.outcomes:
+            s = self.seqs[o.seq_id]
+            spec = self._commit(s, o)
+            if s.mode == "ssd":
+                hits[o.seq_id] = spec is not None
+                if spec is None and backup == "fast":
+                    spec = self._fast(s)
+            if spec is None:
+                jit.append(o.seq_id)
+            else:
+                specs[o.seq_id] = spec
+        if jit:
+            t = time.perf_counter()
+            specs.update(self._draft(jit))
+            self.jit_ms = _ema(self.jit_ms, (time.perf_counter() - t) * 1e3)
+        for seq_id, spec in specs.items():
+            self.seqs[seq_id].spec = spec
+        self.to_build = [i for i in specs if self.seqs[i].mode == "ssd"]
+        if hits:
+            self.hit_rate = _ema(self.hit_rate, sum(hits.values()) / len(hits), 0.05)
+        return DraftReply(specs, hits, backup, (time.perf_counter() - t0) * 1e3, self.build_ms)
+
+    def build(self) -> None:
+        """Pre-draft the likely next speculations for every SSD sequence answered last step."""
+        if not self.to_build:
+            return
+        t = time.perf_counter()
+        self._build_caches([self.seqs[i] for i in self.to_build])
+        self.to_build = []
+        self.build_ms = _ema(self.build_ms, (time.perf_counter() - t) * 1e3)
+
+    # -- sequences ------------------------------------------------------------------------------
+    def _join(self, j: Join) -> None:
+        g = torch.Generator()
+        # the draft's randomness is independent of the target's; a seed makes both reproducible
+        g.manual_seed((j.params.seed * 1_000_003 + 17) % 2**63 if j.params.seed is not None else torch.seed())
+        s = _Seq(self.engine.allocate(), list(j.prompt), j.params, j.mode, j.k, j.budget, j.saguaro_c, g)
+        self.seqs[j.seq_id] = s
+        if len(j.prompt) > 1:
+            self.engine.forward([s.slot], [j.prompt[:-1]], logits=False)
+
+    def _leave(self, seq_id: int) -> None:
+        s = self.seqs.pop(seq_id, None)
+        if s is not None:
+            self.engine.release(s.slot)
+
+    def release_all(self) -> None:
+        for seq_id in list(self.seqs):
+            self._leave(seq_id)
+
+    def _commit(self, s: _Seq, o: Outcome) -> Speculation | None:
+        """Record the verified tokens, roll the draft KV back to them, update the fits, and
+        return the cached speculation for this outcome if there is one."""
+        bonus = o.emitted[-1]
+        if s.spec is not None and s.spec.source != "fast":    # n-gram rounds say nothing about a
+            self.fit.observe_accept(o.accepted, s.k)
+        if s.fanout:
+            self.fit.observe_cache(s.fanout[o.accepted], (o.accepted, bonus) in s.cache)
+        if s.fast_guess:
+            self.fit.observe_fast(matched_prefix(s.fast_guess, o.emitted), s.k)
+        s.history.extend(o.emitted)
+        self.engine.truncate(s.slot, len(s.history) - 1)
+        s.fast_guess = ngram_proposal(s.history, s.k, self.top_next)
+        hit = s.cache.get((o.accepted, bonus))
+        s.cache = {}
+        return Speculation(hit.tokens, hit.q, "cache") if hit else None
+
+    def _fast(self, s: _Seq) -> Speculation:
+        tokens = s.fast_guess
+        return Speculation(tokens, None if s.params.greedy else one_hot(tokens, self.engine.vocab_size), "fast")
+
+    def _backup_choice(self, batch: int, verify_ms: float) -> str:
+        if self.spec.backup != "auto":
+            return self.spec.backup
+        if verify_ms <= 0 or batch == 0:
+            return "neural"
+        k = max((s.k for s in self.seqs.values()), default=self.spec.k)
+        e_hit = expected_tokens(self.fit.a, k)
+        e_fast = expected_tokens(self.fit.a_fast, k)
+        a_neural = e_hit
+        a_fast = self.hit_rate * e_hit + (1 - self.hit_rate) * e_fast
+        b_star = backup_threshold(self.hit_rate, a_neural, a_fast, self.build_ms / verify_ms, self.jit_ms / verify_ms, 0.0)
+        return "neural" if batch <= b_star else "fast"
+
+    # -- drafting -------------------------------------------------------------------------------
+    def _choose(self, s: _Seq, logits: torch.Tensor, fanout: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next tokens for rows of one sequence's logits, and the q they were drawn from."""
+        if s.params.greedy:
+            return logits.argmax(-1), None
+        q = probs(logits, s.params)
+        if s.mode == "ssd":
+            q = saguaro(q, fanout, s.c)
+        return sample(q, s.generator), q
+
+    def _draft(self, seq_ids: list[int]) -> dict[int, Speculation]:
+        """Neural drafting, K steps, all sequences batched: SD's drafter, SSD's first speculation
+        and its JIT backup."""
+        seqs = [self.seqs[i] for i in seq_ids]
+        feed = [s.history[self.engine.length(s.slot):] for s in seqs]
+        tokens: list[list[int]] = [[] for _ in seqs]
+        qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        for depth in range(max(s.k for s in seqs)):
+            live = [i for i, s in enumerate(seqs) if depth < s.k]
+            logits = self.engine.forward([seqs[i].slot for i in live], [feed[i] for i in live])
+            for i, lg in zip(live, logits):
+                s = seqs[i]
+                tok, q = self._choose(s, lg[-1:], s.fanout[depth] if s.fanout else 0)
+                tokens[i].append(int(tok[0]))
+                if q is not None:
+                    qs[i].append(q[0])
+                feed[i] = [tokens[i][-1]]
+        return {i: Speculation(t, torch.stack(q) if q else None, "neural") for i, t, q in zip(seq_ids, tokens, qs)}
+
+    def _build_caches(self, seqs: list[_Seq]) -> None:
+        """Glue forward over [t*, s_1..s_K], then K batched tree-attention steps over every branch
+        (j, c): c a likely bonus token after j accepted draft tokens (DESIGN §1, 'Building the cache')."""
+        eng = self.engine
+        for s in seqs:   # drop what JIT drafting left past the committed tokens: the glue redoes it
+            eng.truncate(s.slot, len(s.history) - 1)
+        glue = eng.forward([s.slot for s in seqs], [s.history[eng.length(s.slot):] + s.spec.tokens for s in seqs])
+        parents, visible, first, owners = [], [], [], []
+        for s, lg in zip(seqs, glue):
+            dist = lg[-(s.k + 1):]                      # L_0..L_K
+            top1 = dist.argmax(-1).tolist()
+            for tok, nxt in zip([s.history[-1]] + s.spec.tokens, top1):
+                self.top_next[tok] = nxt
+            s.fanout = self.fit.fanout(s.budget, s.k, self.spec.fanout)
+            for j, f in enumerate(s.fanout):
+                if f == 0:
+                    continue
+                banned = s.spec.tokens[j] if j < s.k else -1   # a rejected token is never the bonus
+                cands = [c for c in dist[j].topk(f + 1).indices.tolist() if c != banned][:f]
+                for c in cands:
+                    parents.append(s.slot)
+                    visible.append(len(s.history) + j)
+                    first.append(c)
+                    owners.append((s, j, c))
+        if not parents:
+            return
+        parents_t, visible_t = torch.tensor(parents), torch.tensor(visible)
+        feed = torch.tensor(first)
+        rows_of: dict[int, list[int]] = {}
+        for n, (s, _, _) in enumerate(owners):
+            rows_of.setdefault(id(s), []).append(n)
+        k_max = max(s.k for s in seqs)
+        drafted = torch.zeros(len(parents), k_max, dtype=torch.long)
+        qs: list[list[torch.Tensor | None]] = [[None] * k_max for _ in parents]
+        for depth in range(k_max):
+            logits = eng.branch_step(parents_t, visible_t, feed, depth)
+            for s in seqs:
+                rows = rows_of.get(id(s))
+                if not rows or depth >= s.k:
+                    continue
+                tok, q = self._choose(s, logits[rows], s.fanout[depth])
+                drafted[rows, depth] = tok
+                if q is not None:
+                    for r, qr in zip(rows, q):
+                        qs[r][depth] = qr
+            feed = drafted[:, depth]
+        drafted_l = drafted.tolist()
+        for n, (s, j, c) in enumerate(owners):
+            q = None if s.params.greedy else torch.stack(qs[n][: s.k])
+            s.cache[(j, c)] = Speculation(drafted_l[n][: s.k], q, "cache")
+
+
+def _ema(old: float, new: float, w: float = 0.1) -> float:
+    return new if old == 0.0 else (1 - w) * old + w * new
+
+
+class LocalDraft:
+    """The Drafter in this process: no overlap (SD, tests, the statistical exactness check)."""
+
+    def __init__(self, drafter: Drafter):
+        self.drafter = drafter
+        e = drafter.engine
+        self.vocab_size, self.max_draft_len, self.max_branches = e.vocab_size, e.max_draft_len, e.max_branches
+
+    def step(self, rnd: DraftRound) -> DraftReply:
+        reply = self.drafter.step(rnd)
+        self.drafter.build()
+        return reply
+
+    def reset(self) -> None:
+        self.drafter.release_all()
+
+    def close(self) -> None:
+        self.drafter.release_all()

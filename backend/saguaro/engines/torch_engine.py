@@ -1,0 +1,172 @@
+"""The PyTorch engine: the CPU default and the reference for every other engine.
+
+KV layout per layer: [slots, positions, kv_heads, head_dim], preallocated. A slot holds
+`max_seq_len` real positions plus, on draft engines, scratch room after them for branch decoding:
+branch tokens are written just past the parent's cached length, so a branch step reads one
+contiguous slice of the parent slot (prefix + scratch) and a mask picks what each branch sees.
+"""
+from __future__ import annotations
+
+import torch
+
+from saguaro.config import EngineConfig
+from saguaro.engines.base import Engine
+from saguaro.errors import SaguaroError
+from saguaro.model import CacheView, Transformer, rope_tables
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        # CPUs have no fast bf16 matmul for such small shapes: fp32 is faster and exact.
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise SaguaroError(f"dtype={dtype!r}: use auto, float32, bfloat16 or float16") from None
+
+
+class TorchEngine(Engine):
+    def __init__(self, cfg: EngineConfig, branches: bool = False):
+        cfg.validate()
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SaguaroError(f"device={cfg.device} but CUDA is not available: use device=cpu")
+        if cfg.device == "cpu" and cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.device = cfg, torch.device(cfg.device)
+        self.model = Transformer.from_hf(cfg.checkpoint, resolve_dtype(cfg.dtype, cfg.device), cfg.device)
+        a = self.model.args
+        self.vocab_size, self.max_slots, self.max_seq_len = a.vocab_size, cfg.max_slots, cfg.max_seq_len
+        self.max_draft_len = cfg.max_draft_len
+        self.max_branches = cfg.max_branches if branches else 0
+        # Room past max_seq_len: one padded verify batch, plus branch scratch on draft engines.
+        capacity = cfg.max_seq_len + cfg.max_draft_len + 1 + (cfg.max_draft_len + 1) * self.max_branches
+        dt = self.model.embed.weight.dtype
+        shape = (a.n_layers, cfg.max_slots, capacity, a.n_kv_heads, a.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dt, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dt, device=self.device)
+        cos, sin = rope_tables(a, capacity)
+        self.cos, self.sin = cos.to(self.device, dt), sin.to(self.device, dt)
+        self.positions = torch.arange(capacity, device=self.device)
+        self.lengths = [0] * cfg.max_slots
+        self.free = list(range(cfg.max_slots - 1, -1, -1))
+        self.tree: _BranchLayout | None = None
+
+    # -- slots ---------------------------------------------------------------------------------
+    def allocate(self) -> int:
+        if not self.free:
+            raise SaguaroError(f"all {self.max_slots} KV slots are in use: raise max_slots or retry when requests finish")
+        slot = self.free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot not in self.free:
+            self.free.append(slot)
+
+    @property
+    def active_slots(self) -> int:
+        return self.max_slots - len(self.free)
+
+    def length(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def truncate(self, slot: int, length: int) -> None:
+        self.lengths[slot] = min(self.lengths[slot], length)
+
+    # -- forward -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, slots: list[int], tokens: list[list[int]], logits: bool = True) -> list[torch.Tensor]:
+        counts = [len(t) for t in tokens]
+        width = max(counts)
+        starts = [self.lengths[s] for s in slots]
+        if max(starts) + width > self.max_seq_len + self.cfg.max_draft_len + 1:
+            raise SaguaroError(f"sequence would exceed max_seq_len={self.max_seq_len}: shorten the prompt or max_tokens")
+        tok = torch.zeros(len(slots), width, dtype=torch.long)
+        for i, t in enumerate(tokens):
+            tok[i, : len(t)] = torch.tensor(t)
+        pos = torch.tensor(starts, device=self.device)[:, None] + self.positions[:width]
+        end = max(starts) + width
+        if len(slots) == 1:
+            view = self._single_slot_view(slots[0], starts[0], width)
+        else:
+            view = self._gather_view(torch.tensor(slots, device=self.device), pos, end)
+        out = self.model(tok.to(self.device), self.cos[pos], self.sin[pos], view,
+                         logits_from=0 if logits else width)
+        for s, start, n in zip(slots, starts, counts):
+            self.lengths[s] = start + n
+        return [out[i, :n] for i, n in enumerate(counts)] if logits else []
+
+    def _single_slot_view(self, slot: int, start: int, width: int) -> CacheView:
+        # The common batch-1 case: plain slices, no gather, no mask for one-token decode.
+        end = start + width
+        kc, vc = self.k_cache[:, slot:slot + 1], self.v_cache[:, slot:slot + 1]
+
+        def write(layer, k, v):
+            kc[layer, :, start:end], vc[layer, :, start:end] = k, v
+            return kc[layer, :, :end], vc[layer, :, :end]
+
+        mask = None if width == 1 else self.positions[:end] <= self.positions[start:end, None]
+        return CacheView(write, mask)
+
+    def _gather_view(self, slots: torch.Tensor, pos: torch.Tensor, end: int) -> CacheView:
+        rows = slots[:, None].expand_as(pos)
+
+        def write(layer, k, v):
+            self.k_cache[layer][rows, pos], self.v_cache[layer][rows, pos] = k, v
+            return self.k_cache[layer][slots, :end], self.v_cache[layer][slots, :end]
+
+        mask = (self.positions[:end] <= pos[:, :, None]).unsqueeze(1)
+        return CacheView(write, mask)
+
+    # -- branches (tree attention off a parent's prefix) ---------------------------------------
+    @torch.inference_mode()
+    def branch_step(self, parents: torch.Tensor, visible: torch.Tensor, tokens: torch.Tensor, depth: int) -> torch.Tensor:
+        if depth == 0:
+            self.tree = _BranchLayout(parents, visible, self.lengths, self.max_branches, self.cfg.max_draft_len, self.device)
+        t = self.tree
+        if depth > self.cfg.max_draft_len:
+            raise SaguaroError(f"branch depth {depth} exceeds max_draft_len={self.cfg.max_draft_len}")
+        tok = torch.zeros(t.groups, t.width, dtype=torch.long, device=self.device)
+        tok.view(-1)[t.flat] = tokens.to(self.device)
+        pos = t.visible + depth
+        write_at = t.base[:, None] + depth * t.width + self.positions[: t.width]
+        end = int(t.base.max()) + (depth + 1) * t.width
+        cols = self.positions[:end]
+        rel = cols - t.base[:, None, None]
+        own = (rel >= 0) & (rel % t.width == self.positions[: t.width, None]) & (rel // t.width <= depth)
+        mask = ((cols < t.visible[:, :, None]) | own).unsqueeze(1)
+        slots = t.slots
+        rows = slots[:, None].expand_as(write_at)
+
+        def write(layer, k, v):
+            self.k_cache[layer][rows, write_at], self.v_cache[layer][rows, write_at] = k, v
+            if t.groups == 1:
+                s = int(slots[0])
+                return self.k_cache[layer, s:s + 1, :end], self.v_cache[layer, s:s + 1, :end]
+            return self.k_cache[layer][slots, :end], self.v_cache[layer][slots, :end]
+
+        out = self.model(tok, self.cos[pos], self.sin[pos], CacheView(write, mask))
+        return out.view(-1, self.vocab_size)[t.flat]
+
+
+class _BranchLayout:
+    """Branches grouped by parent slot into a [groups, width] grid (width = most branches of any
+    parent), with each group's scratch starting at its parent's cached length."""
+
+    def __init__(self, parents, visible, lengths, max_branches, max_depth, device):
+        parents, visible = parents.tolist(), visible.tolist()
+        order = list(dict.fromkeys(parents))
+        members = {p: [i for i, q in enumerate(parents) if q == p] for p in order}
+        self.groups, self.width = len(order), max(len(m) for m in members.values())
+        if self.width > max_branches:
+            raise SaguaroError(f"{self.width} branches for one sequence exceed max_branches={max_branches}: lower the fan-out budget")
+        flat = [0] * len(parents)
+        vis = torch.zeros(self.groups, self.width, dtype=torch.long)
+        for g, p in enumerate(order):
+            for j, i in enumerate(members[p]):
+                flat[i] = g * self.width + j
+                vis[g, j] = visible[i]
+        self.flat = torch.tensor(flat, device=device)
+        self.visible = vis.to(device)
+        self.slots = torch.tensor(order, device=device)
+        self.base = torch.tensor([max(lengths[p], max(visible[i] for i in members[p])) for p in order], device=device)

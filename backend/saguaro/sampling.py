@@ -1,0 +1,80 @@
+"""Distributions, Saguaro reshaping and exact verification (DESIGN §1, §1.3).
+
+The one rule that keeps speculative sampling exact: the q handed to `verify` must be the very
+distribution each draft token was drawn from. Every drafter in this package samples through
+`sample` on a distribution built here and returns that distribution with its tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from saguaro.config import SamplingParams
+
+
+def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution we promise to sample from: softmax(logits / T) restricted by top-k and
+    top-p (applied to the target before verification, and to the draft alike). Rows are [.., V]."""
+    x = logits.float() / p.temperature
+    if p.top_k and p.top_k < x.shape[-1]:
+        kth = x.topk(p.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    out = x.softmax(-1)
+    if p.top_p < 1.0:
+        sorted_p, order = out.sort(-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the token that crosses it stays)
+        drop_sorted = sorted_p.cumsum(-1) - sorted_p >= p.top_p
+        out = out.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+        out = out / out.sum(-1, keepdim=True)
+    return out
+
+
+def saguaro(q: torch.Tensor, fanout: int, c: float) -> torch.Tensor:
+    """sigma_{F,C}: scale the top-F tokens' mass by C and renormalize (DESIGN §1.3). Lower q on the
+    tokens the cache will hold raises the residual there, so bonus tokens land in the cache."""
+    if c >= 1.0 or fanout <= 0:
+        return q
+    top = q.topk(min(fanout, q.shape[-1]), dim=-1).indices
+    scaled = q.scatter(-1, top, q.gather(-1, top) * c)
+    total = scaled.sum(-1, keepdim=True)
+    # C = 0 on a distribution with all its mass in the top-F would leave nothing: keep q there.
+    return torch.where(total > 0, scaled / total.clamp_min(1e-30), q)
+
+
+def sample(dist: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of a [N, V] distribution."""
+    return torch.multinomial(dist, 1, generator=generator).squeeze(-1)
+
+
+def one_hot(tokens: list[int], vocab: int) -> torch.Tensor:
+    """q of a deterministic proposal (n-gram backup): all mass on the proposed token."""
+    q = torch.zeros(len(tokens), vocab)
+    q[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)] = 1.0
+    return q
+
+
+def verify_greedy(logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
+    """logits [K+1, V] of the target over [t, d1..dK]. Returns (accepted k, bonus token)."""
+    best = logits.argmax(-1).tolist()
+    k = 0
+    while k < len(draft) and draft[k] == best[k]:
+        k += 1
+    return k, best[k]
+
+
+def verify_sampled(p: torch.Tensor, q: torch.Tensor, draft: list[int], generator: torch.Generator | None) -> tuple[int, int]:
+    """Exact rejection sampling. p [K+1, V]: target distributions; q [K, V]: the distributions the
+    draft tokens were drawn from. Accept d_i with prob min(1, p/q); on the first rejection draw the
+    bonus from norm(max(0, p - q)); if all are accepted draw it from p_K."""
+    if draft:
+        idx = torch.arange(len(draft))
+        d = torch.tensor(draft, dtype=torch.long)
+        ratio = p[idx, d] / q[idx, d]
+        u = torch.rand(len(draft), generator=generator)
+        rejected = (u >= ratio).nonzero()
+        if len(rejected):
+            k = int(rejected[0])
+            residual = (p[k] - q[k]).clamp_min(0.0)
+            # p == q leaves no residual; then a rejection had probability 0 and p is the answer
+            residual = residual if residual.sum() > 0 else p[k]
+            return k, int(sample(residual[None], generator)[0])
+    return len(draft), int(sample(p[len(draft)][None], generator)[0])

@@ -1,0 +1,405 @@
+"""Concurrency sweep of the `ensemble` with perf_analyzer, per decoding mode, into a report.
+
+    python clients/perf/sweep.py --url 127.0.0.1:8001 --out runs/sweep             # 1,2,4,8 x ssd,sd,ar
+    python clients/perf/sweep.py --concurrency 1,2 --modes ssd,sd --max-tokens 32 --out runs/quick
+    python clients/perf/sweep.py --report-only runs/sweep                          # redo report.md/png
+
+For each mode and concurrency it writes perf_analyzer's CSV (`<mode>_c<C>.csv`) and profile
+export (`<mode>_c<C>.json`, every response's timestamp and outputs), and the difference of the
+server's Prometheus counters over the run (`<mode>_c<C>.metrics.json`: every `saguaro_*` metric
+plus Triton's request failures). report.md and report.png summarize them.
+
+By default every point runs a fixed number of requests (a multiple of the prompt count), so each
+mode decodes the same prompts: acceptance depends on the prompt, and time windows would let
+faster modes see a different mix. --measurement-interval switches to perf_analyzer's time windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from clients.common import (  # noqa: E402
+    DEFAULT_PROMPTS_FILE, TOTALS, ClientError, GenerateRequest, check_ready, cli, load_prompts, metrics_url_for,
+)
+from clients.perf.make_input_data import write_input_data  # noqa: E402
+
+PERF_ANALYZER = Path(__file__).resolve().parent / "perf_analyzer.sh"
+FAILURE_METRIC = "nv_inference_request_failure"
+
+
+@dataclass
+class Row:
+    """One (mode, concurrency) point of the sweep. Times in ms; None where not measurable."""
+
+    mode: str
+    concurrency: int
+    requests: int
+    infer_per_s: float
+    tokens_per_s: float | None
+    pa_infer_per_s: float  # perf_analyzer's own figure; it counts at least a 1 s window, so short runs read low
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    itl_p50_ms: float | None
+    hit_rate: float | None
+    acceptance: float | None
+    errors: int
+
+
+# ---- parsing perf_analyzer's outputs ---------------------------------------------------------
+
+def parse_csv(path: Path) -> dict[str, float]:
+    """The first data row of perf_analyzer's -f CSV (one concurrency per file here)."""
+    header, values = list(csv.reader(path.read_text().splitlines()))[:2]
+    out = {}
+    for key, value in zip(header, values):
+        try:
+            out[key] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+def parse_export(path: Path) -> list[dict[str, Any]]:
+    """Per experiment (concurrency level) of a --profile-export-file: per-request latency, time
+    to first response, inter-token latency (ms) and the request totals found in its outputs."""
+    experiments = []
+    for exp in json.loads(path.read_text())["experiments"]:
+        reqs = []
+        for r in exp["requests"]:
+            ts = r.get("response_timestamps") or []
+            outs = r.get("response_outputs") or []
+            # Totals arrive on the final response only. perf_analyzer 2.51 exports an output a
+            # response lacks as whatever its buffer held (garbage ints), so read the last one and
+            # reject values no request can have.
+            last = outs[-1] if outs else {}
+            totals = {k: v if isinstance(v := last.get(k), int) and 0 <= v < 10**7 else 0 for k in TOTALS}
+            item: dict[str, Any] = {"responses": len(ts), **totals}
+            if ts:
+                item["latency_ms"] = (ts[-1] - r["timestamp"]) / 1e6
+                item["ttft_ms"] = (ts[0] - r["timestamp"]) / 1e6
+                # Only pieces that carry text: the last response may hold the totals alone.
+                text_ts = [t for t, o in zip(ts, outs) if o.get("text_output")] if outs else ts
+                if len(text_ts) >= 2 and totals["generated_tokens"] >= 2:
+                    item["itl_ms"] = (text_ts[-1] - text_ts[0]) / 1e6 / (totals["generated_tokens"] - 1)
+            reqs.append(item)
+        # Wall time of the closed loop: first send to last response over all requests.
+        sends = [r["timestamp"] for r in exp["requests"]]
+        ends = [r["response_timestamps"][-1] for r in exp["requests"] if r.get("response_timestamps")]
+        span_s = (max(ends) - min(sends)) / 1e9 if ends else 0.0
+        experiments.append({"concurrency": int(exp["experiment"]["value"]), "requests": reqs, "span_s": span_s})
+    return experiments
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), None for no data."""
+    if not values:
+        return None
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+# ---- server metrics --------------------------------------------------------------------------
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Prometheus text format -> metric name -> value summed over its label sets."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and not line.startswith("#"):
+            try:
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+            except ValueError:
+                pass
+    return out
+
+
+def scrape_metrics(url: str | None) -> dict[str, float]:
+    if not url:
+        return {}
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return parse_prometheus(r.read().decode())
+    except OSError as e:
+        print(f"  warning: cannot scrape {url}: {e}", flush=True)
+        return {}
+
+
+def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Change over one run of every saguaro_* metric and of Triton's request failures.
+    Histogram buckets are left out: summed over `le` they mean nothing (_sum and _count stay)."""
+    return {k: v - before.get(k, 0.0) for k, v in sorted(after.items())
+            if (k.startswith("saguaro_") and not k.endswith("_bucket")) or k == FAILURE_METRIC}
+
+
+def _counter(deltas: dict[str, float], *names: str) -> float | None:
+    # The lead defines the names; accept saguaro_<name>, with or without the _total suffix.
+    for name in names:
+        for key in (f"saguaro_{name}_total", f"saguaro_{name}"):
+            if key in deltas:
+                return deltas[key]
+    return None
+
+
+def speculative_rates(deltas: dict[str, float]) -> tuple[float | None, float | None]:
+    """(cache hit rate, draft acceptance) from the metric deltas, None where not available."""
+    hits, misses = _counter(deltas, "cache_hits"), _counter(deltas, "cache_misses")
+    accepted = _counter(deltas, "accepted_tokens", "accepted_draft_tokens", "accepted")
+    drafted = _counter(deltas, "drafted_tokens", "draft_tokens", "drafted")
+    hit_rate = hits / (hits + misses) if hits is not None and misses is not None and hits + misses > 0 else None
+    acceptance = accepted / drafted if accepted is not None and drafted else None
+    return hit_rate, acceptance
+
+
+# ---- one point -------------------------------------------------------------------------------
+
+def summarize_run(mode: str, csv_path: Path, export_path: Path, deltas: dict[str, float]) -> Row:
+    stats = parse_csv(csv_path)
+    exp = parse_export(export_path)[0]
+    reqs = exp["requests"]
+    tokens = [r["generated_tokens"] for r in reqs if r["generated_tokens"]]
+    span_s = exp["span_s"]
+    hit_rate, acceptance = speculative_rates(deltas)
+    if acceptance is None:  # no server metric: fall back to the requests' own totals
+        drafted = sum(r["drafted_tokens"] for r in reqs)
+        acceptance = sum(r["accepted_tokens"] for r in reqs) / drafted if drafted else None
+    # A request that got no response or no tokens failed, whatever perf_analyzer counted.
+    errors = int(deltas.get(FAILURE_METRIC, 0)) + sum(1 for r in reqs if not r["responses"])
+    return Row(
+        mode=mode, concurrency=exp["concurrency"], requests=len(reqs),
+        infer_per_s=len(reqs) / span_s if span_s else 0.0,
+        tokens_per_s=sum(tokens) / span_s if tokens and span_s else None,
+        pa_infer_per_s=stats.get("Inferences/Second", 0.0),
+        latency_p50_ms=percentile([r["latency_ms"] for r in reqs if "latency_ms" in r], 50),
+        latency_p99_ms=percentile([r["latency_ms"] for r in reqs if "latency_ms" in r], 99),
+        ttft_p50_ms=percentile([r["ttft_ms"] for r in reqs if "ttft_ms" in r], 50),
+        ttft_p99_ms=percentile([r["ttft_ms"] for r in reqs if "ttft_ms" in r], 99),
+        itl_p50_ms=percentile([r["itl_ms"] for r in reqs if "itl_ms" in r], 50),
+        hit_rate=hit_rate, acceptance=acceptance, errors=errors,
+    )
+
+
+def run_point(a: argparse.Namespace, mode: str, concurrency: int, input_path: Path, n_prompts: int) -> Row:
+    stem = a.out / f"{mode}_c{concurrency}"
+    csv_path, export_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    cmd = [str(PERF_ANALYZER), "-m", a.model, "-u", a.url, "-i", "grpc", "--async", "--streaming",
+           "--concurrency-range", str(concurrency), "--input-data", str(input_path),
+           "-f", str(csv_path), "--profile-export-file", str(export_path)]
+    if a.measurement_interval:
+        cmd += ["--measurement-interval", str(a.measurement_interval), "--stability-percentage", str(a.stability)]
+    else:
+        count = a.request_count or math.ceil(max(4 * concurrency, n_prompts) / n_prompts) * n_prompts
+        cmd += ["--request-count", str(count)]
+    before = scrape_metrics(a.metrics_url)
+    log = stem.with_suffix(".log")
+    with log.open("w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout_s)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise ClientError(f"perf_analyzer failed (exit {proc.returncode}) for {mode} c={concurrency}:\n{tail}")
+    deltas = metric_deltas(before, scrape_metrics(a.metrics_url))
+    stem.with_suffix(".metrics.json").write_text(json.dumps(deltas, indent=1))
+    return summarize_run(mode, csv_path, export_path, deltas)
+
+
+def warm_up(a: argparse.Namespace, mode: str, prompt: str) -> None:
+    """A few unmeasured requests so a mode's first point does not pay one-time start-up costs."""
+    if a.warmup <= 0:
+        return
+    import tritonclient.grpc as grpcclient
+
+    from clients.grpc_stream import stream_generate
+
+    print(f"  warming up {mode} ({a.warmup} request(s)) ...", flush=True)
+    req = GenerateRequest(prompt=prompt, max_tokens=a.max_tokens, temperature=a.temperature, decoding_mode=mode)
+    client = grpcclient.InferenceServerClient(a.url)
+    try:
+        for _ in range(a.warmup):
+            stream_generate(client, req, a.model, a.shapes)
+    finally:
+        client.close()
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _throughput(r: Row) -> float:
+    return r.tokens_per_s if r.tokens_per_s is not None else r.infer_per_s
+
+
+def advantage_line(rows: list[Row]) -> str:
+    """Where ssd's throughput lead over sd ends, from the data."""
+    by = {(r.mode, r.concurrency): r for r in rows}
+    cs = sorted(c for m, c in by if m == "ssd" and ("sd", c) in by)
+    if not cs:
+        return "ssd vs sd: not both measured."
+    unit = "tokens/s" if all(by[(m, c)].tokens_per_s is not None for c in cs for m in ("ssd", "sd")) else "infer/s"
+    ratios = {c: _throughput(by[("ssd", c)]) / _throughput(by[("sd", c)]) if _throughput(by[("sd", c)]) else math.inf
+              for c in cs}
+    listed = ", ".join(f"c={c}: {ratios[c]:.2f}x" for c in cs)
+    lost = [c for c in cs if ratios[c] <= 1.0]
+    if not lost:
+        return f"ssd stays ahead of sd at every measured concurrency (ssd/sd {unit}: {listed})."
+    if lost[0] == cs[0]:
+        return f"ssd is not faster than sd even at concurrency {cs[0]} (ssd/sd {unit}: {listed})."
+    c = lost[0]
+    why = ""
+    hit = by[("ssd", c)].hit_rate
+    if hit is not None:
+        # DESIGN.md §1.4: with b sequences per round a round stalls on the backup unless all hit.
+        why = (f" Expected cause (DESIGN.md §1.4): a batched round avoids the backup only when every sequence"
+               f" hits, about p_hit^b = {hit:.2f}^{c} = {hit ** c:.2f} at b ≈ {c}; the pre-drafting fan-out"
+               f" also competes with verification for the same cores as the batch grows.")
+    return f"ssd's advantage over sd disappears at concurrency {c} (ssd/sd {unit}: {listed}).{why}"
+
+
+def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: concurrency sweep") -> tuple[Path, Path]:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: (["ssd", "sd", "ar"].index(r.mode) if r.mode in ("ssd", "sd", "ar") else 9,
+                                       r.concurrency))
+    lines = [f"# {title}", "",
+             "| mode | concurrency | requests | infer/s | tokens/s | p50 latency ms | p99 latency ms "
+             "| p50 TTFT ms | p99 TTFT ms | p50 ITL ms | hit rate | acceptance | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.mode} | {r.concurrency} | {r.requests} | {_fmt(r.infer_per_s, 2)} | {_fmt(r.tokens_per_s)} "
+                     f"| {_fmt(r.latency_p50_ms)} | {_fmt(r.latency_p99_ms)} | {_fmt(r.ttft_p50_ms)} "
+                     f"| {_fmt(r.ttft_p99_ms)} | {_fmt(r.itl_p50_ms, 2)} | {_fmt(r.hit_rate, 3)} "
+                     f"| {_fmt(r.acceptance, 3)} | {r.errors} |")
+    c1 = {r.mode: r for r in rows if r.concurrency == 1}
+    lines += ["", advantage_line(rows)]
+    if "ssd" in c1 and _throughput(c1["ssd"]):
+        ratios = [f"ssd/{m} {_throughput(c1['ssd']) / _throughput(c1[m]):.2f}x" for m in ("sd", "ar")
+                  if m in c1 and _throughput(c1[m])]
+        if ratios:
+            lines.append(f"At concurrency 1: {', '.join(ratios)}.")
+    lines += ["", "Latency: send to last response; TTFT: send to first response; ITL: (last - first piece) /"
+              " (tokens - 1); throughput: requests and generated tokens over the wall time from the first send to"
+              " the last response; all from perf_analyzer's profile export. Hit rate = cache_hits / (hits + misses)"
+              " and acceptance = accepted / drafted from the server's saguaro_* counters over the run"
+              " (acceptance falls back to the requests' own totals)."]
+    md = out / "report.md"
+    md.write_text("\n".join(lines) + "\n")
+
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
+    tokens = all(r.tokens_per_s is not None for r in rows)
+    for mode in dict.fromkeys(r.mode for r in rows):
+        pts = [r for r in rows if r.mode == mode]
+        cs = [r.concurrency for r in pts]
+        ax_t.plot(cs, [_throughput(r) for r in pts], marker="o", label=mode)
+        ax_l.plot(cs, [r.latency_p50_ms or math.nan for r in pts], marker="o", label=f"{mode} p50")
+        ax_l.plot(cs, [r.latency_p99_ms or math.nan for r in pts], marker="x", linestyle="--",
+                  color=ax_l.lines[-1].get_color(), label=f"{mode} p99")
+    ax_t.set(xlabel="concurrency", ylabel="tokens/s" if tokens else "infer/s", title="Throughput")
+    ax_t.set_ylim(bottom=0)
+    ax_l.set(xlabel="concurrency", ylabel="latency (ms)", title="Request latency")
+    for ax in (ax_t, ax_l):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r.concurrency for r in rows}), [str(c) for c in sorted({r.concurrency for r in rows})])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    png = out / "report.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return md, png
+
+
+def rows_from_dir(out: Path) -> list[Row]:
+    """Rebuilds the rows from a sweep directory's <mode>_c<C>.{csv,json,metrics.json} files."""
+    rows = []
+    for csv_path in sorted(out.glob("*_c*.csv")):
+        m = re.fullmatch(r"(\w+)_c(\d+)", csv_path.stem)
+        export = csv_path.with_suffix(".json")
+        if not m or not export.exists():
+            continue
+        metrics = csv_path.with_suffix(".metrics.json")
+        deltas = json.loads(metrics.read_text()) if metrics.exists() else {}
+        rows.append(summarize_run(m.group(1), csv_path, export, deltas))
+    return rows
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
+    p.add_argument("--metrics-url", default=None, help="Prometheus endpoint (default: same host, port 8002)")
+    p.add_argument("--model", default="ensemble")
+    p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS_FILE)
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--modes", default="ssd,sd,ar")
+    p.add_argument("--concurrency", default="1,2,4,8")
+    p.add_argument("--request-count", type=int, default=0,
+                   help="requests per point (default: max(4 x concurrency, prompts), rounded up to whole prompt sets)")
+    p.add_argument("--measurement-interval", type=int, default=0, help="ms; use time windows instead of a request count")
+    p.add_argument("--stability", type=float, default=999, help="perf_analyzer --stability-percentage (time windows)")
+    p.add_argument("--timeout-s", type=float, default=1800, help="per perf_analyzer run")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests per mode before its first point")
+    p.add_argument("--out", type=Path, default=Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
+    p.add_argument("--report-only", type=Path, default=None, metavar="DIR", help="rewrite DIR's report from its exports")
+    a = p.parse_args()
+
+    if a.report_only:
+        md, png = write_report(rows_from_dir(a.report_only), a.report_only)
+        print(md.read_text())
+        print(f"wrote {md} and {png}")
+        return
+
+    a.metrics_url = a.metrics_url or metrics_url_for(a.url)
+    a.shapes = check_ready(a.url, a.model, "grpc")
+    a.out.mkdir(parents=True, exist_ok=True)
+    modes = a.modes.split(",")
+    levels = [int(c) for c in a.concurrency.split(",")]
+    prompts = load_prompts(a.prompts)[: a.num_prompts]
+    rows: list[Row] = []
+    total, step = len(modes) * len(levels), 0
+    for mode in modes:
+        input_path = write_input_data(a.out / f"input_{mode}.json", prompts, a.max_tokens, mode, a.temperature)
+        warm_up(a, mode, prompts[0])
+        for c in levels:
+            step += 1
+            print(f"[{step}/{total}] {mode} concurrency {c}: running perf_analyzer ...", flush=True)
+            t0 = time.monotonic()
+            row = run_point(a, mode, c, input_path, len(prompts))
+            rows.append(row)
+            print(f"[{step}/{total}] {mode} concurrency {c}: {row.requests} requests in {time.monotonic() - t0:.0f} s, "
+                  f"{_fmt(row.tokens_per_s)} tokens/s, p50 latency {_fmt(row.latency_p50_ms, 0)} ms, "
+                  f"hit rate {_fmt(row.hit_rate, 2)}, acceptance {_fmt(row.acceptance, 2)}, errors {row.errors}",
+                  flush=True)
+            (a.out / "rows.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    md, png = write_report(rows, a.out)
+    print("\n" + md.read_text())
+    print(f"wrote {md} and {png}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main))

@@ -1,0 +1,141 @@
+"""Unit tests of the sweep's parsing and report writing, on real perf_analyzer exports.
+
+tests/data/perf_sample/ was produced by tests/data/make_perf_sample.py: perf_analyzer 2.51 against
+a toy decoupled `ensemble` (8 tokens per request; ssd 2 ms, sd 3 ms, ar 4 ms per token) served
+by the pip tritonserver. No server is needed here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds clients/
+from clients.common import (  # noqa: E402
+    GenerateRequest, Generation, build_inputs, metrics_url_for, shapes_from_metadata,
+)
+from clients.perf.make_input_data import build_input_data  # noqa: E402
+from clients.perf.sweep import (  # noqa: E402
+    Row, advantage_line, metric_deltas, parse_csv, parse_export, parse_prometheus, percentile, rows_from_dir,
+    speculative_rates, write_report,
+)
+
+SAMPLE = Path(__file__).resolve().parent / "data" / "perf_sample"
+
+
+def test_parse_csv_reads_perf_analyzer_columns() -> None:
+    stats = parse_csv(SAMPLE / "ssd_c1.csv")
+    assert stats["Concurrency"] == 1
+    assert stats["Inferences/Second"] > 0
+    assert stats["p50 latency"] <= stats["p99 latency"]
+
+
+def test_parse_export_reads_totals_from_final_response_only() -> None:
+    # Intermediate responses carry only text; perf_analyzer exports their missing totals as garbage.
+    raw = json.loads((SAMPLE / "ssd_c2.json").read_text())
+    garbage = [o["generated_tokens"] for r in raw["experiments"][0]["requests"] for o in r["response_outputs"][:-1]]
+    assert any(g not in (0, 8) for g in garbage), "sample no longer exercises garbage outputs"
+    exp = parse_export(SAMPLE / "ssd_c2.json")[0]
+    assert exp["concurrency"] == 2
+    assert exp["span_s"] > 0
+    for r in exp["requests"]:
+        assert r["generated_tokens"] == 8 and r["rounds"] == 4 and r["drafted_tokens"] == 12
+        assert r["responses"] == 9  # 8 pieces + the totals
+        assert 0 < r["ttft_ms"] < r["latency_ms"]
+        assert 1.5 < r["itl_ms"] < 20  # the toy sleeps 2 ms per ssd token
+
+
+def test_percentile_matches_numpy_linear() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile([float(i) for i in range(101)], 99) == pytest.approx(99.0)
+
+
+def test_prometheus_scrape_and_rates() -> None:
+    scraped = parse_prometheus((SAMPLE / "metrics.txt").read_text())
+    assert scraped["saguaro_cache_hits_total"] > 0 and "nv_inference_request_success" in scraped
+    before = {k: v / 2 for k, v in scraped.items()}
+    deltas = metric_deltas(before, scraped)
+    assert all(k.startswith("saguaro_") or k == "nv_inference_request_failure" for k in deltas)
+    hit, acc = speculative_rates(deltas)
+    total = scraped["saguaro_cache_hits_total"] + scraped["saguaro_cache_misses_total"]
+    assert hit == pytest.approx(scraped["saguaro_cache_hits_total"] / total)
+    assert acc == pytest.approx(scraped["saguaro_accepted_tokens_total"] / scraped["saguaro_drafted_tokens_total"])
+
+
+def test_prometheus_sums_label_sets_and_accepts_names_without_total() -> None:
+    text = ('# TYPE saguaro_cache_misses counter\nsaguaro_cache_misses{backup="neural"} 3\n'
+            'saguaro_cache_misses{backup="fast"} 1\nsaguaro_cache_hits 12\n')
+    assert speculative_rates(parse_prometheus(text)) == (pytest.approx(0.75), None)
+    assert speculative_rates({}) == (None, None)
+
+
+def test_rows_from_sample_sweep() -> None:
+    rows = {(r.mode, r.concurrency): r for r in rows_from_dir(SAMPLE)}
+    assert set(rows) == {(m, c) for m in ("ssd", "sd", "ar") for c in (1, 2)}
+    for r in rows.values():
+        assert r.errors == 0 and r.requests >= 4
+        assert r.tokens_per_s == pytest.approx(8 * r.infer_per_s)
+        assert r.latency_p50_ms is not None and r.ttft_p50_ms is not None and r.itl_p50_ms is not None
+    assert rows[("ssd", 1)].hit_rate == pytest.approx(0.75)
+    assert rows[("sd", 1)].hit_rate is None and rows[("ar", 1)].acceptance is None
+    # The toy's per-token cost orders the modes.
+    assert rows[("ssd", 1)].tokens_per_s > rows[("sd", 1)].tokens_per_s > rows[("ar", 1)].tokens_per_s
+
+
+def test_write_report_table_and_plot(tmp_path: Path) -> None:
+    for f in SAMPLE.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    md, png = write_report(rows_from_dir(tmp_path), tmp_path)
+    text = md.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| mode | concurrency |") and "p99 latency ms" in table[0] and "TTFT" in table[0]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["ssd", "ssd", "sd", "sd", "ar", "ar"]
+    assert "ssd stays ahead of sd at every measured concurrency" in text
+    assert "At concurrency 1: ssd/sd" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def _row(mode: str, c: int, tps: float, hit: float | None = None) -> Row:
+    return Row(mode, c, 8, tps / 100, tps, tps / 100, 1.0, 2.0, 0.1, 0.2, 0.01, hit, 0.5, 0)
+
+
+def test_advantage_line_finds_where_ssd_stops_beating_sd() -> None:
+    rows = [_row("ssd", 1, 200, 0.8), _row("sd", 1, 150), _row("ssd", 2, 260, 0.8), _row("sd", 2, 240),
+            _row("ssd", 4, 290, 0.7), _row("sd", 4, 300), _row("ssd", 8, 300, 0.7), _row("sd", 8, 330)]
+    line = advantage_line(rows)
+    assert line.startswith("ssd's advantage over sd disappears at concurrency 4")
+    assert "0.70^4 = 0.24" in line
+    assert "even at concurrency 1" in advantage_line([_row("ssd", 1, 100), _row("sd", 1, 120)])
+    assert "stays ahead" in advantage_line([_row("ssd", 1, 130), _row("sd", 1, 120)])
+    assert "not both measured" in advantage_line([_row("ar", 1, 130)])
+
+
+def test_input_data_format() -> None:
+    data = build_input_data(["a", "b"], max_tokens=16, decoding_mode="sd", temperature=0.5)
+    assert data == {"data": [
+        {"text_input": [p], "max_tokens": [16], "stream": [True], "decoding_mode": ["sd"], "temperature": [0.5]}
+        for p in ("a", "b")]}
+
+
+def test_generation_timing_and_request_fields() -> None:
+    gen = Generation(pieces=["a", "bc", "d"], piece_times=[0.1, 0.2, 0.4], totals={"generated_tokens": 5})
+    assert gen.ttft_s == 0.1 and gen.itl_s == pytest.approx(0.3 / 4)
+    req = GenerateRequest("hi", max_tokens=4, decoding_mode="ar", seed=1)
+    assert req.fields() == {"text_input": "hi", "max_tokens": 4, "stream": True, "seed": 1, "decoding_mode": "ar"}
+    assert metrics_url_for("127.0.0.1:8001") == "http://127.0.0.1:8002/metrics"
+
+
+def test_build_inputs_follows_the_model_metadata_shapes() -> None:
+    # max_batch_size 0 with dims [1] -> [1]; max_batch_size > 0 adds a -1 batch dim -> [1, 1].
+    for meta_shape, want in (([1], [1]), ([-1, 1], [1, 1]), (["-1", "1"], [1, 1])):
+        meta = [{"name": n, "shape": meta_shape} for n in ("text_input", "max_tokens", "stream")]
+        shapes = shapes_from_metadata(meta)
+        inputs = build_inputs(GenerateRequest("hi", max_tokens=4), shapes)
+        assert [(i.name(), i.shape(), i.datatype()) for i in inputs] == [
+            ("text_input", want, "BYTES"), ("max_tokens", want, "INT32"), ("stream", want, "BOOL")]
