@@ -68,11 +68,15 @@ class Event:
     tokens: list[int]
     finish_reason: str | None
     stats: SeqStats
+    source: str                      # what produced the verified speculation: cache | neural | fast | ar
+    drafted: int                     # this round's draft tokens
+    accepted: int                    # of which the target accepted
 
 
 @dataclass
 class RoundStats:
     batch: int
+    tokens: int                      # emitted by all sequences this round
     verify_ms: float                 # target forward + verification
     draft_wait_ms: float             # time the loop waited for the drafter's answer
     draft_ms: float                  # drafter's own time for that answer
@@ -81,6 +85,9 @@ class RoundStats:
     misses: int
     backup: str
     degraded: bool = False
+    drafted: int = 0                 # draft tokens verified this round, all sequences
+    accepted: int = 0
+    emitted: list[int] = field(default_factory=list)   # tokens per sequence (bonus included)
 
 
 class Decoder:
@@ -97,6 +104,7 @@ class Decoder:
         self.outcomes: list[Outcome] = []
         self.leaves: list[int] = []
         self.last_verify_ms = 0.0
+        self.draft_slots = 0             # draft KV slots in use, as of the drafter's last answer
         self.history: list[RoundStats] = []
 
     # -- requests -------------------------------------------------------------------------------
@@ -155,8 +163,11 @@ class Decoder:
         self.last_verify_ms = (time.perf_counter() - t0) * 1e3
         hits = sum(reply.hits.values()) if reply else 0
         self.history.append(RoundStats(
-            len(seqs), self.last_verify_ms, wait_ms, reply.draft_ms if reply else 0.0, reply.build_ms if reply else 0.0,
-            hits, len(reply.hits) - hits if reply else 0, reply.backup if reply else "", any(s.stats.degraded for s in seqs)))
+            len(seqs), sum(len(e.tokens) for e in events), self.last_verify_ms, wait_ms,
+            reply.draft_ms if reply else 0.0, reply.build_ms if reply else 0.0,
+            hits, len(reply.hits) - hits if reply else 0, reply.backup if reply else "",
+            any(s.stats.degraded for s in seqs), sum(e.drafted for e in events), sum(e.accepted for e in events),
+            [len(e.tokens) for e in events]))
         self._flush_leaves()
         return events
 
@@ -174,6 +185,7 @@ class Decoder:
         except DraftFailure:
             self._degrade()
             return (time.perf_counter() - t0) * 1e3, None
+        self.draft_slots = reply.active_slots
         for seq_id, spec in reply.specs.items():
             if seq_id in self.seqs:
                 self.seqs[seq_id].spec = spec
@@ -208,7 +220,7 @@ class Decoder:
         s.pending = bonus
         if s.finish_reason is None and s.mode != "ar":
             self.outcomes.append(Outcome(s.seq_id, k, draft[:k] + [bonus]))
-        event = Event(s.seq_id, new, s.finish_reason, st)
+        event = Event(s.seq_id, new, s.finish_reason, st, s.spec.source if draft else "ar", len(draft), k)
         if s.finish_reason is not None:
             self._finish(s)
         return event

@@ -51,6 +51,7 @@ class DraftRound:
     outcomes: list[Outcome] = field(default_factory=list)
     leaves: list[int] = field(default_factory=list)
     verify_ms: float = 0.0           # the target's last round, for the backup rule
+    inject_fault: bool = False       # test switch: the drafter raises instead of answering
 
 
 @dataclass
@@ -60,6 +61,7 @@ class DraftReply:
     backup: str                      # the backup used for misses this round (neural | fast)
     draft_ms: float                  # time spent producing the answer (lookups, backups, SD drafting)
     build_ms: float                  # time the previous round's cache build took
+    active_slots: int                # draft KV slots in use (0 once every request has left)
 
 
 @dataclass
@@ -117,7 +119,7 @@ class Drafter:
         self.to_build = [i for i in specs if self.seqs[i].mode == "ssd"]
         if hits:
             self.hit_rate = _ema(self.hit_rate, sum(hits.values()) / len(hits), 0.05)
-        return DraftReply(specs, hits, backup, (time.perf_counter() - t0) * 1e3, self.build_ms)
+        return DraftReply(specs, hits, backup, (time.perf_counter() - t0) * 1e3, self.build_ms, self.engine.active_slots)
 
     def build(self) -> None:
         """Pre-draft the likely next speculations for every SSD sequence answered last step."""

@@ -8,6 +8,7 @@ from saguaro.decoder import Decoder
 from saguaro.draft import Drafter, LocalDraft
 from saguaro.draft_worker import DraftWorker, pin_to_core
 from saguaro.engines import create_engine
+from saguaro.remote import RemoteDraft
 
 
 def build_decoder(target: EngineConfig = EngineConfig(checkpoint=str(DEMO_TARGET)),
@@ -24,6 +25,6 @@ def build_decoder(target: EngineConfig = EngineConfig(checkpoint=str(DEMO_TARGET
     engine = create_engine(target)
     client = None
     if draft is not None:
-        client = (DraftWorker(draft, spec, core=1 if pin_cores else None) if draft_process
+        client = (RemoteDraft(DraftWorker(draft, spec, core=1 if pin_cores else None)) if draft_process
                   else LocalDraft(Drafter(create_engine(draft, branches=True), spec)))
     return Decoder(engine, client, spec)

@@ -322,31 +322,3 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-# ---- helpers for the repository's model.py files (they run inside the stub processes) ----
-
-def model_params(args: Mapping[str, str]) -> dict[str, str]:
-    """The model's config.pbtxt `parameters` as {key: string_value}, from initialize()'s args."""
-    config: dict[str, Any] = json.loads(args["model_config"])
-    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-
-
-def resolve_repo_path(value: str, args: Mapping[str, str]) -> Path:
-    """A path from a config parameter: `${model_repository}` and relative paths mean the repository folder.
-
-    Keeps the repository relocatable: "${model_repository}/../models/demo-code-target" works wherever
-    the project is checked out.
-    """
-    # args["model_repository"] is the model's own folder (<repository>/<model name>).
-    repo = Path(args["model_repository"]).resolve().parent
-    value = value.replace("${model_repository}", str(repo))
-    path = Path(value)
-    return (path if path.is_absolute() else repo / path).resolve()
-
-
-def error_response(pb_utils: Any, exc: BaseException) -> Any:
-    """An error InferenceResponse: bad input (SaguaroError) is INVALID_ARG, anything else INTERNAL."""
-    if isinstance(exc, SaguaroError):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))

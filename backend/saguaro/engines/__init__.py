@@ -10,6 +10,6 @@ def create_engine(cfg: EngineConfig, branches: bool = False) -> Engine:
     cfg.validate()
     if cfg.engine == "trtllm":
         from saguaro.engines.trtllm_engine import TrtllmEngine
-        return TrtllmEngine(cfg, branches=branches)
+        return TrtllmEngine.from_config(cfg, branches=branches)
     from saguaro.engines.torch_engine import TorchEngine
     return TorchEngine(cfg, branches=branches)

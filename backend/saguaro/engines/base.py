@@ -39,10 +39,11 @@ class Engine(ABC):
         """Forget cached positions >= length (rollback after rejected draft tokens)."""
 
     @abstractmethod
-    def forward(self, slots: list[int], tokens: list[list[int]]) -> list[torch.Tensor]:
+    def forward(self, slots: list[int], tokens: list[list[int]], logits: bool = True) -> list[torch.Tensor]:
         """Append tokens[i] to slot slots[i] (all in one batched forward) and return, per slot,
         float32 logits of shape [len(tokens[i]), vocab] for each new position. Used for prefill,
-        single-token decode and (K+1)-token verification alike."""
+        single-token decode and (K+1)-token verification alike. logits=False (prefill whose
+        logits nobody reads) returns [] and may skip the LM head."""
 
     @abstractmethod
     def branch_step(self, parents: torch.Tensor, visible: torch.Tensor, tokens: torch.Tensor,

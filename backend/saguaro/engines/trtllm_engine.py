@@ -135,14 +135,14 @@ def _runtime() -> Any:
 
 
 class TrtllmEngine(Engine):
-    def __init__(self, engine_dir: str | Path, max_slots: int = 16, max_branches: int | None = None,
+    def __init__(self, engine_dir: str | Path, max_slots: int = 16, max_branches: int | None = None, max_draft_len: int = 8,
                  device_ids: list[int] | None = None, kv_cache_free_gpu_memory_fraction: float = 0.9,
                  timeout_s: float = 60.0) -> None:
         trtllm = _runtime()
         limits = read_engine_config(engine_dir)
         self.vocab_size = limits.vocab_size
         self.max_seq_len = limits.max_seq_len - 1   # every request generates one token we discard
-        self.max_slots = max_slots
+        self.max_slots, self.max_draft_len = max_slots, max_draft_len
         self.max_branches = max_branches or limits.max_batch_size
         self.timeout_s = timeout_s
         self._trtllm = trtllm
@@ -166,10 +166,11 @@ class TrtllmEngine(Engine):
         self._executor = trtllm.Executor(Path(engine_dir), trtllm.ModelType.DECODER_ONLY, config)
 
     @classmethod
-    def from_config(cls, cfg: "EngineConfig") -> "TrtllmEngine":
+    def from_config(cls, cfg: "EngineConfig", branches: bool = False) -> "TrtllmEngine":
         """cfg.checkpoint is the engine folder (trtllm-build's output); device cuda:N pins GPU N."""
         device_ids = [int(cfg.device.split(":")[1])] if cfg.device.startswith("cuda:") else None
-        return cls(cfg.checkpoint, max_slots=cfg.max_slots, max_branches=cfg.max_branches, device_ids=device_ids)
+        return cls(cfg.checkpoint, max_slots=cfg.max_slots, max_branches=cfg.max_branches if branches else 0,
+                   max_draft_len=cfg.max_draft_len, device_ids=device_ids)
 
     # ---- slots: host-side token lists
     def allocate(self) -> int:
@@ -193,7 +194,7 @@ class TrtllmEngine(Engine):
         return len(self._history)
 
     # ---- compute
-    def forward(self, slots: list[int], tokens: list[list[int]]) -> list[torch.Tensor]:
+    def forward(self, slots: list[int], tokens: list[list[int]], logits: bool = True) -> list[torch.Tensor]:
         for s, t in zip(slots, tokens):
             if len(self._history[s]) + len(t) > self.max_seq_len:
                 raise SaguaroError(f"slot {s}: {len(self._history[s])} + {len(t)} tokens exceed max_seq_len="

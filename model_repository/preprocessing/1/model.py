@@ -7,7 +7,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from saguaro.text import decode_text_input, encode_prompt, load_tokenizer
-from saguaro.triton_server import error_response, model_params, resolve_repo_path
+from saguaro.triton_glue import error_response, model_params, resolve_repo_path
 
 
 class TritonPythonModel:

@@ -1,0 +1,303 @@
+"""Side-by-side benchmark: AR vs SD vs SSD (and transformers' assisted generation) in one run.
+
+    python -m saguaro.bench --prompts prompts/dev.jsonl --max-new-tokens 128 --batch-size 1 \
+        --temperature 0 --modes ar,sd,ssd,hf --out runs/bench
+
+Same models, prompts, K and new-token count for every mode. AR and SD run with the thread count
+(and SD with the K) that makes them fastest here (--threads/--sd-k auto measures it); SSD puts the
+target on core 0 and the draft worker on core 1. Prints one summary line per mode and the SSD
+speedup model's prediction (DESIGN §1.2) beside the measurement; writes report.json and a plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from saguaro.config import DEMO_DRAFT, DEMO_TARGET, DEV_PROMPTS, EngineConfig, SamplingParams, SpecConfig
+from saguaro.decoder import Decoder, RoundStats
+from saguaro.llm import build_decoder
+from saguaro.text import load_tokenizer
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    tokens_per_s: float
+    outputs: list[list[int]]
+    threads: int
+    k: int
+    rounds: int = 0
+    acceptance_rate: float = 0.0        # accepted / drafted draft tokens
+    mean_accepted_len: float = 0.0      # tokens emitted per sequence-round, bonus included
+    cache_hit_rate: float | None = None
+    verify_ms: float = 0.0              # per round
+    draft_ms: float = 0.0               # per round: drafting the loop waited for (SD) or hidden builds (SSD)
+    exposed_draft_ms: float = 0.0       # per round: time the loop waited on the drafter
+    backup_ms: float | None = None      # SSD: drafter answer time in rounds with a miss
+    predicted_tokens_per_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_prompts(path: Path, limit: int | None) -> list[str]:
+    with open(path) as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    return prompts[:limit] if limit else prompts
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def run_decoder(dec: Decoder, mode: str, ids: list[list[int]], params: SamplingParams, batch: int,
+                label: str) -> tuple[float, list[list[int]], list[RoundStats], dict]:
+    """Generate for every prompt (in batches) and time it; returns tokens/s, outputs, round stats."""
+    dec.generate([ids[0]], params.with_(max_tokens=16), mode)      # warm-up
+    dec.history.clear()
+    outputs: list[list[int]] = []
+    produced, busy = 0, 0.0
+    sums = {"drafted": 0, "accepted": 0, "seq_rounds": 0, "hit_tokens": 0, "hit_rounds": 0}
+    for n, group in enumerate(_batches(ids, batch), 1):
+        t0 = time.perf_counter()
+        seq_ids = [dec.add(p, params, mode) for p in group]
+        out = {i: [] for i in seq_ids}
+        while dec.active:
+            for e in dec.step():
+                out[e.seq_id].extend(e.tokens)
+                if e.finish_reason is not None:
+                    sums["drafted"] += e.stats.drafted
+                    sums["accepted"] += e.stats.accepted
+                    sums["seq_rounds"] += e.stats.rounds
+        busy += time.perf_counter() - t0
+        outputs += [out[i] for i in seq_ids]
+        produced += sum(len(out[i]) for i in seq_ids)
+        print(f"\r[{label}] {min(n * batch, len(ids))}/{len(ids)} prompts, {produced / busy:7.1f} tok/s",
+              end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return produced / busy, outputs, list(dec.history), sums
+
+
+def summarize(mode: str, tps: float, outputs, rounds: list[RoundStats], sums: dict, threads: int, k: int) -> ModeResult:
+    r = ModeResult(mode, tps, outputs, threads, k, rounds=len(rounds))
+    if not rounds:
+        return r
+    mean = lambda xs: statistics.fmean(xs) if xs else 0.0
+    r.verify_ms = mean([x.verify_ms for x in rounds])
+    r.exposed_draft_ms = mean([x.draft_wait_ms for x in rounds])
+    r.mean_accepted_len = sum(len(o) for o in outputs) / max(1, sums["seq_rounds"])
+    r.acceptance_rate = sums["accepted"] / sums["drafted"] if sums["drafted"] else 0.0
+    if mode == "sd":
+        r.draft_ms = r.exposed_draft_ms
+    if mode == "ssd":
+        r.draft_ms = mean([x.build_ms for x in rounds if x.build_ms])
+        looked_up = sum(x.hits + x.misses for x in rounds)
+        r.cache_hit_rate = sum(x.hits for x in rounds) / looked_up if looked_up else None
+        r.predicted_tokens_per_s, r.backup_ms = predict_ssd(rounds)
+    return r
+
+
+def predict_ssd(rounds: list[RoundStats]) -> tuple[float | None, float | None]:
+    """DESIGN §1.2 with measured inputs: a round whose every sequence hit costs max(verify, build);
+    any other costs verify + the drafter's answer time (the backup); each emits what it emitted."""
+    hit = [x for x in rounds if x.hits == x.batch and x.misses == 0]
+    miss = [x for x in rounds if x.misses > 0]
+    if not hit and not miss:
+        return None, None
+    p = len(hit) / (len(hit) + len(miss))
+    mean = lambda xs, f: statistics.fmean(f(x) for x in xs) if xs else 0.0
+    v = mean(hit + miss, lambda x: x.verify_ms)
+    t_build = mean(hit, lambda x: x.build_ms)
+    t_backup = mean(miss, lambda x: x.draft_ms)
+    tokens = p * mean(hit, lambda x: x.tokens) + (1 - p) * mean(miss, lambda x: x.tokens)
+    ms = p * max(v, t_build) + (1 - p) * (v + t_backup)
+    return 1000.0 * tokens / ms, (t_backup if miss else None)
+
+
+def fastest(candidates: list[tuple], trial) -> tuple:
+    """The candidate whose short trial run is fastest (used for AR/SD threads and SD's K)."""
+    timed = [(trial(*c), c) for c in candidates]
+    for tps, c in timed:
+        print(f"  tune {c}: {tps:.1f} tok/s", file=sys.stderr)
+    return max(timed)[1]
+
+
+def run_hf(target: str, draft: str, ids: list[list[int]], params: SamplingParams, k: int, threads: int) -> tuple[float, list[list[int]]]:
+    """transformers' own assisted generation on the same pair: the peer a CPU user reaches for."""
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(threads)
+    tgt = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    dft = AutoModelForCausalLM.from_pretrained(draft, dtype=torch.float32).eval()
+    dft.generation_config.num_assistant_tokens = k
+    dft.generation_config.num_assistant_tokens_schedule = "constant"
+    dft.generation_config.assistant_confidence_threshold = 0.0
+    kw = dict(max_new_tokens=params.max_tokens, min_new_tokens=params.max_tokens, assistant_model=dft,
+              pad_token_id=0, eos_token_id=None)
+    if not params.greedy:
+        kw.update(do_sample=True, temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p)
+    else:
+        kw.update(do_sample=False)
+    outputs, produced, busy = [], 0, 0.0
+    with torch.inference_mode():
+        tgt.generate(torch.tensor([ids[0]]), **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
+        for n, p in enumerate(ids, 1):
+            t0 = time.perf_counter()
+            out = tgt.generate(torch.tensor([p]), **kw)[0, len(p):].tolist()
+            busy += time.perf_counter() - t0
+            outputs.append(out)
+            produced += len(out)
+            print(f"\r[hf] {n}/{len(ids)} prompts, {produced / busy:7.1f} tok/s", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return produced / busy, outputs
+
+
+def summary_line(r: ModeResult, ar_tps: float | None) -> str:
+    speedup = f"{r.tokens_per_s / ar_tps:5.2f}x AR" if ar_tps else "   n/a  "
+    parts = [f"{r.mode:>4}: {r.tokens_per_s:7.1f} tok/s  {speedup}", f"threads={r.threads} K={r.k}"]
+    if r.mode in ("sd", "ssd"):
+        parts += [f"accept={r.acceptance_rate:.3f}", f"accepted_len={r.mean_accepted_len:.2f}"]
+    if r.cache_hit_rate is not None:
+        parts.append(f"hit_rate={r.cache_hit_rate:.3f}")
+    if r.rounds:
+        parts += [f"verify={r.verify_ms:.2f}ms/round", f"draft={r.draft_ms:.2f}ms/round"]
+    if r.mode == "ssd":
+        parts.append(f"draft_wait={r.exposed_draft_ms:.2f}ms/round")
+        if r.backup_ms is not None:
+            parts.append(f"backup={r.backup_ms:.2f}ms")
+    return "  ".join(parts)
+
+
+def plot(results: dict[str, ModeResult], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    modes = list(results)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    tps = [results[m].tokens_per_s for m in modes]
+    bars = a1.bar(modes, tps, color=["#888", "#4a90d9", "#2a9d4a", "#c77"][: len(modes)])
+    if "ssd" in results and results["ssd"].predicted_tokens_per_s:
+        a1.axhline(results["ssd"].predicted_tokens_per_s, ls="--", c="#2a9d4a", lw=1, label="SSD model prediction")
+        a1.legend(loc="lower right")
+    base = results["ar"].tokens_per_s if "ar" in results else None
+    for b, v in zip(bars, tps):
+        a1.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}" + (f"\n{v / base:.2f}x" if base else ""), ha="center", va="bottom")
+    a1.set_ylabel("tokens / s")
+    a1.set_title("throughput")
+    timed = [m for m in modes if results[m].rounds]
+    verify = [results[m].verify_ms for m in timed]
+    waited = [results[m].exposed_draft_ms for m in timed]
+    a2.bar(timed, verify, label="target verify")
+    a2.bar(timed, waited, bottom=verify, label="waiting for the draft")
+    a2.set_ylabel("ms per round")
+    a2.set_title("where a round's time goes")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m saguaro.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=Path, default=DEV_PROMPTS, help="jsonl with a 'prompt' field")
+    ap.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", default="ar,sd,ssd", help="comma list of ar, sd, ssd, hf")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--target", default=str(DEMO_TARGET))
+    ap.add_argument("--draft", default=str(DEMO_DRAFT))
+    ap.add_argument("--k", type=int, default=SpecConfig.k, help="draft tokens per round (SSD, and SD unless --sd-k)")
+    ap.add_argument("--sd-k", default="auto", help="SD's K: a number, or auto (the fastest of 2..6 here)")
+    ap.add_argument("--threads", default="auto", help="AR/SD threads: a number, or auto (the faster of 1 and 2)")
+    ap.add_argument("--budget", type=int, default=SpecConfig.budget, help="speculation-cache branches per sequence")
+    ap.add_argument("--fanout", default=SpecConfig.fanout, choices=["geometric", "uniform"])
+    ap.add_argument("--saguaro-c", type=float, default=None, help="Saguaro C (default 1.0 greedy, 0.3 sampling)")
+    ap.add_argument("--backup", default=SpecConfig.backup, choices=["auto", "neural", "fast"])
+    args = ap.parse_args(argv)
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    tok = load_tokenizer(args.target)
+    ids = [tok.encode(p).ids for p in load_prompts(args.prompts, args.limit)]
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed if args.temperature > 0 else None)
+    c = args.saguaro_c if args.saguaro_c is not None else (1.0 if params.greedy else 0.3)
+    spec = SpecConfig(k=args.k, budget=args.budget, fanout=args.fanout, saguaro_c=c, backup=args.backup)
+    slots = max(16, args.batch_size)
+    tcfg = EngineConfig(checkpoint=args.target, max_slots=slots)
+    dcfg = EngineConfig(checkpoint=args.draft, max_slots=slots)
+    all_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    threads_options = [1, 2] if args.threads == "auto" else [int(args.threads)]
+    trial_ids, trial_params = ids[:2], params.with_(max_tokens=48)
+
+    def in_process(mode: str, threads: int, k: int) -> Decoder:
+        cfg = lambda base: EngineConfig(**{**asdict(base), "threads": threads})
+        return build_decoder(cfg(tcfg), cfg(dcfg) if mode == "sd" else None, SpecConfig(**{**asdict(spec), "k": k}),
+                             draft_process=False)
+
+    def trial(mode: str, threads: int, k: int) -> float:
+        dec = in_process(mode, threads, k)
+        try:
+            return run_decoder(dec, mode, trial_ids, trial_params, args.batch_size, f"tune {mode}")[0]
+        finally:
+            dec.close()
+
+    results: dict[str, ModeResult] = {}
+    for mode in modes:
+        if mode == "hf":
+            threads = results["sd"].threads if "sd" in results else threads_options[-1]
+            tps, outs = run_hf(args.target, args.draft, ids, params, args.k, threads)
+            results[mode] = ModeResult(mode, tps, outs, threads, args.k)
+            continue
+        if mode == "ssd":
+            dec = build_decoder(tcfg, dcfg, spec, draft_process=True, pin_cores=True)
+            threads, k = 1, args.k
+        else:
+            ks = [args.k] if mode == "ar" or args.sd_k != "auto" else [2, 3, 4, 5, 6]
+            if mode == "sd" and args.sd_k != "auto":
+                ks = [int(args.sd_k)]
+            candidates = [(mode, t, k) for t in threads_options for k in ks]
+            _, threads, k = fastest(candidates, trial) if len(candidates) > 1 else candidates[0]
+            dec = in_process(mode, threads, k)
+        try:
+            tps, outs, rounds, sums = run_decoder(dec, mode, ids, params, args.batch_size, mode)
+        finally:
+            dec.close()
+            if all_cores:
+                os.sched_setaffinity(0, all_cores)
+        results[mode] = summarize(mode, tps, outs, rounds, sums, threads, 0 if mode == "ar" else k)
+
+    ar_tps = results["ar"].tokens_per_s if "ar" in results else None
+    print(f"\nsaguaro.bench: {len(ids)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
+          f"temperature {args.temperature}, budget {args.budget} ({args.fanout}), C={c}, backup={args.backup}")
+    for r in results.values():
+        print(summary_line(r, ar_tps))
+    ssd = results.get("ssd")
+    if ssd and ssd.predicted_tokens_per_s:
+        print(f"ssd model prediction (DESIGN §1.2, from its measured hit rate, lengths and round times): "
+              f"{ssd.predicted_tokens_per_s:.1f} tok/s; measured/predicted = {ssd.tokens_per_s / ssd.predicted_tokens_per_s:.2f}")
+    if ssd and "sd" in results:
+        print(f"ssd/sd = {ssd.tokens_per_s / results['sd'].tokens_per_s:.2f}x")
+    if params.greedy and "ar" in results:
+        for m, r in results.items():
+            if m != "ar":
+                same = sum(a == b for a, b in zip(r.outputs, results["ar"].outputs))
+                print(f"greedy outputs identical to AR: {m} {same}/{len(ids)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"settings": {k: str(v) for k, v in vars(args).items()}, "modes": {m: asdict(r) for m, r in results.items()}}
+    (args.out / "report.json").write_text(json.dumps(report))
+    plot(results, args.out / "bench.png")
+    print(f"wrote {args.out / 'report.json'} and {args.out / 'bench.png'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

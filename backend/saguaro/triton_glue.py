@@ -1,0 +1,140 @@
+"""What the model_repository's model.py files share: config parameters, tensors in and out, BLS
+calls to our own models, error responses and the Prometheus metrics. Imported only inside Triton's
+Python-backend stubs (pb_utils is passed in, so the rest of the package never needs it)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from saguaro.config import EngineConfig
+from saguaro.decoder import Decoder, RoundStats
+from saguaro.errors import SaguaroError
+from saguaro.remote import decode, encode
+
+
+def model_params(args: Mapping[str, str]) -> dict[str, str]:
+    """The model's config.pbtxt `parameters` as {key: string_value}, from initialize()'s args."""
+    config: dict[str, Any] = json.loads(args["model_config"])
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def sibling_params(args: Mapping[str, str], model: str) -> dict[str, str]:
+    """Another model's config.pbtxt parameters (the ssd model reads its engines' checkpoints)."""
+    text = (Path(args["model_repository"]).resolve().parent / model / "config.pbtxt").read_text(encoding="utf-8")
+    return dict(re.findall(r'key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', text))
+
+
+def resolve_repo_path(value: str, args: Mapping[str, str]) -> Path:
+    """A path from a config parameter: `${model_repository}` and relative paths mean the repository folder.
+
+    Keeps the repository relocatable: "${model_repository}/../models/demo-code-target" works wherever
+    the project is checked out.
+    """
+    # args["model_repository"] is the model's own folder (<repository>/<model name>).
+    repo = Path(args["model_repository"]).resolve().parent
+    value = value.replace("${model_repository}", str(repo))
+    path = Path(value)
+    return (path if path.is_absolute() else repo / path).resolve()
+
+
+def engine_config(params: Mapping[str, str], args: Mapping[str, str]) -> EngineConfig:
+    """An engine model's EngineConfig: KIND_GPU instances run on their GPU, KIND_CPU on the CPU."""
+    gpu = args.get("model_instance_kind") == "GPU"
+    return EngineConfig(
+        checkpoint=str(resolve_repo_path(params["checkpoint"], args)), engine=params.get("engine", "torch"),
+        device=f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu", dtype=params.get("dtype", "auto"),
+        max_slots=int(params.get("max_slots", 16)), max_seq_len=int(params.get("max_seq_len", 1024)),
+        max_draft_len=int(params.get("max_draft_len", 8)), max_branches=int(params.get("max_branches", 64)),
+        threads=int(params.get("threads", 1))).validate()
+
+
+def cpu_core(params: Mapping[str, str]) -> int | None:
+    """`cpu_core` pins an engine's process to one core (target and draft on different ones)."""
+    value = params.get("cpu_core", "")
+    return int(value) if value.strip() else None
+
+
+def inputs_of(pb_utils, request) -> dict[str, np.ndarray]:
+    return {t.name(): t.as_numpy() for t in request.inputs()}
+
+
+def response(pb_utils, outputs: Mapping[str, np.ndarray]):
+    return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
+
+
+def error_response(pb_utils: Any, exc: BaseException) -> Any:
+    """An error InferenceResponse: bad input (SaguaroError) is INVALID_ARG, anything else INTERNAL."""
+    if isinstance(exc, SaguaroError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+
+
+def bls_call(pb_utils, model: str, decoupled: bool, timeout_s: float | None = None) -> Callable[[object], object]:
+    """call(msg) -> reply through BLS to one of our engine models (messages: saguaro.remote)."""
+    def call(msg):
+        req = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor("request", encode(msg))],
+                                        requested_output_names=["response"],
+                                        **({"timeout": int(timeout_s * 1e6)} if timeout_s else {}))
+        replies = req.exec(decoupled=True) if decoupled else [req.exec()]
+        for r in replies:
+            if r.has_error():
+                raise RuntimeError(f"{model}: {r.error().message()}")
+            out = pb_utils.get_output_tensor_by_name(r, "response")
+            if out is not None:
+                return decode(out.as_numpy())
+        raise RuntimeError(f"{model}: no response")
+    return call
+
+
+class Metrics:
+    """Speculative-decoding metrics on Triton's metrics port (pb_utils.MetricFamily)."""
+
+    ACCEPTED_BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16]
+
+    def __init__(self, pb_utils):
+        fam = lambda name, doc, kind: pb_utils.MetricFamily(name=name, description=doc, kind=kind)
+        C, G = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self._families = [
+            rounds := fam("saguaro_rounds_total", "Decoding rounds (one batched target verify each)", C),
+            drafted := fam("saguaro_drafted_tokens_total", "Draft tokens sent to verification", C),
+            accepted := fam("saguaro_accepted_tokens_total", "Draft tokens the target accepted", C),
+            hits := fam("saguaro_cache_hits_total", "SSD rounds whose outcome was in the speculation cache", C),
+            misses := fam("saguaro_cache_misses_total", "SSD rounds that needed a backup speculation, by backup", C),
+            degraded := fam("saguaro_degraded_rounds_total", "Rounds run on the target alone after a draft failure", C),
+            verify := fam("saguaro_verify_seconds_total", "Time in target verification", C),
+            wait := fam("saguaro_draft_wait_seconds_total", "Time the round loop waited for the draft", C),
+            build := fam("saguaro_draft_build_seconds_total", "Time the draft spent pre-drafting (hidden under SSD)", C),
+            active := fam("saguaro_active_sequences", "Sequences being decoded", G),
+            slots := fam("saguaro_kv_slots_in_use", "KV-cache slots held, by engine", G),
+            hist := fam("saguaro_accepted_length", "Tokens emitted per sequence per round (bonus included)",
+                        pb_utils.MetricFamily.HISTOGRAM),
+        ]
+        self.rounds, self.drafted, self.accepted = rounds.Metric(), drafted.Metric(), accepted.Metric()
+        self.hits = hits.Metric()
+        self.misses = {b: misses.Metric(labels={"backup": b}) for b in ("neural", "fast")}
+        self.degraded, self.verify, self.wait, self.build = degraded.Metric(), verify.Metric(), wait.Metric(), build.Metric()
+        self.active = active.Metric()
+        self.slots = {e: slots.Metric(labels={"engine": e}) for e in ("target", "draft")}
+        self.accepted_len = hist.Metric(buckets=self.ACCEPTED_BUCKETS)
+
+    def update(self, decoder: Decoder, r: RoundStats | None) -> None:
+        if r is not None:
+            self.rounds.increment(1)
+            self.drafted.increment(r.drafted)
+            self.accepted.increment(r.accepted)
+            self.hits.increment(r.hits)
+            if r.misses:
+                self.misses[r.backup or "neural"].increment(r.misses)
+            self.degraded.increment(int(r.degraded))
+            self.verify.increment(r.verify_ms / 1e3)
+            self.wait.increment(r.draft_wait_ms / 1e3)
+            self.build.increment(r.build_ms / 1e3)
+            for n in r.emitted:
+                self.accepted_len.observe(n)
+        self.active.set(decoder.active)
+        self.slots["target"].set(decoder.target.active_slots)
+        self.slots["draft"].set(decoder.draft_slots)

@@ -1,0 +1,71 @@
+"""SSD orchestrator: requests in, decoding rounds in saguaro.serving.ServingLoop, responses out.
+Decoding logic: saguaro/decoder.py; request rules: saguaro/serving.py."""
+import triton_python_backend_utils as pb_utils
+
+from saguaro.config import SpecConfig
+from saguaro.decoder import Decoder
+from saguaro.errors import SaguaroError
+from saguaro.pair import validate_pair
+from saguaro.remote import RemoteDraft, RemoteEngine
+from saguaro.serving import Channel, ServeLimits, ServingLoop, parse_request
+from saguaro.text import load_tokenizer
+from saguaro.triton_glue import (Metrics, bls_call, error_response, inputs_of, model_params, resolve_repo_path,
+                                 response, sibling_params)
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonChannel(Channel):
+    def __init__(self, request, tokenizer, triton_request):
+        super().__init__(request, tokenizer)
+        self.triton_request, self.sender = triton_request, triton_request.get_response_sender()
+
+    def send(self, outputs, final):
+        self.sender.send(response(pb_utils, outputs), flags=FINAL if final else 0)
+
+    def error(self, exc):
+        self.sender.send(error_response(pb_utils, exc), flags=FINAL)
+
+    def cancelled(self):
+        if self.triton_request.is_cancelled():
+            self.sender.send(flags=FINAL)
+            return True
+        return False
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        p = model_params(args)
+        target, draft = sibling_params(args, "target"), sibling_params(args, "draft")
+        max_draft_len = min(int(target.get("max_draft_len", 8)), int(draft.get("max_draft_len", 8)))
+        # Startup errors name the fix: a mismatched pair never gets to serve.
+        validate_pair(resolve_repo_path(target["checkpoint"], args), resolve_repo_path(draft["checkpoint"], args),
+                      num_draft_tokens=int(p["num_draft_tokens"]), max_draft_len=max_draft_len)
+        self.tokenizer = load_tokenizer(resolve_repo_path(p["tokenizer_dir"], args))
+        self.limits = ServeLimits(max_input_len=int(p["max_input_len"]), max_tokens=int(p["max_tokens"]),
+                                  max_budget=int(draft.get("max_branches", 64)))
+        self.allow_faults = p.get("allow_fault_injection", "false").lower() == "true"
+        spec = SpecConfig(k=int(p["num_draft_tokens"]), budget=int(p["fanout_budget"]),
+                          saguaro_c=float(p["saguaro_c"]), draft_timeout_s=float(p["draft_timeout_s"]))
+        self.metrics = Metrics(pb_utils)
+
+        def make_decoder():   # on the loop thread, at the first request: the engine models are up by then
+            return Decoder(RemoteEngine(bls_call(pb_utils, "target", decoupled=False)),
+                           RemoteDraft(bls_call(pb_utils, "draft", decoupled=True, timeout_s=spec.draft_timeout_s)), spec)
+
+        self.loop = ServingLoop(make_decoder, self.metrics.update)
+
+    def execute(self, requests):
+        for r in requests:
+            try:
+                req = parse_request(inputs_of(pb_utils, r), self.tokenizer, self.limits)
+                if req.inject_draft_fault and not self.allow_faults:
+                    raise SaguaroError("inject_draft_fault: a test switch, off on this server (allow_fault_injection)")
+            except Exception as e:
+                r.get_response_sender().send(error_response(pb_utils, e), flags=FINAL)
+                continue
+            self.loop.submit(req, TritonChannel(req, self.tokenizer, r))
+        return None
+
+    def finalize(self):
+        self.loop.stop()

@@ -1,0 +1,24 @@
+"""Target engine instance: saguaro.remote.EngineServer over BLS (logic: saguaro/engines)."""
+import triton_python_backend_utils as pb_utils
+
+from saguaro.draft_worker import pin_to_core
+from saguaro.engines import create_engine
+from saguaro.remote import EngineServer, decode, encode
+from saguaro.triton_glue import cpu_core, engine_config, error_response, model_params, response
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_params(args)
+        pin_to_core(cpu_core(params))
+        self.server = EngineServer(create_engine(engine_config(params, args)))
+
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            try:
+                msg = decode(pb_utils.get_input_tensor_by_name(request, "request").as_numpy())
+                out.append(response(pb_utils, {"response": encode(self.server.handle(msg))}))
+            except Exception as e:
+                out.append(error_response(pb_utils, e))
+        return out

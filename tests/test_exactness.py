@@ -1,0 +1,173 @@
+"""Exactness of sampled decoding, statistically (DESIGN §4).
+
+A tiny random target/draft pair (vocabulary 8) makes the joint distribution of the first 3
+generated tokens enumerable exactly: 8^3 cells, each the product of the target's conditional
+probabilities under the request's distribution (`saguaro.sampling.probs`: temperature, top-k,
+top-p). SSD (Saguaro C = 0.3, neural and fast backups), SD and AR samples must fit it by a
+chi-square goodness-of-fit test over >= 20k samples; and the same test must reject a drafter that
+hands verification the wrong q, which shows it has the power to catch the classic bug.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from saguaro.config import EngineConfig, SamplingParams, SpecConfig
+from saguaro.decoder import Decoder
+from saguaro.draft import Drafter, LocalDraft
+from saguaro.engines.torch_engine import TorchEngine
+from saguaro.sampling import probs, sample, saguaro
+from tiny_models import save_random_model
+
+V = 8                 # vocabulary
+N_TOKENS = 3          # generated tokens whose joint distribution is tested
+SAMPLES = int(__import__('os').environ.get('SAGUARO_TEST_SAMPLES', 20_000))
+BATCH = 500         # sequences per batch of rounds (KV slots on each engine)
+K = 2
+BUDGET = 6            # fan-out budget: a mix of cache hits and misses on a vocabulary of 8
+PROMPT = [3, 5]
+TINY = dict(arch="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, std=0.12, tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny-pair")
+    target_hf = save_random_model(root / "target", seed=101, **TINY)
+    save_random_model(root / "draft", seed=202, **TINY)
+    return root, target_hf
+
+
+@pytest.fixture(scope="module")
+def engines(models):
+    root, _ = models
+    cfg = dict(dtype="float32", max_slots=BATCH, max_seq_len=len(PROMPT) + N_TOKENS + 1, max_draft_len=K,
+               max_branches=BUDGET, threads=1)
+    target = TorchEngine(EngineConfig(checkpoint=str(root / "target"), **cfg))
+    draft = TorchEngine(EngineConfig(checkpoint=str(root / "draft"), **cfg), branches=True)
+    return target, draft
+
+
+def exact_distribution(hf, params: SamplingParams) -> np.ndarray:
+    """P(x1, x2, x3 | PROMPT) under autoregressive sampling from the target: [V, V, V]."""
+    with torch.no_grad():
+        def step(prefixes: list[list[int]]) -> torch.Tensor:
+            logits = hf(torch.tensor([PROMPT + p for p in prefixes]), use_cache=False).logits[:, -1].float()
+            return probs(logits, params).double()
+        p1 = step([[]])[0]                                                          # [V]
+        p2 = step([[a] for a in range(V)])                                          # [V, V]
+        p3 = step([[a, b] for a in range(V) for b in range(V)]).view(V, V, V)       # [V, V, V]
+    joint = p1[:, None, None] * p2[:, :, None] * p3
+    assert abs(joint.sum().item() - 1) < 1e-5      # fp32 softmax rows
+    return (joint / joint.sum()).numpy()
+
+
+def sample_decoder(dec: Decoder, params: SamplingParams, mode: str, n: int, seed: int) -> Counter:
+    """n sequences (each its own seed), BATCH at a time; counts of their first N_TOKENS tokens."""
+    counts: Counter = Counter()
+    done = 0
+    while done < n:
+        ids = [dec.add(PROMPT, params.with_(seed=seed + done + i), mode=mode) for i in range(min(BATCH, n - done))]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        while dec.active:
+            for e in dec.step():
+                out[e.seq_id].extend(e.tokens)
+        for toks in out.values():
+            assert len(toks) == N_TOKENS
+            counts[tuple(toks)] += 1
+        done += len(ids)
+    assert dec.target.active_slots == 0
+    return counts
+
+
+def chi_square_p(counts: Counter, joint: np.ndarray) -> float:
+    n = sum(counts.values())
+    observed = np.zeros(joint.size)
+    for toks, c in counts.items():
+        observed[np.ravel_multi_index(toks, joint.shape)] += c
+    expected = joint.reshape(-1) * n
+    impossible = expected == 0
+    assert observed[impossible].sum() == 0, "samples in cells the distribution gives probability 0"
+    # merge every cell with expected count < 5 into one pooled cell (itself >= 5, or folded into
+    # the smallest kept cell)
+    keep = expected >= 5
+    obs, exp = list(observed[keep]), list(expected[keep])
+    pooled_o, pooled_e = observed[~keep].sum(), expected[~keep].sum()
+    if pooled_e >= 5:
+        obs.append(pooled_o)
+        exp.append(pooled_e)
+    elif pooled_e > 0:
+        i = int(np.argmin(exp))
+        obs[i] += pooled_o
+        exp[i] += pooled_e
+    exp = np.array(exp) * (n / sum(exp))
+    return float(chisquare(np.array(obs), exp).pvalue)
+
+
+def make_decoder(engines, spec: SpecConfig) -> Decoder:
+    target, draft = engines
+    for e in engines:
+        assert e.active_slots == 0
+    return Decoder(target, LocalDraft(Drafter(draft, spec)), spec)
+
+
+CASES = [
+    # id, mode, spec, params
+    ("ssd-neural-t0.7", "ssd", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="neural"), SamplingParams(temperature=0.7)),
+    ("ssd-neural-t1.0", "ssd", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="neural"), SamplingParams(temperature=1.0)),
+    ("ssd-fast-t0.7", "ssd", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="fast"), SamplingParams(temperature=0.7)),
+    ("ssd-fast-t1.0", "ssd", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="fast"), SamplingParams(temperature=1.0)),
+    ("ssd-neural-topk-topp", "ssd", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="neural"),
+     SamplingParams(temperature=0.9, top_k=5, top_p=0.8)),
+    ("sd-t1.0", "sd", SpecConfig(k=K, budget=BUDGET), SamplingParams(temperature=1.0)),
+    ("ar-t0.7", "ar", SpecConfig(k=K, budget=BUDGET), SamplingParams(temperature=0.7)),
+]
+
+
+@pytest.mark.parametrize("seed,mode,spec,params", [(i * 10**6, *c[1:]) for i, c in enumerate(CASES)],
+                         ids=[c[0] for c in CASES])
+def test_sampled_decoding_matches_autoregressive_distribution(models, engines, seed, mode, spec, params):
+    _, target_hf = models
+    joint = exact_distribution(target_hf, params.with_(max_tokens=N_TOKENS))
+    dec = make_decoder(engines, spec)
+    t0 = time.perf_counter()
+    counts = sample_decoder(dec, params.with_(max_tokens=N_TOKENS), mode, SAMPLES, seed=seed)
+    elapsed = time.perf_counter() - t0
+    p = chi_square_p(counts, joint)
+    rounds = dec.history
+    hits = sum(r.hits for r in rounds)
+    misses = sum(r.misses for r in rounds)
+    print(f"\n{mode} {spec.backup} T={params.temperature}: p={p:.3g}, {SAMPLES} samples in {elapsed:.1f}s, "
+          f"hits {hits} misses {misses}, backups {Counter(r.backup for r in rounds if r.misses)}")
+    if mode == "ssd":      # both paths of the cache were exercised
+        assert min(hits, misses) > SAMPLES // 20, (hits, misses)
+    assert p > 1e-3, f"{mode}: the sampled distribution differs from AR sampling (chi-square p = {p:.3g})"
+
+
+def _lying_choose(report: str):
+    """A drafter's _choose that samples from the Saguaro-reshaped q but tells verification something
+    else: 'unreshaped' reports the plain draft distribution, 'uniform' a uniform one."""
+    def choose(self, s, logits, fanout):
+        q_plain = probs(logits, s.params)
+        q = saguaro(q_plain, fanout, s.c) if s.mode == "ssd" else q_plain
+        reported = q_plain if report == "unreshaped" else torch.full_like(q, 1.0 / q.shape[-1])
+        return sample(q, s.generator), reported
+    return choose
+
+
+@pytest.mark.parametrize("report", ["unreshaped", "uniform"])
+def test_wrong_q_fails_the_same_test(models, engines, monkeypatch, report):
+    _, target_hf = models
+    params = SamplingParams(temperature=1.0, max_tokens=N_TOKENS)
+    monkeypatch.setattr(Drafter, "_choose", _lying_choose(report))
+    dec = make_decoder(engines, SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="neural"))
+    counts = sample_decoder(dec, params, "ssd", SAMPLES, seed=7 * 10**6)
+    p = chi_square_p(counts, exact_distribution(target_hf, params))
+    print(f"\nwrong q ({report}): p={p:.3g}")
+    assert p < 1e-6, f"the chi-square test did not catch a wrong q ({report}): p = {p:.3g}"

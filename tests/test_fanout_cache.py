@@ -1,0 +1,293 @@
+"""Fan-out (DESIGN §1.1), its online fit, the backup rule b* (§1.4), the n-gram backup, and the
+speculation cache on constructed cases with the real demo draft (hits, misses, each backup)."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from saguaro.backup import matched_prefix, ngram_proposal
+from saguaro.config import DEMO_DRAFT, EngineConfig, SamplingParams, SpecConfig
+from saguaro.draft import DraftRound, Drafter, Join, Outcome
+from saguaro.engines.torch_engine import TorchEngine
+from saguaro.fanout import FanoutFit, backup_threshold, expected_tokens, geometric_fanout, uniform_fanout
+
+
+# -- fan-out ----------------------------------------------------------------------------------------
+CASES = list(itertools.product([1, 2, 5, 12, 16, 24, 64, 200], [1, 2, 4, 7, 8], [0.05, 0.3, 0.6, 0.8, 0.95, 0.999],
+                               [0.1, 0.5, 0.8, 1.5, 3.0]))
+
+
+def test_geometric_fanout_sums_to_budget_and_decreases():
+    for b, k, a, r in CASES:
+        f = geometric_fanout(b, k, a, r)
+        assert len(f) == k + 1, (b, k, a, r)
+        assert sum(f) == b, (b, k, a, r, f)
+        assert all(x >= 0 and isinstance(x, int) for x in f), (b, k, a, r, f)
+        assert all(f[j] >= f[j + 1] for j in range(k - 1)), f"not non-increasing for k<K: {(b, k, a, r)} -> {f}"
+
+
+def test_geometric_fanout_follows_the_formula():
+    # F_k = F_0 a^(k/(1+r)) for k < K; F_K = F_0 a^(K/(1+r)) (1-a)^(-1/(1+r)); rounding moves each by < 1
+    for b, k, a, r in [(24, 7, 0.7, 0.8), (16, 4, 0.5, 1.0), (64, 3, 0.9, 0.5), (200, 8, 0.8, 2.0)]:
+        w = [a ** (j / (1 + r)) for j in range(k)] + [a ** (k / (1 + r)) * (1 - a) ** (-1 / (1 + r))]
+        exact = [b * x / sum(w) for x in w]
+        f = geometric_fanout(b, k, a, r)
+        assert all(abs(x - y) < 1 for x, y in zip(f, exact)), (f, exact)
+    # a worked case: a = 0.5, r = 1, K = 2: weights 1, 0.5^0.5, 0.5 * 0.5^-0.5 = 1, .7071, .7071
+    # -> 12 * (0.4142, 0.2929, 0.2929) = 4.97, 3.51, 3.51 -> 5, 4, 3 or 5, 3, 4 (sum 12)
+    f = geometric_fanout(12, 2, 0.5, 1.0)
+    assert f[0] == 5 and sorted(f[1:]) == [3, 4]
+
+
+def test_uniform_fanout_sums_to_budget():
+    for b, k in itertools.product(range(1, 70), range(1, 9)):
+        f = uniform_fanout(b, k)
+        assert sum(f) == b and len(f) == k + 1 and max(f) - min(f) <= 1, (b, k, f)
+    assert uniform_fanout(24, 7) == [3] * 8
+
+
+def _capped_geometric(a: float, k: int, rng: random.Random) -> int:
+    n = 0
+    while n < k and rng.random() < a:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("a_true,k", [(0.3, 4), (0.7, 4), (0.85, 7)])
+def test_fanout_fit_estimates_acceptance(a_true, k):
+    rng = random.Random(7)
+    exact = FanoutFit(decay=1.0)      # no forgetting: the MLE over every round
+    online = FanoutFit()              # the default exponential forgetting
+    for _ in range(4000):
+        n = _capped_geometric(a_true, k, rng)
+        exact.observe_accept(n, k)
+        online.observe_accept(n, k)
+    assert abs(exact.a - a_true) < 0.02, exact.a
+    assert abs(online.a - a_true) < 0.07, online.a
+    assert FanoutFit(a=0.42).a == 0.42     # fixed value wins
+
+
+@pytest.mark.parametrize("r_true", [0.4, 0.8, 1.6])
+def test_fanout_fit_estimates_power_law(r_true):
+    rng = random.Random(11)
+    exact, online = FanoutFit(decay=1.0), FanoutFit()
+    assert exact.r == 0.8                 # prior until there is evidence
+    for _ in range(6000):
+        f = rng.choice([1, 2, 3, 4, 6, 8])
+        hit = rng.random() < 1 - f ** -r_true
+        exact.observe_cache(f, hit)
+        online.observe_cache(f, hit)
+    assert abs(exact.r - r_true) <= 0.1, exact.r
+    assert abs(online.r - r_true) <= 0.35, online.r
+    assert FanoutFit(r=1.3).r == 1.3
+    # the fit drives the fan-out it returns
+    assert exact.fanout(16, 4, "geometric") == geometric_fanout(16, 4, exact.a, exact.r)
+    assert exact.fanout(16, 4, "uniform") == uniform_fanout(16, 4)
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)        # 1 + .5 + .25
+    assert expected_tokens(1.0, 4) == 5
+
+
+# -- b* rule (DESIGN §1.4) -------------------------------------------------------------------------
+def test_backup_threshold_on_known_numbers():
+    # p_hit = 0.9, E_hit = 3, E_miss,neural = 3, E_miss,fast = 1.2
+    # A_n = .9*3 + .1*3 = 3.0 ; A_f = .9*3 + .1*1.2 = 2.82 ; delta = 0.18
+    # T_p = 0.5 -> m = 1 ; T_n = 0.5, T_f = 0 -> G = 2.82*1.5 - 3.0*1 = 1.23
+    # b* = ln(1.23 / 1.41) / ln(0.9) = -0.136576 / -0.105361 = 1.29627
+    assert backup_threshold(0.9, 3.0, 2.82, 0.5, 0.5, 0.0) == pytest.approx(1.29627, abs=1e-4)
+    # same, but drafting slower than a verify: m = T_p = 2 -> b* = ln(1.23 / 1.59) / ln(.9) = -0.256720 / -0.105361 = 2.43658
+    assert backup_threshold(0.9, 3.0, 2.82, 2.0, 0.5, 0.0) == pytest.approx(2.43658, abs=1e-4)
+    # p_hit = 0.95, A_n = 4.0, A_f = 3.8 (delta .2), T_n = 1.0, T_f = 0.1, T_p = 0.8 (m = 1)
+    # G = 3.8*2 - 4*1.1 = 3.2 ; b* = ln(3.2/3.4) / ln(.95) = -0.0606246 / -0.0512933 = 1.18192
+    assert backup_threshold(0.95, 4.0, 3.8, 0.8, 1.0, 0.1) == pytest.approx(1.18192, abs=1e-4)
+    # a slower neural backup (a longer stall per miss) hands the batch to fast sooner: b* shrinks
+    assert backup_threshold(0.9, 3.0, 2.82, 0.5, 2.0, 0.0) < backup_threshold(0.9, 3.0, 2.82, 0.5, 0.5, 0.0)
+
+
+def test_backup_threshold_extremes():
+    # neural backup costs no more than fast and yields more tokens: neural always (G <= 0, delta > 0)
+    assert backup_threshold(0.8, 3.0, 2.5, 0.5, 0.0, 0.0) == math.inf
+    # fast yields as many tokens and is cheaper: fast always (delta <= 0, G > 0)
+    assert backup_threshold(0.8, 2.5, 2.5, 0.5, 1.0, 0.0) == 0.0
+    assert backup_threshold(0.8, 2.0, 2.5, 0.5, 1.0, 0.0) == 0.0
+    # fast yields more and costs no more (G <= 0, delta < 0): fast always
+    assert backup_threshold(0.8, 2.0, 2.5, 0.5, 0.0, 0.5) == 0.0
+    # never a hit: one round is a miss for everyone: neural iff A_n/(1+T_n) > A_f/(1+T_f); here 3/1.5 < 2.82
+    assert backup_threshold(0.0, 3.0, 2.82, 0.5, 0.5, 0.0) == 0.0
+    # always a hit: the backup never runs, neural's extra tokens win
+    assert backup_threshold(1.0, 3.0, 2.82, 0.5, 0.5, 0.0) == math.inf
+
+
+# -- n-gram backup ---------------------------------------------------------------------------------
+def test_ngram_proposal():
+    # longest earlier match of the last 3/2/1 tokens wins over a more recent shorter one
+    assert ngram_proposal([3, 1, 2, 9, 1, 2, 8, 3, 1, 2], 2, {}) == [9, 1]
+    # n = 2: [1, 2] occurred at 0 -> what followed it
+    assert ngram_proposal([1, 2, 3, 1, 2], 3, {}) == [3, 1, 2]
+    # most recent occurrence of the 1-gram [1] (the one followed by 8, not by 9)
+    assert ngram_proposal([1, 9, 1, 8, 1], 2, {}) == [8, 1]
+    # a match too short for K is continued with the draft's remembered top-1 successors
+    assert ngram_proposal([1, 2, 3, 1, 2], 5, {2: 7, 7: 9}) == [3, 1, 2, 7, 9]
+    # no match: top-1 chain from the last token; unknown tokens repeat
+    assert ngram_proposal([5, 6, 7], 3, {7: 4, 4: 4}) == [4, 4, 4]
+    assert ngram_proposal([5, 6, 7], 2, {}) == [7, 7]
+    assert ngram_proposal([5], 2, {5: 6}) == [6, 6]
+    # always exactly K tokens
+    for k in range(1, 6):
+        assert len(ngram_proposal([1, 2, 1, 2, 1, 2, 1], k, {})) == k
+    assert matched_prefix([4, 5, 6], [4, 5, 9, 1]) == 2
+    assert matched_prefix([4, 5], [4, 5, 6]) == 2
+    assert matched_prefix([1], [2]) == 0
+
+
+# -- the speculation cache on the real demo draft -----------------------------------------------------
+PROMPT = [307, 1105, 58, 19, 4006, 12, 880, 41, 9, 311, 77, 5]
+
+
+@pytest.fixture(scope="module")
+def draft_engine():
+    torch.set_num_threads(1)
+    return TorchEngine(EngineConfig(checkpoint=str(DEMO_DRAFT), dtype="float32", max_slots=24, max_seq_len=128,
+                                    max_draft_len=8, max_branches=32, threads=1), branches=True)
+
+
+def _drafter(engine, backup: str, k: int = 3, budget: int = 8) -> Drafter:
+    for s in range(engine.max_slots):
+        engine.release(s)
+    return Drafter(engine, SpecConfig(k=k, budget=budget, backup=backup, fanout="geometric", accept_rate=0.6, power=0.8))
+
+
+def _join(d: Drafter, params: SamplingParams, k: int = 3, budget: int = 8, c: float = 1.0, prompt=PROMPT):
+    reply = d.step(DraftRound(joins=[Join(0, list(prompt), params, "ssd", k, budget, c)]))
+    assert reply.hits == {} and reply.specs[0].source == "neural" and len(reply.specs[0].tokens) == k
+    d.build()
+    return reply.specs[0]
+
+
+def _neural_drafts(engine, contexts: list[list[int]], k: int) -> list[list[int]]:
+    """What plain (SD) neural drafting produces, greedily, from each context."""
+    d = Drafter(engine, SpecConfig(k=k, budget=8, backup="neural"))
+    reply = d.step(DraftRound(joins=[Join(100 + i, c, SamplingParams(), "sd", k, 8, 1.0) for i, c in enumerate(contexts)]))
+    out = [reply.specs[100 + i].tokens for i in range(len(contexts))]
+    d.release_all()
+    return out
+
+
+def test_cache_contents_after_build(draft_engine):
+    d = _drafter(draft_engine, "neural")
+    spec = _join(d, SamplingParams())
+    s = d.seqs[0]
+    assert s.fanout == geometric_fanout(8, 3, 0.6, 0.8) and sum(s.fanout) == 8
+    assert len(s.cache) == 8
+    for j, f in enumerate(s.fanout):
+        bonuses = [c for (jj, c) in s.cache if jj == j]
+        assert len(bonuses) == f
+        if j < 3:   # a rejected draft token can never be the bonus token
+            assert spec.tokens[j] not in bonuses
+    assert all(len(v.tokens) == 3 and v.q is None and v.source == "cache" for v in s.cache.values())
+    d.release_all()
+    assert draft_engine.active_slots == 0
+
+
+def test_greedy_cached_branches_equal_neural_drafting(draft_engine):
+    """Tree attention over the glue + scratch KV gives what drafting from the true prefix gives."""
+    d = _drafter(draft_engine, "neural", k=4, budget=12)
+    spec = _join(d, SamplingParams(), k=4, budget=12)
+    cache = dict(d.seqs[0].cache)
+    keys = sorted(cache)
+    contexts = [PROMPT + spec.tokens[:j] + [c] for j, c in keys]
+    expected = _neural_drafts(draft_engine, contexts, 4)
+    for key, want in zip(keys, expected):
+        assert cache[key].tokens == want, f"branch {key}: cached {cache[key].tokens} != drafted {want}"
+    d.release_all()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, seed=3)], ids=["greedy", "sampled"])
+def test_hit_returns_the_cached_speculation(draft_engine, params):
+    d = _drafter(draft_engine, "neural")
+    spec = _join(d, params, c=0.5 if not params.greedy else 1.0)
+    s = d.seqs[0]
+    # pick a cached outcome with some accepted tokens when there is one
+    (j, c), cached = max(s.cache.items(), key=lambda kv: (kv[0][0], -kv[0][1]))
+    if params.greedy:
+        assert cached.q is None
+    else:
+        assert cached.q.shape == (3, draft_engine.vocab_size)
+        assert torch.allclose(cached.q.sum(-1), torch.ones(3))
+        # each cached token was drawn from its q: it has mass there
+        assert all(cached.q[i, t] > 0 for i, t in enumerate(cached.tokens))
+    reply = d.step(DraftRound(outcomes=[Outcome(0, j, spec.tokens[:j] + [c])]))
+    assert reply.hits == {0: True}
+    got = reply.specs[0]
+    assert got.source == "cache" and got.tokens == cached.tokens
+    assert (got.q is None) == params.greedy and (got.q is None or torch.equal(got.q, cached.q))
+    assert d.seqs[0].history == PROMPT + spec.tokens[:j] + [c]
+    # the next round's cache is built from the new speculation
+    d.build()
+    assert len(d.seqs[0].cache) == 8
+    d.step(DraftRound(leaves=[0]))
+    assert draft_engine.active_slots == 0
+
+
+@pytest.mark.parametrize("backup", ["neural", "fast"])
+def test_miss_uses_the_backup(draft_engine, backup):
+    d = _drafter(draft_engine, backup)
+    spec = _join(d, SamplingParams())
+    s = d.seqs[0]
+    j = 1
+    bonus = next(t for t in range(draft_engine.vocab_size) if (j, t) not in s.cache and t != spec.tokens[j])
+    reply = d.step(DraftRound(outcomes=[Outcome(0, j, spec.tokens[:j] + [bonus])]))
+    assert reply.hits == {0: False}
+    assert reply.backup == backup
+    got = reply.specs[0]
+    assert got.source == backup and len(got.tokens) == 3
+    history = PROMPT + spec.tokens[:j] + [bonus]
+    if backup == "neural":
+        assert got.tokens == _neural_drafts(draft_engine, [history], 3)[0]
+    else:
+        assert got.tokens == ngram_proposal(history, 3, d.top_next)
+    d.build()                         # a miss still leaves a full cache for the next round
+    assert len(d.seqs[0].cache) == 8
+    d.release_all()
+
+
+def test_fast_backup_under_sampling_reports_one_hot_q(draft_engine):
+    d = _drafter(draft_engine, "fast")
+    spec = _join(d, SamplingParams(temperature=1.0, seed=5))
+    s = d.seqs[0]
+    bonus = next(t for t in range(draft_engine.vocab_size) if (0, t) not in s.cache and t != spec.tokens[0])
+    got = d.step(DraftRound(outcomes=[Outcome(0, 0, [bonus])])).specs[0]
+    assert got.source == "fast"
+    assert torch.equal(got.q, torch.nn.functional.one_hot(torch.tensor(got.tokens), draft_engine.vocab_size).float())
+    d.release_all()
+
+
+def test_cache_is_per_sequence_and_per_round(draft_engine):
+    """Two sequences share one batched build; an outcome only looks at its own sequence's cache,
+    and a cache is dropped once its round's outcome is known (never served stale)."""
+    d = _drafter(draft_engine, "neural")
+    other = [11, 12, 13, 14, 15, 16, 17]
+    first = d.step(DraftRound(joins=[Join(0, PROMPT, SamplingParams(), "ssd", 3, 8, 1.0),
+                                     Join(1, other, SamplingParams(), "ssd", 3, 8, 1.0)])).specs
+    d.build()
+    c0, c1 = dict(d.seqs[0].cache), dict(d.seqs[1].cache)
+    assert len(c0) == len(c1) == 8
+    # seq 0 reports an outcome that only seq 1 has cached; seq 1 one of its own
+    j0, b0 = next(key for key in c1 if key not in c0 and (key[0] == 3 or key[1] != first[0].tokens[key[0]]))
+    (j1, b1), cached1 = next(iter(c1.items()))
+    r = d.step(DraftRound(outcomes=[Outcome(0, j0, first[0].tokens[:j0] + [b0]),
+                                    Outcome(1, j1, first[1].tokens[:j1] + [b1])]))
+    assert r.hits == {0: False, 1: True}
+    assert r.specs[0].source == "neural" and r.specs[1].source == "cache"
+    assert r.specs[1].tokens == cached1.tokens
+    assert d.seqs[0].cache == {} and d.seqs[1].cache == {}       # no stale entry survives the outcome
+    d.build()
+    assert set(d.seqs[0].cache) != set(c0) or d.seqs[0].history != PROMPT
+    d.step(DraftRound(leaves=[0, 1]))
+    assert draft_engine.active_slots == 0
