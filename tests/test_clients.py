@@ -2,7 +2,7 @@
 
 Every client must return the same greedy text for a prompt: gRPC streaming, HTTP generate, HTTP
 generate_stream (SSE), the asyncio client, each decoding mode, and the library's own greedy output
-once `saguaro.testing.expected_greedy_text(prompt, max_tokens) -> str` exists. perf_analyzer then
+the library's own greedy output (`reference` fixture, conftest.py). perf_analyzer then
 runs a few seconds at concurrency 1 and 2 with zero errors and the sweep writes its report.
 """
 
@@ -28,17 +28,14 @@ from clients.common import TOTALS, ClientError, GenerateRequest, Generation, che
 from clients.grpc_stream import stream_generate  # noqa: E402
 from clients.http_generate import generate, generate_stream  # noqa: E402
 
-needs_ensemble = pytest.mark.skipif(not (ROOT / "model_repository" / "ensemble" / "config.pbtxt").exists(),
-                                    reason="model_repository/ensemble is not written yet")
 PROMPT = "def fibonacci(n):\n"
 PROMPTS = ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n", "import os\n\ndef list_files(path):\n"]
 MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def server(triton: Any) -> Iterator[Any]:
-    triton.load("ensemble")
-    yield triton
+def server(serving: Any) -> Any:
+    return serving
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +50,6 @@ def grpc_client(server: Any) -> Iterator[grpcclient.InferenceServerClient]:
     client.close()
 
 
-def expected_greedy_text(prompt: str, max_tokens: int) -> str | None:
-    """The library's greedy continuation, when the library offers it (else None: cross-check only)."""
-    try:
-        from saguaro.testing import expected_greedy_text as reference  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return reference(prompt, max_tokens)
-
-
 def assert_totals(gen: Generation, mode: str = "ssd") -> None:
     assert set(TOTALS) <= set(gen.totals), f"missing totals: {set(TOTALS) - set(gen.totals)}"
     t = gen.totals
@@ -73,8 +61,7 @@ def assert_totals(gen: Generation, mode: str = "ssd") -> None:
         assert t["drafted_tokens"] > 0
 
 
-@needs_ensemble
-def test_all_clients_return_the_same_greedy_text(server: Any, shapes: dict[str, list[int]],
+def test_all_clients_return_the_same_greedy_text(server: Any, shapes: dict[str, list[int]], reference: Any,
                                                  grpc_client: grpcclient.InferenceServerClient) -> None:
     req = GenerateRequest(PROMPT, max_tokens=MAX_TOKENS)
     seen: list[str] = []
@@ -90,12 +77,9 @@ def test_all_clients_return_the_same_greedy_text(server: Any, shapes: dict[str, 
     sse = generate_stream(server.http_url, req)
     assert len(sse.pieces) > 1 and sse.text == streamed.text
     assert sse.totals["generated_tokens"] == streamed.totals["generated_tokens"]  # hits may vary with timing
-    expected = expected_greedy_text(PROMPT, MAX_TOKENS)
-    if expected is not None:
-        assert streamed.text == expected
+    assert streamed.text == reference(PROMPT, MAX_TOKENS)
 
 
-@needs_ensemble
 @pytest.mark.parametrize("mode", ["sd", "ar"])
 def test_every_decoding_mode_streams_the_same_text(grpc_client: grpcclient.InferenceServerClient,
                                                    shapes: dict[str, list[int]], mode: str) -> None:
@@ -106,7 +90,6 @@ def test_every_decoding_mode_streams_the_same_text(grpc_client: grpcclient.Infer
     assert_totals(other, mode)
 
 
-@needs_ensemble
 def test_async_client_concurrent_requests_match_sequential(server: Any, shapes: dict[str, list[int]],
                                                            grpc_client: grpcclient.InferenceServerClient) -> None:
     reqs = [GenerateRequest(p, max_tokens=MAX_TOKENS) for p in PROMPTS]
@@ -120,7 +103,6 @@ def test_async_client_concurrent_requests_match_sequential(server: Any, shapes: 
     assert s["tokens_per_s"] > 0 and s["ttft_p50_ms"] <= s["latency_p99_ms"] and "itl_p50_ms" in s
 
 
-@needs_ensemble
 def test_server_error_reaches_the_client(server: Any, shapes: dict[str, list[int]],
                                          grpc_client: grpcclient.InferenceServerClient) -> None:
     with pytest.raises(ClientError, match="decoding_mode"):
@@ -131,7 +113,6 @@ def test_server_error_reaches_the_client(server: Any, shapes: dict[str, list[int
         check_ready(server.grpc_url, "no_such_model", "grpc")
 
 
-@needs_ensemble
 @pytest.mark.parametrize("script,url_attr,extra", [
     ("grpc_stream.py", "grpc_url", []),
     ("http_generate.py", "http_url", []),
@@ -168,7 +149,6 @@ def test_perf_analyzer_wrapper_runs() -> None:
     assert "Perf Analyzer Version 2.51.0" in out.stdout + out.stderr  # it prints the version on stderr
 
 
-@needs_ensemble
 def test_perf_analyzer_sweep_and_report(server: Any, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     run = subprocess.run([sys.executable, str(ROOT / "clients" / "perf" / "sweep.py"), "--url", server.grpc_url,

@@ -26,11 +26,13 @@ from tiny_models import save_random_model
 
 V = 8                 # vocabulary
 N_TOKENS = 3          # generated tokens whose joint distribution is tested
-SAMPLES = int(__import__('os').environ.get('SAGUARO_TEST_SAMPLES', 20_000))
-BATCH = 500         # sequences per batch of rounds (KV slots on each engine)
+SAMPLES = 20_000      # per case (the issue's floor)
+# Sequences decoded together (KV slots on each engine). Larger batches are slower here: the
+# draft's cache build does per-sequence Python work, and its branch layout is O(batch x branches).
+BATCH = 250
 K = 2
 BUDGET = 6            # fan-out budget: a mix of cache hits and misses on a vocabulary of 8
-PROMPT = [3, 5]
+PROMPT = [3]          # one token: no per-sequence prefill forward (20k of them would dominate)
 TINY = dict(arch="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
             num_attention_heads=2, num_key_value_heads=1, std=0.12, tokenizer=False)
 
@@ -150,24 +152,20 @@ def test_sampled_decoding_matches_autoregressive_distribution(models, engines, s
     assert p > 1e-3, f"{mode}: the sampled distribution differs from AR sampling (chi-square p = {p:.3g})"
 
 
-def _lying_choose(report: str):
-    """A drafter's _choose that samples from the Saguaro-reshaped q but tells verification something
-    else: 'unreshaped' reports the plain draft distribution, 'uniform' a uniform one."""
-    def choose(self, s, logits, fanout):
-        q_plain = probs(logits, s.params)
-        q = saguaro(q_plain, fanout, s.c) if s.mode == "ssd" else q_plain
-        reported = q_plain if report == "unreshaped" else torch.full_like(q, 1.0 / q.shape[-1])
-        return sample(q, s.generator), reported
-    return choose
+def _choose_reporting_unreshaped_q(self, s, logits, fanout):
+    """Drafter._choose with the classic bug: the token is drawn from the Saguaro-reshaped q, but
+    verification is handed the plain draft distribution."""
+    q_plain = probs(logits, s.params)
+    q_sampled = saguaro(q_plain, fanout, s.c) if s.mode == "ssd" else q_plain
+    return sample(q_sampled, s.generator), q_plain
 
 
-@pytest.mark.parametrize("report", ["unreshaped", "uniform"])
-def test_wrong_q_fails_the_same_test(models, engines, monkeypatch, report):
+def test_wrong_q_fails_the_same_test(models, engines, monkeypatch):
     _, target_hf = models
     params = SamplingParams(temperature=1.0, max_tokens=N_TOKENS)
-    monkeypatch.setattr(Drafter, "_choose", _lying_choose(report))
+    monkeypatch.setattr(Drafter, "_choose", _choose_reporting_unreshaped_q)
     dec = make_decoder(engines, SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="neural"))
-    counts = sample_decoder(dec, params, "ssd", SAMPLES, seed=7 * 10**6)
+    counts = sample_decoder(dec, params, "ssd", SAMPLES, seed=len(CASES) * 10**6)
     p = chi_square_p(counts, exact_distribution(target_hf, params))
-    print(f"\nwrong q ({report}): p={p:.3g}")
-    assert p < 1e-6, f"the chi-square test did not catch a wrong q ({report}): p = {p:.3g}"
+    print(f"\nwrong q (sampled from the reshaped q, verified with the plain one): p={p:.3g}")
+    assert p < 1e-6, f"the chi-square test did not catch a wrong q: p = {p:.3g}"

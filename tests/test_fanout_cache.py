@@ -291,3 +291,30 @@ def test_cache_is_per_sequence_and_per_round(draft_engine):
     assert set(d.seqs[0].cache) != set(c0) or d.seqs[0].history != PROMPT
     d.step(DraftRound(leaves=[0, 1]))
     assert draft_engine.active_slots == 0
+
+
+def test_fanout_larger_than_the_vocabulary(tmp_path):
+    """A budget that asks for more candidates than the vocabulary has: every token becomes a
+    candidate (the rejected draft token excepted), nothing crashes, decoding goes on."""
+    from saguaro.decoder import Decoder
+    from saguaro.draft import LocalDraft
+    from tiny_models import save_random_model
+
+    v = 8
+    save_random_model(tmp_path / "m", arch="llama", vocab_size=v, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, std=0.12, tokenizer=False)
+    cfg = EngineConfig(checkpoint=str(tmp_path / "m"), max_slots=2, max_seq_len=32, max_draft_len=2, max_branches=32)
+    eng = TorchEngine(cfg, branches=True)
+    d = Drafter(eng, SpecConfig(k=1, budget=20, accept_rate=0.5, power=0.8))
+    spec = d.step(DraftRound(joins=[Join(0, [1, 2], SamplingParams(), "ssd", 1, 20, 1.0)])).specs[0]
+    d.build()
+    s = d.seqs[0]
+    assert s.fanout == [10, 10]
+    assert sorted(c for j, c in s.cache if j == 0) == sorted(set(range(v)) - {spec.tokens[0]})
+    assert sorted(c for j, c in s.cache if j == 1) == list(range(v))
+    d.release_all()
+    spec_cfg = SpecConfig(k=1, budget=20, accept_rate=0.5, power=0.8)
+    dec = Decoder(TorchEngine(cfg), LocalDraft(Drafter(eng, spec_cfg)), spec_cfg)
+    out = dec.generate([[1, 2]], SamplingParams(max_tokens=6, temperature=1.0, seed=0), mode="ssd")
+    assert len(out[0]) == 6
+    assert sum(r.hits for r in dec.history) > 0 and sum(r.misses for r in dec.history) == 0  # every outcome is cached

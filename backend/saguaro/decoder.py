@@ -202,7 +202,12 @@ class Decoder:
         for s in self.seqs.values():
             if s.mode != "ar":
                 s.mode, s.k, s.spec, s.stats.degraded = "ar", 0, None, True
-        self.draft.reset()
+        self.joins, self.outcomes, self.leaves = [], [], []
+        try:
+            self.draft.reset()
+        except Exception:   # a drafter that cannot even reset is replaced by its client or stays unused
+            pass
+        self.draft_slots = 0
 
     def _verify(self, s: Sequence, logits: torch.Tensor) -> Event:
         draft = self._spec_tokens(s)
@@ -240,6 +245,7 @@ class Decoder:
     def _finish(self, s: Sequence) -> None:
         self.seqs.pop(s.seq_id, None)
         self.target.release(s.slot)
+        self.outcomes = [o for o in self.outcomes if o.seq_id != s.seq_id]
         pending_join = [j for j in self.joins if j.seq_id == s.seq_id]
         if pending_join:            # the drafter never saw it
             self.joins.remove(pending_join[0])

@@ -230,7 +230,7 @@ class Drafter:
                 if f == 0:
                     continue
                 banned = s.spec.tokens[j] if j < s.k else -1   # a rejected token is never the bonus
-                cands = [c for c in dist[j].topk(f + 1).indices.tolist() if c != banned][:f]
+                cands = [c for c in dist[j].topk(min(f + 1, dist.shape[-1])).indices.tolist() if c != banned][:f]
                 for c in cands:
                     parents.append(s.slot)
                     visible.append(len(s.history) + j)

@@ -1,0 +1,207 @@
+"""The serving path through a real tritonserver (`serving` fixture, conftest.py) with tritonclient:
+exact outputs over every protocol, concurrent streams, bad input, cancellation, draft failure and
+the speculative metrics."""
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from saguaro.config import DEV_PROMPTS
+
+PROMPTS = [json.loads(line)["prompt"] for line in DEV_PROMPTS.read_text().splitlines()[:8]]
+DTYPES = {"text_input": "BYTES", "decoding_mode": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32",
+          "top_p": "FP32", "top_k": "INT32", "num_draft_tokens": "INT32", "inject_draft_fault": "BOOL", "seed": "UINT64"}
+
+
+def grpc_inputs(fields: dict, dtypes: dict | None = None) -> list:
+    inputs = []
+    for name, value in fields.items():
+        arr = value if isinstance(value, np.ndarray) else np.array(
+            [value.encode() if isinstance(value, str) else value],
+            dtype={"BYTES": object, "INT32": np.int32, "BOOL": bool, "FP32": np.float32, "UINT64": np.uint64}[DTYPES[name]])
+        dt = (dtypes or {}).get(name, DTYPES[name])
+        t = grpcclient.InferInput(name, list(arr.shape), dt)
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    return inputs
+
+
+def stream(server, model: str, fields: dict, cancel_after: int | None = None, timeout_s: float = 120) -> dict:
+    """One gRPC streaming request; returns {'text', 'pieces', 'totals', 'error'}."""
+    q: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: q.put((result, error)))
+    out = {"pieces": [], "totals": {}, "error": None}
+    try:
+        client.async_stream_infer(model, grpc_inputs(fields), enable_empty_final_response=True)
+        while True:
+            result, error = q.get(timeout=timeout_s)
+            if error is not None:
+                out["error"] = str(error)
+                break
+            text = result.as_numpy("text_output")
+            if text is not None and text.size:
+                out["pieces"].append(text.reshape(-1)[0].decode())
+            for name in ("generated_tokens", "rounds", "accepted_tokens", "drafted_tokens", "cache_hits"):
+                v = result.as_numpy(name)
+                if v is not None and v.size:
+                    out["totals"][name] = int(v.reshape(-1)[0])
+            if cancel_after is not None and len(out["pieces"]) >= cancel_after:
+                client.stop_stream(cancel_requests=True)
+                break
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    out["text"] = "".join(out["pieces"])
+    return out
+
+
+def metrics(server) -> dict[str, float]:
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(saguaro_\S+) (\S+)$", text, re.M)}
+
+
+def wait_slots_free(server, timeout_s: float = 30) -> dict[str, float]:
+    deadline = time.time() + timeout_s
+    while True:
+        m = metrics(server)
+        held = [m.get('saguaro_kv_slots_in_use{engine="target"}'), m.get('saguaro_kv_slots_in_use{engine="draft"}'),
+                m.get("saguaro_active_sequences")]
+        if held == [0.0, 0.0, 0.0] or time.time() > deadline:
+            return m
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("model", ["ensemble", "ssd"])
+@pytest.mark.parametrize("mode", ["ssd", "sd", "ar"])
+def test_grpc_streaming_equals_library_greedy(serving, reference, model, mode):
+    out = stream(serving, model, {"text_input": PROMPTS[0], "max_tokens": 48, "stream": True, "decoding_mode": mode})
+    assert out["error"] is None
+    assert len(out["pieces"]) > 1, "not streamed"
+    assert out["text"] == reference(PROMPTS[0], 48)
+    t = out["totals"]
+    assert t["generated_tokens"] == 48 and t["rounds"] > 0
+    assert (t["drafted_tokens"] > 0) == (mode != "ar") and (t["cache_hits"] > 0) == (mode == "ssd")
+
+
+def test_non_streaming_and_plain_infer_equal_library_greedy(serving, reference):
+    expected = reference(PROMPTS[1], 32)
+    one = stream(serving, "ensemble", {"text_input": PROMPTS[1], "max_tokens": 32, "stream": False})
+    assert len(one["pieces"]) == 1 and one["text"] == expected
+    for client, mod in ((httpclient.InferenceServerClient(serving.http_url), httpclient),
+                        (grpcclient.InferenceServerClient(serving.grpc_url), grpcclient)):
+        inputs = []
+        for name, arr, dt in (("text_input", np.array([PROMPTS[1].encode()], dtype=object), "BYTES"),
+                              ("max_tokens", np.array([32], dtype=np.int32), "INT32")):
+            t = mod.InferInput(name, [1], dt)
+            t.set_data_from_numpy(arr)
+            inputs.append(t)
+        r = client.infer("ensemble_sync", inputs)
+        assert r.as_numpy("text_output")[0].decode() == expected
+        assert int(r.as_numpy("generated_tokens")[0]) == 32
+
+
+def test_http_generate_and_sse_equal_library_greedy(serving, reference):
+    body = json.dumps({"text_input": PROMPTS[2], "max_tokens": 32, "decoding_mode": "ssd"}).encode()
+    url = f"http://{serving.http_url}/v2/models/ensemble"
+    whole = json.loads(urllib.request.urlopen(urllib.request.Request(url + "/generate", body)).read())
+    assert whole["text_output"] == reference(PROMPTS[2], 32) and whole["generated_tokens"] == 32
+    sse_body = json.dumps({"text_input": PROMPTS[2], "max_tokens": 32, "stream": True}).encode()
+    events = [json.loads(line[5:]) for line in urllib.request.urlopen(urllib.request.Request(url + "/generate_stream", sse_body))
+              .read().decode().splitlines() if line.startswith("data:")]
+    assert len(events) > 1 and "".join(e.get("text_output", "") for e in events) == whole["text_output"]
+
+
+def test_eight_concurrent_streams_each_equal_their_output_alone(serving, reference):
+    results: dict[int, dict] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(
+        serving, "ensemble", {"text_input": PROMPTS[i], "max_tokens": 40, "stream": True,
+                              "decoding_mode": ["ssd", "sd", "ar"][i % 3]})))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for i in range(8):
+        assert results[i]["error"] is None
+        assert results[i]["text"] == reference(PROMPTS[i], 40), f"stream {i} differs from its output alone"
+    wait_slots_free(serving)
+
+
+BAD_INPUTS = [
+    ({"text_input": ""}, "text_input"),
+    ({"text_input": "x " * 2000}, "max_input_len"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 100000}, "max_tokens"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"decoding_mode": "turbo"}, "decoding_mode"),
+    ({"num_draft_tokens": 99}, "num_draft_tokens"),
+    ({"num_draft_tokens": 0}, "num_draft_tokens"),
+    ({"max_tokens": np.array([8.5], dtype=np.float32)}, "max_tokens"),          # wrong dtype
+    ({"max_tokens": np.array([8, 9], dtype=np.int32)}, "max_tokens"),           # wrong shape
+    ({"text_input": np.array([b"\xff\xfe bad"], dtype=object)}, "UTF-8"),
+]
+
+
+@pytest.mark.parametrize("model", ["ensemble", "ssd"])
+@pytest.mark.parametrize("fields,named", BAD_INPUTS, ids=[n for _, n in BAD_INPUTS])
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(serving, reference, model, fields, named):
+    request = {"text_input": PROMPTS[3], "max_tokens": 8, "stream": True, **fields}
+    dtypes = {k: "FP32" for k, v in fields.items() if isinstance(v, np.ndarray) and v.dtype == np.float32}
+    q: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(serving.grpc_url)
+    client.start_stream(callback=lambda result, error: q.put((result, error)))
+    try:
+        client.async_stream_infer(model, grpc_inputs(request, dtypes))
+        result, error = q.get(timeout=60)
+    finally:
+        client.stop_stream()
+    assert error is not None, f"{fields} was accepted"
+    assert named in str(error), f"error does not name {named}: {error}"
+    good = stream(serving, model, {"text_input": PROMPTS[3], "max_tokens": 8, "stream": True})
+    assert good["text"] == reference(PROMPTS[3], 8)
+
+
+def test_cancelled_stream_frees_its_slots_in_both_engines(serving):
+    out = stream(serving, "ssd", {"text_input": PROMPTS[4], "max_tokens": 240, "stream": True}, cancel_after=2)
+    assert out["error"] is None and len(out["pieces"]) == 2
+    m = wait_slots_free(serving)
+    assert m['saguaro_kv_slots_in_use{engine="target"}'] == 0 and m['saguaro_kv_slots_in_use{engine="draft"}'] == 0
+    assert m["saguaro_active_sequences"] == 0
+
+
+def test_draft_failure_degrades_to_exact_target_only_output(serving, reference):
+    before = metrics(serving).get("saguaro_degraded_rounds_total", 0.0)
+    out = stream(serving, "ensemble", {"text_input": PROMPTS[5], "max_tokens": 40, "stream": True, "inject_draft_fault": True})
+    assert out["error"] is None
+    assert out["text"] == reference(PROMPTS[5], 40)
+    assert metrics(serving)["saguaro_degraded_rounds_total"] > before
+    after = stream(serving, "ensemble", {"text_input": PROMPTS[5], "max_tokens": 16, "stream": True})   # the draft serves again
+    assert after["totals"]["drafted_tokens"] > 0 and after["text"] == reference(PROMPTS[5], 16)
+    wait_slots_free(serving)
+
+
+def test_metrics_count_rounds_tokens_and_cache(serving):
+    before = metrics(serving)
+    stream(serving, "ensemble", {"text_input": PROMPTS[6], "max_tokens": 32, "stream": True})
+    after = metrics(serving)
+    for name in ("saguaro_rounds_total", "saguaro_drafted_tokens_total", "saguaro_accepted_tokens_total",
+                 "saguaro_cache_hits_total", "saguaro_verify_seconds_total", "saguaro_draft_build_seconds_total",
+                 "saguaro_accepted_length_count"):
+        assert after[name] > before.get(name, 0.0), f"{name} did not move"
+    assert after["saguaro_accepted_length_sum"] - before.get("saguaro_accepted_length_sum", 0) == 32
