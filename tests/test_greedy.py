@@ -1,0 +1,64 @@
+"""Greedy SD and SSD are token-identical to plain autoregressive decoding of the target, on every
+development prompt, alone and batched, for several K, both backups, in-process and with the draft
+in its own worker process (the real SSD overlap path)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from saguaro.config import DEMO_DRAFT, DEMO_TARGET, DEV_PROMPTS, EngineConfig, SamplingParams, SpecConfig
+from saguaro.llm import build_decoder
+from saguaro.text import load_tokenizer
+
+NEW_TOKENS = 64
+PARAMS = SamplingParams(max_tokens=NEW_TOKENS)
+TARGET, DRAFT = EngineConfig(checkpoint=str(DEMO_TARGET)), EngineConfig(checkpoint=str(DEMO_DRAFT))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    tok = load_tokenizer(DEMO_TARGET)
+    return [tok.encode(json.loads(line)["prompt"]).ids for line in DEV_PROMPTS.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(prompts) -> list[list[int]]:
+    dec = build_decoder(TARGET, draft=None)
+    try:
+        return [dec.generate([p], PARAMS, "ar")[0] for p in prompts]
+    finally:
+        dec.close()
+
+
+def generate_all(dec, prompts, mode, batch):
+    out = []
+    for i in range(0, len(prompts), batch):
+        out += dec.generate(prompts[i:i + batch], PARAMS, mode)
+    return out
+
+
+@pytest.mark.parametrize("mode,k,batch,backup,process", [
+    ("sd", 2, 1, "neural", False), ("sd", 4, 1, "neural", False), ("sd", 6, 8, "neural", False),
+    ("ssd", 2, 1, "neural", False), ("ssd", 4, 1, "fast", False), ("ssd", 6, 8, "auto", False),
+    ("ssd", 4, 1, "auto", True), ("ssd", 5, 8, "neural", True),
+])
+def test_greedy_speculative_equals_autoregressive(prompts, ar_outputs, mode, k, batch, backup, process):
+    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=k, budget=16, backup=backup), draft_process=process)
+    try:
+        outputs = generate_all(dec, prompts, mode, batch)
+        target_slots, draft_slots = dec.target.active_slots, dec.draft_slots
+    finally:
+        dec.close()
+    assert all(len(o) == NEW_TOKENS for o in outputs)
+    mismatched = [i for i, (a, b) in enumerate(zip(outputs, ar_outputs)) if a != b]
+    assert not mismatched, f"{mode} K={k} batch={batch} differs from AR on prompts {mismatched}"
+    assert target_slots == 0 and draft_slots == 0, "a finished request kept a KV slot"
+
+
+def test_batched_autoregressive_equals_alone(prompts, ar_outputs):
+    dec = build_decoder(TARGET, draft=None)
+    try:
+        assert generate_all(dec, prompts, "ar", 8) == ar_outputs
+    finally:
+        dec.close()
