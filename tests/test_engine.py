@@ -108,7 +108,7 @@ def test_prefill_matches_transformers(pair):
 
 def test_batched_forward_of_slots_with_different_lengths(pair):
     e = pair.engine
-    seqs = [pair.tokens(n) for n in (30, 17, 26, 12)]
+    seqs = [pair.tokens(n) for n in (30, 24, 26, 12)]
     cached = [6, 13, 20, 1]           # prefilled lengths: all different
     counts = [5, 1, 3, 8]             # tokens in the batched step: all different
     slots = [pair.fresh()] + [e.allocate() for _ in seqs[1:]]
@@ -131,7 +131,9 @@ def test_batched_forward_of_slots_with_different_lengths(pair):
     out = e.forward(sub, [[a[la]], b[lb:lb + 2]])
     assert_close(out[0], pair.ref(a[:la + 1])[la:], "subset batch, slot 2")
     assert_close(out[1], pair.ref(b[:lb + 2])[lb:], "subset batch, slot 0")
-    assert e.length(slots[1]) == before
+    assert e.length(slots[1]) == before == 18
+    c1 = seqs[1]
+    assert_close(e.forward([slots[1]], [c1[18:20]])[0], pair.ref(c1[:20])[18:], "slot left out of the subset batch")
 
 
 def test_truncate_then_reforward_equals_fresh_computation(pair):

@@ -85,6 +85,7 @@ def sample_decoder(dec: Decoder, params: SamplingParams, mode: str, n: int, seed
             counts[tuple(toks)] += 1
         done += len(ids)
     assert dec.target.active_slots == 0
+    assert dec.draft.drafter.engine.active_slots == 0
     return counts
 
 

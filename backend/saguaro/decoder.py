@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -117,10 +117,12 @@ class Decoder:
             raise SaguaroError(f"decoding_mode={mode} needs a draft model: configure one or use decoding_mode=ar")
         if not prompt:
             raise SaguaroError("the prompt is empty: send at least one token of text")
-        k = self.spec.k if k is None else k
+        # per-request overrides of the configured K, fan-out budget and Saguaro C
+        request_spec = replace(self.spec, k=self.spec.k if k is None else k,
+                               budget=self.spec.budget if budget is None else budget,
+                               saguaro_c=self.spec.saguaro_c if saguaro_c is None else saguaro_c)
         if mode != "ar":
-            SpecConfig(k=k, budget=budget or self.spec.budget, saguaro_c=self.spec.saguaro_c if saguaro_c is None else saguaro_c
-                       ).validate(self.max_draft_len, self.draft.max_branches)
+            request_spec.validate(self.max_draft_len, self.draft.max_branches)
         limit = self.target.max_seq_len
         if len(prompt) + params.max_tokens > limit:
             raise SaguaroError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
@@ -133,10 +135,10 @@ class Decoder:
         slot = self.target.allocate()
         if len(prompt) > 1:
             self.target.forward([slot], [prompt[:-1]], logits=False)
-        self.seqs[seq_id] = Sequence(seq_id, list(prompt), params, mode, 0 if mode == "ar" else k, slot, generator, prompt[-1])
+        k = 0 if mode == "ar" else request_spec.k
+        self.seqs[seq_id] = Sequence(seq_id, list(prompt), params, mode, k, slot, generator, prompt[-1])
         if mode != "ar":
-            self.joins.append(Join(seq_id, list(prompt), params, mode, k, budget or self.spec.budget,
-                                   self.spec.saguaro_c if saguaro_c is None else saguaro_c))
+            self.joins.append(Join(seq_id, list(prompt), params, mode, k, request_spec.budget, request_spec.saguaro_c))
         return seq_id
 
     def abort(self, seq_id: int) -> None:

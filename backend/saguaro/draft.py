@@ -220,12 +220,16 @@ class Drafter:
             eng.truncate(s.slot, len(s.history) - 1)
         glue = eng.forward([s.slot for s in seqs], [s.history[eng.length(s.slot):] + s.spec.tokens for s in seqs])
         parents, visible, first, owners = [], [], [], []
+        fanouts = {}   # one fit per build, shared by sequences with the same (budget, K)
         for s, lg in zip(seqs, glue):
             dist = lg[-(s.k + 1):]                      # L_0..L_K
             top1 = dist.argmax(-1).tolist()
             for tok, nxt in zip([s.history[-1]] + s.spec.tokens, top1):
                 self.top_next[tok] = nxt
-            s.fanout = self.fit.fanout(s.budget, s.k, self.spec.fanout)
+            key = (s.budget, s.k)
+            if key not in fanouts:
+                fanouts[key] = self.fit.fanout(s.budget, s.k, self.spec.fanout)
+            s.fanout = fanouts[key]
             for j, f in enumerate(s.fanout):
                 if f == 0:
                     continue

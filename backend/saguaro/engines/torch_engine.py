@@ -155,8 +155,10 @@ class _BranchLayout:
 
     def __init__(self, parents, visible, lengths, max_branches, max_depth, device):
         parents, visible = parents.tolist(), visible.tolist()
-        order = list(dict.fromkeys(parents))
-        members = {p: [i for i, q in enumerate(parents) if q == p] for p in order}
+        members: dict[int, list[int]] = {}
+        for i, p in enumerate(parents):          # one pass: O(branches)
+            members.setdefault(p, []).append(i)
+        order = list(members)
         self.groups, self.width = len(order), max(len(m) for m in members.values())
         if self.width > max_branches:
             raise SaguaroError(f"{self.width} branches for one sequence exceed max_branches={max_branches}: lower the fan-out budget")
