@@ -10,6 +10,7 @@ by `load_serving`). It stops, with its stub processes, at session end.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -22,16 +23,18 @@ from saguaro.triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer
 SERVING_MODELS = ("target", "draft", "ssd", "ensemble", "ensemble_sync")
 
 
-def test_repository(root: Path) -> Path:
-    """A copy of model_repository/ under root with fault injection allowed."""
+def test_repository(root: Path, **ssd_params: str) -> Path:
+    """A copy of model_repository/ under root with fault injection allowed and the given `ssd`
+    config parameters changed."""
     repo = root / "model_repository"
     shutil.copytree(DEFAULT_MODEL_REPOSITORY, repo)
     (root / "models").symlink_to(PROJECT_ROOT / "models")
     ssd = repo / "ssd" / "config.pbtxt"
     text = ssd.read_text()
-    assert '"allow_fault_injection" value: { string_value: "false" }' in text
-    ssd.write_text(text.replace('"allow_fault_injection" value: { string_value: "false" }',
-                                '"allow_fault_injection" value: { string_value: "true" }'))
+    for key, value in {"allow_fault_injection": "true", **ssd_params}.items():
+        text, n = re.subn(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
+        assert n == 1, f"ssd config has no parameter {key}"
+    ssd.write_text(text)
     return repo
 
 

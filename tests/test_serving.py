@@ -205,3 +205,15 @@ def test_metrics_count_rounds_tokens_and_cache(serving):
                  "saguaro_accepted_length_count"):
         assert after[name] > before.get(name, 0.0), f"{name} did not move"
     assert after["saguaro_accepted_length_sum"] - before.get("saguaro_accepted_length_sum", 0) == 32
+
+
+def test_bls_transport_serves_the_same_greedy_text(tmp_path, reference):
+    """Rounds can also travel as Triton BLS requests instead of over the engine models' sockets."""
+    from conftest import SERVING_MODELS, test_repository
+    from saguaro.triton_server import TritonServer
+
+    with TritonServer(test_repository(tmp_path, transport="bls"), http_port=0, grpc_port=0, metrics_port=0,
+                      models=list(SERVING_MODELS), log_path=tmp_path / "server.log") as server:
+        for mode in ("ssd", "sd"):
+            out = stream(server, "ensemble", {"text_input": PROMPTS[7], "max_tokens": 32, "stream": True, "decoding_mode": mode})
+            assert out["error"] is None and out["text"] == reference(PROMPTS[7], 32)

@@ -5,7 +5,7 @@
 
 Same models, prompts, K and new-token count for every mode. AR and SD run with the thread count
 (and SD with the K) that makes them fastest here (--threads/--sd-k auto measures it); SSD puts the
-target on core 0 and the draft worker on core 1. Prints one summary line per mode and the SSD
+draft worker on its own core and the target on the rest (prompt prefill uses every core). Prints one summary line per mode and the SSD
 speedup model's prediction (DESIGN §1.2) beside the measurement; writes report.json and a plot.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,8 +42,8 @@ class ModeResult:
     draft_ms: float = 0.0               # per round: drafting the loop waited for (SD) or hidden builds (SSD)
     exposed_draft_ms: float = 0.0       # per round: time the loop waited on the drafter
     backup_ms: float | None = None      # SSD: drafter answer time in rounds with a miss
-    predicted_tokens_per_s: float | None = None
-    extra: dict = field(default_factory=dict)
+    decode_tokens_per_s: float | None = None   # rounds only, prompt prefill excluded
+    predicted_tokens_per_s: float | None = None  # SSD: the speedup model's decode rate
 
 
 def load_prompts(path: Path, limit: int | None) -> list[str]:
@@ -89,6 +89,8 @@ def summarize(mode: str, tps: float, outputs, rounds: list[RoundStats], sums: di
     if not rounds:
         return r
     mean = lambda xs: statistics.fmean(xs) if xs else 0.0
+    decode_ms = sum(x.wall_ms - x.prefill_ms for x in rounds)
+    r.decode_tokens_per_s = 1000.0 * sum(x.tokens for x in rounds) / decode_ms if decode_ms else None
     r.verify_ms = mean([x.verify_ms for x in rounds])
     r.exposed_draft_ms = mean([x.draft_wait_ms for x in rounds])
     r.mean_accepted_len = sum(len(o) for o in outputs) / max(1, sums["seq_rounds"])
@@ -164,6 +166,8 @@ def summary_line(r: ModeResult, ar_tps: float | None) -> str:
         parts += [f"accept={r.acceptance_rate:.3f}", f"accepted_len={r.mean_accepted_len:.2f}"]
     if r.cache_hit_rate is not None:
         parts.append(f"hit_rate={r.cache_hit_rate:.3f}")
+    if r.decode_tokens_per_s:
+        parts.append(f"decode={r.decode_tokens_per_s:.1f}tok/s")
     if r.rounds:
         parts += [f"verify={r.verify_ms:.2f}ms/round", f"draft={r.draft_ms:.2f}ms/round"]
     if r.mode == "ssd":
@@ -239,9 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     trial_ids, trial_params = ids[:2], params.with_(max_tokens=48)
 
     def in_process(mode: str, threads: int, k: int) -> Decoder:
-        cfg = lambda base: EngineConfig(**{**asdict(base), "threads": threads})
-        return build_decoder(cfg(tcfg), cfg(dcfg) if mode == "sd" else None, SpecConfig(**{**asdict(spec), "k": k}),
-                             draft_process=False)
+        return build_decoder(replace(tcfg, threads=threads), replace(dcfg, threads=threads) if mode == "sd" else None,
+                             replace(spec, k=k), draft_process=False)
 
     def trial(mode: str, threads: int, k: int) -> float:
         dec = in_process(mode, threads, k)
@@ -258,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
             results[mode] = ModeResult(mode, tps, outs, threads, args.k)
             continue
         if mode == "ssd":
-            dec = build_decoder(tcfg, dcfg, spec, draft_process=True, pin_cores=True)
+            cores = os.cpu_count() or 1
+            dec = build_decoder(replace(tcfg, prefill_threads=cores), dcfg, spec, draft_process=True,
+                                draft_core=cores - 1 if cores > 1 else None)
             threads, k = 1, args.k
         else:
             ks = [args.k] if mode == "ar" or args.sd_k != "auto" else [2, 3, 4, 5, 6]
@@ -282,10 +287,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(summary_line(r, ar_tps))
     ssd = results.get("ssd")
     if ssd and ssd.predicted_tokens_per_s:
-        print(f"ssd model prediction (DESIGN §1.2, from its measured hit rate, lengths and round times): "
-              f"{ssd.predicted_tokens_per_s:.1f} tok/s; measured/predicted = {ssd.tokens_per_s / ssd.predicted_tokens_per_s:.2f}")
-    if ssd and "sd" in results:
-        print(f"ssd/sd = {ssd.tokens_per_s / results['sd'].tokens_per_s:.2f}x")
+        print(f"ssd decode phase (prefill excluded): measured {ssd.decode_tokens_per_s:.1f} tok/s, speedup model "
+              f"(DESIGN §1.2, from its measured hit rate, lengths and round times) {ssd.predicted_tokens_per_s:.1f} tok/s: "
+              f"measured/predicted = {ssd.decode_tokens_per_s / ssd.predicted_tokens_per_s:.2f}")
+    for base in ("sd", "ar"):
+        if ssd and base in results:
+            b = results[base]
+            decode = (f", decode phase {ssd.decode_tokens_per_s / b.decode_tokens_per_s:.2f}x"
+                      if ssd.decode_tokens_per_s and b.decode_tokens_per_s else "")
+            print(f"ssd/{base} = {ssd.tokens_per_s / b.tokens_per_s:.2f}x end to end{decode}")
     if params.greedy and "ar" in results:
         for m, r in results.items():
             if m != "ar":

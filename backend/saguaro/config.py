@@ -28,6 +28,8 @@ class EngineConfig:
     max_draft_len: int = 8           # largest K a request may ask for
     max_branches: int = 64           # speculation-cache branches per sequence (draft only)
     threads: int = 1                 # intra-op threads on CPU (0: leave torch's default)
+    prefill_threads: int = 0         # threads for prompt prefill (0: same as threads); a prompt is
+                                     # one big matmul-bound forward that all cores can share
 
     def validate(self) -> "EngineConfig":
         if self.engine not in ("torch", "trtllm"):
@@ -41,8 +43,8 @@ class EngineConfig:
 @dataclass(frozen=True)
 class SpecConfig:
     """How speculation is done. K may be overridden per request up to the engines' max_draft_len."""
-    k: int = 4                       # draft tokens per round
-    budget: int = 16                 # B: speculation-cache branches per sequence per round
+    k: int = 3                       # draft tokens per round
+    budget: int = 8                  # B: speculation-cache branches per sequence per round
     fanout: str = "geometric"        # geometric (DESIGN §1.1) | uniform
     accept_rate: float | None = None  # a; None: fitted online from observed rounds
     power: float | None = None       # r in 1 - p_hit(F) = F^-r; None: fitted online

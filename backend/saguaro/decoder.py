@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from saguaro.config import MODES, SamplingParams, SpecConfig
-from saguaro.draft import DraftReply, DraftRound, Join, Outcome, Speculation
+from saguaro.draft import CacheKeys, DraftReply, DraftRound, Join, Outcome, PendingRound, Speculation
 from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure, SaguaroError
 from saguaro.sampling import probs, verify_greedy, verify_sampled
@@ -30,7 +30,7 @@ class DraftClient(Protocol):
     max_draft_len: int
     max_branches: int
 
-    def step(self, rnd: DraftRound) -> DraftReply: ...
+    def start(self, rnd: DraftRound) -> PendingRound: ...
     def reset(self) -> None: ...
     def close(self) -> None: ...
 
@@ -55,6 +55,7 @@ class Sequence:
     slot: int
     generator: torch.Generator | None
     pending: int                     # last committed token: not yet in the target's KV
+    prefilled: bool = False          # the prompt is in the target's KV (done in the first round)
     output: list[int] = field(default_factory=list)
     spec: Speculation | None = None
     finish_reason: str | None = None  # length | stop | aborted
@@ -88,6 +89,8 @@ class RoundStats:
     drafted: int = 0                 # draft tokens verified this round, all sequences
     accepted: int = 0
     emitted: list[int] = field(default_factory=list)   # tokens per sequence (bonus included)
+    prefill_ms: float = 0.0          # target prefill of sequences that joined this round
+    wall_ms: float = 0.0             # the whole round, prefill included
 
 
 class Decoder:
@@ -105,6 +108,7 @@ class Decoder:
         self.leaves: list[int] = []
         self.last_verify_ms = 0.0
         self.draft_slots = 0             # draft KV slots in use, as of the drafter's last answer
+        self.caches: CacheKeys = {}      # the drafter's pre-drafted speculations for the next outcomes
         self.history: list[RoundStats] = []
 
     # -- requests -------------------------------------------------------------------------------
@@ -133,8 +137,6 @@ class Decoder:
             generator = torch.Generator()
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         slot = self.target.allocate()
-        if len(prompt) > 1:
-            self.target.forward([slot], [prompt[:-1]], logits=False)
         k = 0 if mode == "ar" else request_spec.k
         self.seqs[seq_id] = Sequence(seq_id, list(prompt), params, mode, k, slot, generator, prompt[-1])
         if mode != "ar":
@@ -157,36 +159,73 @@ class Decoder:
     def step(self) -> list[Event]:
         if not self.seqs:
             return []
-        wait_ms, reply = self._exchange_with_drafter()
+        t_round = time.perf_counter()
+        pending = self._start_draft_round()
         seqs = list(self.seqs.values())
+        self._prefill([s for s in seqs if not s.prefilled])   # while the drafter prefills the draft
+        prefill_ms = (time.perf_counter() - t_round) * 1e3
+        reply, waited = None, 0.0
+        if pending and any(s.mode != "ar" and s.spec is None for s in seqs):
+            reply, waited = self._await(pending.reply)      # misses, joins, SD: drafted for this round
+            pending = pending if reply is not None else None
         t0 = time.perf_counter()
+        starts = [self.target.length(s.slot) for s in seqs]
         logits = self.target.forward([s.slot for s in seqs], [[s.pending] + self._spec_tokens(s) for s in seqs])
-        events = [self._verify(s, lg) for s, lg in zip(seqs, logits)]
-        self.last_verify_ms = (time.perf_counter() - t0) * 1e3
+        verify_ms = (time.perf_counter() - t0) * 1e3
+        if pending and reply is None:   # all hits: the answer (q's for sampling) came during the forward
+            reply, w = self._await(pending.reply)
+            waited += w
+        if pending and reply is not None:
+            caches, w = self._await(pending.caches)       # built during the forward
+            self.caches, waited = caches or {}, waited + w
+        t0 = time.perf_counter()
+        events = [self._verify(s, lg, start) for s, lg, start in zip(seqs, logits, starts)]
+        self.last_verify_ms = verify_ms + (time.perf_counter() - t0) * 1e3
         hits = sum(reply.hits.values()) if reply else 0
         self.history.append(RoundStats(
-            len(seqs), sum(len(e.tokens) for e in events), self.last_verify_ms, wait_ms,
+            len(seqs), sum(len(e.tokens) for e in events), self.last_verify_ms, waited,
             reply.draft_ms if reply else 0.0, reply.build_ms if reply else 0.0,
             hits, len(reply.hits) - hits if reply else 0, reply.backup if reply else "",
             any(s.stats.degraded for s in seqs), sum(e.drafted for e in events), sum(e.accepted for e in events),
-            [len(e.tokens) for e in events]))
+            [len(e.tokens) for e in events], prefill_ms))
         self._flush_leaves()
+        self.history[-1].wall_ms = (time.perf_counter() - t_round) * 1e3
         return events
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            if len(s.prompt) > 1:
+                self.target.forward([s.slot], [s.prompt[:-1]], logits=False)
+            s.prefilled = True
 
     def _spec_tokens(self, s: Sequence) -> list[int]:
         return s.spec.tokens[: s.k] if s.spec is not None and s.k else []
 
-    def _exchange_with_drafter(self) -> tuple[float, DraftReply | None]:
+    def _start_draft_round(self) -> PendingRound | None:
         if self.draft is None or not (self.joins or self.outcomes or self.leaves):
-            return 0.0, None
+            return None
         rnd = DraftRound(self.joins, self.outcomes, self.leaves, self.last_verify_ms)
         self.joins, self.outcomes, self.leaves = [], [], []
-        t0 = time.perf_counter()
         try:
-            reply = self.draft.step(rnd)
+            return self.draft.start(rnd)
         except DraftFailure:
             self._degrade()
-            return (time.perf_counter() - t0) * 1e3, None
+            return None
+
+    def _await(self, answer):
+        """An answer from the drafter (a reply is applied to the sequences) and the ms spent
+        waiting for it; None after a failure."""
+        t0 = time.perf_counter()
+        try:
+            value = answer()
+        except DraftFailure:
+            self._degrade()
+            value = None
+        if isinstance(value, DraftReply):
+            self._apply(value)
+        return value, (time.perf_counter() - t0) * 1e3
+
+    def _apply(self, reply: DraftReply) -> None:
         self.draft_slots = reply.active_slots
         for seq_id, spec in reply.specs.items():
             if seq_id in self.seqs:
@@ -196,7 +235,6 @@ class Decoder:
                 st = self.seqs[seq_id].stats
                 st.cache_hits += hit
                 st.cache_misses += not hit
-        return (time.perf_counter() - t0) * 1e3, reply
 
     def _degrade(self) -> None:
         """Finish every speculative sequence on the target alone: same distribution, same greedy
@@ -211,8 +249,8 @@ class Decoder:
             pass
         self.draft_slots = 0
 
-    def _verify(self, s: Sequence, logits: torch.Tensor) -> Event:
-        draft = self._spec_tokens(s)
+    def _verify(self, s: Sequence, logits: torch.Tensor, start: int) -> Event:
+        draft = self._spec_tokens(s)   # empty if the drafter failed after the forward: an AR step
         if s.params.greedy:
             k, bonus = verify_greedy(logits, draft)
         else:
@@ -223,11 +261,14 @@ class Decoder:
         st.rounds, st.drafted, st.accepted = st.rounds + 1, st.drafted + len(draft), st.accepted + k
         new = self._apply_stops(s, new)
         s.output.extend(new)
-        self.target.truncate(s.slot, self.target.length(s.slot) - len(draft) + k)
+        self.target.truncate(s.slot, start + 1 + k)       # keep the pending token and the accepted ones
         s.pending = bonus
+        event = Event(s.seq_id, new, s.finish_reason, st, s.spec.source if draft else "ar", len(draft), k)
         if s.finish_reason is None and s.mode != "ar":
             self.outcomes.append(Outcome(s.seq_id, k, draft[:k] + [bonus]))
-        event = Event(s.seq_id, new, s.finish_reason, st, s.spec.source if draft else "ar", len(draft), k)
+            # SSD: the next speculation, if the drafter pre-drafted this outcome (else it sends one)
+            tokens = self.caches.get(s.seq_id, {}).get((k, bonus)) if s.mode == "ssd" else None
+            s.spec = Speculation(tokens, None, "cache") if tokens else None
         if s.finish_reason is not None:
             self._finish(s)
         return event
@@ -257,7 +298,9 @@ class Decoder:
     def _flush_leaves(self) -> None:
         # With no round left to carry them, tell the drafter now so its slots are freed.
         if not self.seqs and self.draft is not None and self.leaves:
-            self._exchange_with_drafter()
+            pending = self._start_draft_round()
+            self._await(pending.reply)
+            self._await(pending.caches)
 
     # -- convenience ----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams(), mode: str = "ssd",
@@ -279,3 +322,4 @@ class Decoder:
 
 def _ends_with(tokens: list[int], stop: tuple[int, ...]) -> bool:
     return len(stop) > 0 and tuple(tokens[-len(stop):]) == tuple(stop)
+

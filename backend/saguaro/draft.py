@@ -1,21 +1,26 @@
 """The draft side of speculative decoding: drafting (SD), and for SSD the speculation cache built
 while the target verifies, its lookup, and the backups on a miss (DESIGN §1).
 
-The decoder talks to a Drafter only through `DraftRound` -> `DraftReply`, one exchange per round,
-so the same Drafter runs in-process (`LocalDraft`), in a worker process (draft_worker.py) or in
-Triton's `draft` model. After answering a round the Drafter builds the SSD caches for it
-(`build`): in a worker that runs while the target verifies, which is the point of SSD.
+The decoder talks to a Drafter through one message per round, `DraftRound`, answered twice:
+first a `DraftReply` (this round's speculations: cache hits, backups for misses, SD drafts), then,
+once built, the `CacheKeys` of the next round (SSD). The decoder looks its next outcome up in
+those keys itself, so on a hit it starts verifying without waiting for the first answer at all
+(it reads it after the target forward, for the q's that sampled verification needs). The same
+Drafter runs in-process (`LocalDraft`), in a worker process (draft_worker.py) or in Triton's
+`draft` model: there the cache build runs while the target verifies, which is the point of SSD.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
 from saguaro.backup import matched_prefix, ngram_proposal
 from saguaro.config import SamplingParams, SpecConfig
 from saguaro.engines.base import Engine
+from saguaro.errors import DraftFailure
 from saguaro.fanout import FanoutFit, backup_threshold, expected_tokens
 from saguaro.sampling import one_hot, probs, sample, saguaro
 
@@ -62,6 +67,29 @@ class DraftReply:
     draft_ms: float                  # time spent producing the answer (lookups, backups, SD drafting)
     build_ms: float                  # time the previous round's cache build took
     active_slots: int                # draft KV slots in use (0 once every request has left)
+
+
+# Per sequence: outcome (accepted k, bonus token) -> the K speculation tokens pre-drafted for it.
+CacheKeys = dict[int, dict[tuple[int, int], list[int]]]
+
+
+class PendingRound:
+    """A draft round in flight: its reply, then the next round's cache keys, read when needed."""
+
+    def __init__(self, answers: Iterator):
+        self._answers, self._reply = answers, None
+
+    def reply(self) -> DraftReply:
+        if self._reply is None:
+            try:
+                self._reply = next(self._answers)
+            except StopIteration:
+                raise DraftFailure("the drafter closed the round without answering") from None
+        return self._reply
+
+    def caches(self) -> CacheKeys:
+        self.reply()
+        return next(self._answers, {})
 
 
 @dataclass
@@ -121,14 +149,21 @@ class Drafter:
             self.hit_rate = _ema(self.hit_rate, sum(hits.values()) / len(hits), 0.05)
         return DraftReply(specs, hits, backup, (time.perf_counter() - t0) * 1e3, self.build_ms, self.engine.active_slots)
 
-    def build(self) -> None:
+    def build(self) -> CacheKeys:
         """Pre-draft the likely next speculations for every SSD sequence answered last step."""
         if not self.to_build:
-            return
+            return {}
         t = time.perf_counter()
-        self._build_caches([self.seqs[i] for i in self.to_build])
+        seqs = {i: self.seqs[i] for i in self.to_build}
+        self._build_caches(list(seqs.values()))
         self.to_build = []
         self.build_ms = _ema(self.build_ms, (time.perf_counter() - t) * 1e3)
+        return {i: {key: spec.tokens for key, spec in s.cache.items()} for i, s in seqs.items()}
+
+    def answer(self, rnd: DraftRound) -> Iterator:
+        """The two answers to a round: the reply, then (after building) the next cache keys."""
+        yield self.step(rnd)
+        yield self.build()
 
     # -- sequences ------------------------------------------------------------------------------
     def _join(self, j: Join) -> None:
@@ -273,17 +308,16 @@ def _ema(old: float, new: float, w: float = 0.1) -> float:
 
 
 class LocalDraft:
-    """The Drafter in this process: no overlap (SD, tests, the statistical exactness check)."""
+    """The Drafter in this process: builds when the caches are asked for, so nothing overlaps
+    (SD, tests, the statistical exactness check)."""
 
     def __init__(self, drafter: Drafter):
         self.drafter = drafter
         e = drafter.engine
         self.vocab_size, self.max_draft_len, self.max_branches = e.vocab_size, e.max_draft_len, e.max_branches
 
-    def step(self, rnd: DraftRound) -> DraftReply:
-        reply = self.drafter.step(rnd)
-        self.drafter.build()
-        return reply
+    def start(self, rnd: DraftRound) -> PendingRound:
+        return PendingRound(self.drafter.answer(rnd))
 
     def reset(self) -> None:
         self.drafter.release_all()

@@ -1,25 +1,82 @@
 """Engines and drafters in another process, behind the same interfaces as local ones.
 
-Messages are plain picklable objects (our own models on both ends):
-  ssd --BLS--> target: EngineServer.handle({"op": "forward", ...})  <- RemoteEngine is its client
-  ssd --BLS--> draft:  DraftServer.handle(DraftRound) -> DraftReply  <- RemoteDraft is its client
-The draft side builds the next speculation caches after its answer has been sent (Triton's
-`draft` model after responding; the library's worker process after replying on its pipe).
-q tensors travel as numpy arrays: torch's own pickling would route them through shared-memory
-files, which costs more than the copy.
+Messages are plain picklable objects (our own code on both ends):
+  ssd -> target: EngineServer.handle({"op": "forward", ...})   <- RemoteEngine is its client
+  ssd -> draft:  DraftServer.handle(DraftRound) -> DraftReply, then the next cache keys
+                                                               <- RemoteDraft is its client
+A handler yields its answers; the draft's second answer comes after the cache build, which runs
+while the caller verifies. Transports: a multiprocessing connection (`serve_wire` on one end,
+`WireClient` on the other: the library's worker pipe and, in Triton, a Unix socket between the
+model processes, 0.1 ms a round trip), or Triton BLS (triton_glue.bls_call). q tensors travel as
+numpy arrays: torch's own pickling would route them through shared-memory files.
 """
 from __future__ import annotations
 
 import pickle
+import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from saguaro.draft import Drafter, DraftReply, DraftRound
+from saguaro.draft import Drafter, DraftRound, PendingRound
 from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure, SaguaroError
+
+
+def serve_wire(conn, handle: Callable[[object], Iterator]) -> None:
+    """Answer messages on a connection until it closes or sends None: each answer as soon as the
+    handler yields it, then an end marker; a failure as one error answer."""
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        try:
+            for answer in handle(msg):
+                conn.send(("ok", answer))
+            conn.send(("end", None))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+class WireClient:
+    """call(msg) -> iterator of the answers from a serve_wire peer, read as they arrive. A reply
+    missing for timeout_s, or a closed connection, raises DraftFailure after `on_broken()` (which
+    may replace the peer: its state is gone)."""
+
+    def __init__(self, conn, timeout_s: float, on_broken: Callable[[], None] = lambda: None):
+        self.conn, self.timeout_s, self.on_broken = conn, timeout_s, on_broken
+        self.open = False            # answers of the last call not read yet
+
+    def __call__(self, msg) -> Iterator:
+        while self.open:             # what the previous caller left unread, up to its end marker
+            self.open = self._recv()[0] == "ok"
+        self.conn.send(msg)
+        self.open = True
+        return self._answers()
+
+    def _answers(self) -> Iterator:
+        while self.open:
+            status, answer = self._recv()
+            self.open = status == "ok"
+            if status == "error":
+                raise DraftFailure(f"remote failure: {answer}")
+            if status == "ok":
+                yield answer
+
+    def _recv(self):
+        try:
+            if not self.conn.poll(self.timeout_s):
+                raise TimeoutError(f"no answer within {self.timeout_s} s")
+            return self.conn.recv()
+        except (EOFError, OSError, TimeoutError) as e:
+            self.open = False
+            self.on_broken()
+            raise DraftFailure(f"remote peer failed: {e}") from e
 
 
 def encode(obj) -> np.ndarray:
@@ -37,26 +94,29 @@ class EngineServer:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def handle(self, msg: dict):
+    def handle(self, msg: dict) -> Iterator:
+        """One answer per message (a generator, like DraftServer.handle, for the same transports)."""
         e = self.engine
         if msg["op"] == "info":
-            return {"vocab_size": e.vocab_size, "max_seq_len": e.max_seq_len, "max_slots": e.max_slots,
-                    "max_draft_len": e.max_draft_len}
-        if msg["op"] == "forward":
+            yield {"vocab_size": e.vocab_size, "max_seq_len": e.max_seq_len, "max_slots": e.max_slots,
+                   "max_draft_len": e.max_draft_len}
+        elif msg["op"] == "forward":
             for slot, start in zip(msg["slots"], msg["starts"]):
                 e.truncate(slot, start)
             out = e.forward(msg["slots"], msg["tokens"], msg.get("logits", True))
-            return [x.numpy() for x in out]
-        raise SaguaroError(f"unknown engine op {msg['op']!r}")
+            yield [x.numpy() for x in out]
+        else:
+            raise SaguaroError(f"unknown engine op {msg['op']!r}")
 
 
 class RemoteEngine(Engine):
-    """The Engine interface over a call to an EngineServer in another process. Slot bookkeeping
+    """The Engine interface over call(msg) -> iterator of replies (one) to an EngineServer in
+    another process (Triton's `target` model). Slot bookkeeping
     is local: each forward carries every slot's length, so rollback and release cost no call."""
 
     def __init__(self, call: Callable[[object], object]):
         self.call = call
-        info = call({"op": "info"})
+        info = next(call({"op": "info"}))
         self.vocab_size, self.max_seq_len = info["vocab_size"], info["max_seq_len"]
         self.max_slots, self.max_draft_len, self.max_branches = info["max_slots"], info["max_draft_len"], 0
         self.lengths = [0] * self.max_slots
@@ -84,8 +144,8 @@ class RemoteEngine(Engine):
         self.lengths[slot] = min(self.lengths[slot], length)
 
     def forward(self, slots, tokens, logits: bool = True):
-        out = self.call({"op": "forward", "slots": slots, "starts": [self.lengths[s] for s in slots],
-                         "tokens": tokens, "logits": logits})
+        out = next(self.call({"op": "forward", "slots": slots, "starts": [self.lengths[s] for s in slots],
+                         "tokens": tokens, "logits": logits}))
         for s, t in zip(slots, tokens):
             self.lengths[s] += len(t)
         return [torch.from_numpy(x) for x in out]
@@ -95,54 +155,71 @@ class RemoteEngine(Engine):
 
 
 class DraftServer:
-    """The `draft` model's side: a Drafter answering rounds; `build()` after the answer is sent."""
+    """The `draft` model's side: a Drafter answering rounds. `handle` yields the answers to one
+    message; for a round the second (the cache keys) comes after the build, so the caller's
+    transport must send the first as soon as it is yielded."""
 
     def __init__(self, drafter: Drafter):
         self.drafter = drafter
 
-    def handle(self, msg):
+    def handle(self, msg) -> Iterator:
         d = self.drafter
         if msg == "info":
             e = d.engine
-            return {"vocab_size": e.vocab_size, "max_draft_len": e.max_draft_len, "max_branches": e.max_branches}
-        if msg == "reset":
+            yield {"vocab_size": e.vocab_size, "max_draft_len": e.max_draft_len, "max_branches": e.max_branches}
+        elif msg == "reset":
             d.release_all()
-            return "ok"
-        if msg.inject_fault:
+            yield "ok"
+        elif msg.inject_fault:
             raise RuntimeError("injected draft fault (test switch)")
-        reply = d.step(msg)
-        for spec in reply.specs.values():
-            if spec.q is not None:
-                spec.q = spec.q.numpy()
-        return reply
+        else:
+            answers = d.answer(msg)
+            reply = next(answers)
+            for spec in reply.specs.values():
+                if spec.q is not None:
+                    spec.q = spec.q.numpy()
+            yield reply
+            yield from answers
 
 
 @dataclass
 class RemoteDraft:
-    """DraftClient over a call to a DraftServer in another process (Triton's `draft` model)."""
-    call: Callable[[object], object]
+    """DraftClient over a DraftServer in another process (Triton's `draft` model, the library's
+    worker): call(msg) yields the server's answers, in order, as they arrive."""
+    call: Callable[[object], Iterator]
     inject_fault: bool = False           # test switch: the next round makes the draft raise
     vocab_size: int = field(init=False)
     max_draft_len: int = field(init=False)
     max_branches: int = field(init=False)
 
     def __post_init__(self):
-        info = self.call("info")
+        info = next(self.call("info"))
         self.vocab_size, self.max_draft_len, self.max_branches = info["vocab_size"], info["max_draft_len"], info["max_branches"]
 
-    def step(self, rnd: DraftRound) -> DraftReply:
+    def start(self, rnd: DraftRound) -> PendingRound:
+        """Sends the round now (so the drafter works while the caller verifies)."""
         rnd.inject_fault, self.inject_fault = self.inject_fault, False
         try:
-            reply = self.call(rnd)
+            answers = self.call(rnd)
         except Exception as e:
             raise DraftFailure(str(e)) from e
-        for spec in reply.specs.values():
-            if spec.q is not None:
-                spec.q = torch.from_numpy(spec.q)
-        return reply
+        return PendingRound(self._answers(answers))
+
+    def _answers(self, answers: Iterator) -> Iterator:
+        try:
+            reply = next(answers)
+            for spec in reply.specs.values():
+                if spec.q is not None:
+                    spec.q = torch.from_numpy(spec.q)
+            yield reply
+            yield next(answers, {})
+        except DraftFailure:
+            raise
+        except Exception as e:
+            raise DraftFailure(str(e)) from e
 
     def reset(self) -> None:
-        self.call("reset")
+        next(self.call("reset"))
 
     def close(self) -> None:
         try:

@@ -200,6 +200,7 @@ def summarize_run(mode: str, csv_path: Path, export_path: Path, deltas: dict[str
 def run_point(a: argparse.Namespace, mode: str, concurrency: int, input_path: Path, n_prompts: int) -> Row:
     stem = a.out / f"{mode}_c{concurrency}"
     csv_path, export_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    export_path.unlink(missing_ok=True)   # perf_analyzer refuses to overwrite an export (a re-run into --out)
     cmd = [str(PERF_ANALYZER), "-m", a.model, "-u", a.url, "-i", "grpc", "--async", "--streaming",
            "--concurrency-range", str(concurrency), "--input-data", str(input_path),
            "-f", str(csv_path), "--profile-export-file", str(export_path)]

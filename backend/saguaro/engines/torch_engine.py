@@ -90,8 +90,15 @@ class TorchEngine(Engine):
             view = self._single_slot_view(slots[0], starts[0], width)
         else:
             view = self._gather_view(torch.tensor(slots, device=self.device), pos, end)
-        out = self.model(tok.to(self.device), self.cos[pos], self.sin[pos], view,
-                         logits_from=0 if logits else width)
+        wide = self.cfg.device == "cpu" and not logits and self.cfg.prefill_threads > max(self.cfg.threads, 0)
+        if wide:
+            torch.set_num_threads(self.cfg.prefill_threads)
+        try:
+            out = self.model(tok.to(self.device), self.cos[pos], self.sin[pos], view,
+                             logits_from=0 if logits else width)
+        finally:
+            if wide:
+                torch.set_num_threads(self.cfg.threads)
         for s, start, n in zip(slots, starts, counts):
             self.lengths[s] = start + n
         return [out[i, :n] for i, n in enumerate(counts)] if logits else []

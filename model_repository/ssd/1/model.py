@@ -1,5 +1,7 @@
 """SSD orchestrator: requests in, decoding rounds in saguaro.serving.ServingLoop, responses out.
 Decoding logic: saguaro/decoder.py; request rules: saguaro/serving.py."""
+import sys
+
 import triton_python_backend_utils as pb_utils
 
 from saguaro.config import SpecConfig
@@ -10,7 +12,7 @@ from saguaro.remote import RemoteDraft, RemoteEngine
 from saguaro.serving import Channel, ServeLimits, ServingLoop, parse_request
 from saguaro.text import load_tokenizer
 from saguaro.triton_glue import (Metrics, bls_call, error_response, inputs_of, model_params, resolve_repo_path,
-                                 response, sibling_params)
+                                 response, sibling_params, socket_call)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -35,6 +37,9 @@ class TritonChannel(Channel):
 
 class TritonPythonModel:
     def initialize(self, args):
+        # The round loop runs on its own thread beside the stub's: hand the GIL over within 0.1 ms,
+        # not Python's default 5 ms, or every BLS call can wait that long to be sent or read.
+        sys.setswitchinterval(1e-4)
         p = model_params(args)
         target, draft = sibling_params(args, "target"), sibling_params(args, "draft")
         max_draft_len = min(int(target.get("max_draft_len", 8)), int(draft.get("max_draft_len", 8)))
@@ -50,8 +55,12 @@ class TritonPythonModel:
         self.metrics = Metrics(pb_utils)
 
         def make_decoder():   # on the loop thread, at the first request: the engine models are up by then
-            return Decoder(RemoteEngine(bls_call(pb_utils, "target", decoupled=False)),
-                           RemoteDraft(bls_call(pb_utils, "draft", decoupled=True, timeout_s=spec.draft_timeout_s)), spec)
+            if p.get("transport", "socket") == "bls":
+                target_call = bls_call(pb_utils, "target", decoupled=False)
+                draft_call = bls_call(pb_utils, "draft", decoupled=True, timeout_s=spec.draft_timeout_s)
+            else:
+                target_call, draft_call = socket_call("target", 600.0), socket_call("draft", spec.draft_timeout_s)
+            return Decoder(RemoteEngine(target_call), RemoteDraft(draft_call), spec)
 
         self.loop = ServingLoop(make_decoder, self.metrics.update)
 
