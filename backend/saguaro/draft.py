@@ -284,7 +284,8 @@ class Drafter:
             rows_of.setdefault(id(s), []).append(n)
         k_max = max(s.k for s in seqs)
         drafted = torch.zeros(len(parents), k_max, dtype=torch.long)
-        qs: list[list[torch.Tensor | None]] = [[None] * k_max for _ in parents]
+        sampled = any(not s.params.greedy for s in seqs)
+        qs = torch.empty(len(parents), k_max, eng.vocab_size) if sampled else None   # q rows, per branch and depth
         for depth in range(k_max):
             logits = eng.branch_step(parents_t, visible_t, feed, depth)
             for s in seqs:
@@ -294,12 +295,11 @@ class Drafter:
                 tok, q = self._choose(s, logits[rows], s.fanout[depth])
                 drafted[rows, depth] = tok
                 if q is not None:
-                    for r, qr in zip(rows, q):
-                        qs[r][depth] = qr
+                    qs[rows, depth] = q
             feed = drafted[:, depth]
         drafted_l = drafted.tolist()
         for n, (s, j, c) in enumerate(owners):
-            q = None if s.params.greedy else torch.stack(qs[n][: s.k])
+            q = None if s.params.greedy else qs[n, : s.k]
             s.cache[(j, c)] = Speculation(drafted_l[n][: s.k], q, "cache")
 
 
