@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from saguaro.config import SpecConfig
 from saguaro.errors import SaguaroError
 from saguaro.pair import PairInfo, validate_pair
 
@@ -56,7 +57,7 @@ class BuildOptions:
     max_input_len: int | None = None        # longest prompt; default max_seq_len // 2
     max_seq_len: int | None = None          # default min(both contexts, 4096)
     max_draft_len: int = 8
-    num_draft_tokens: int = 4
+    num_draft_tokens: int = SpecConfig.k
     max_branches: int = 64
     draft_tokens_external: bool = False     # also let NVIDIA's tensorrt_llm_bls drive the target engine
     trtllm_examples: str = TRTLLM_EXAMPLES
@@ -135,14 +136,15 @@ def fill_model_repository(repository: str | Path, params: dict[str, dict[str, st
 
 def repository_parameters(opts: BuildOptions, target: Path, draft: Path, tokenizer_dir: Path,
                           max_input_len: int, max_seq_len: int) -> dict[str, dict[str, str]]:
+    """The config.pbtxt parameters each model of the repository reads (see model_repository/)."""
     engine = {"engine": opts.backend, "max_seq_len": str(max_seq_len), "max_draft_len": str(opts.max_draft_len),
               "max_slots": str(opts.max_batch_size)}
     return {
         "target": {**engine, "checkpoint": str(target)},
         "draft": {**engine, "checkpoint": str(draft), "max_branches": str(opts.max_branches)},
-        "ssd": {"num_draft_tokens": str(opts.num_draft_tokens), "max_draft_len": str(opts.max_draft_len),
-                "max_input_len": str(max_input_len), "max_seq_len": str(max_seq_len)},
-        "preprocessing": {"tokenizer_dir": str(tokenizer_dir), "max_input_len": str(max_input_len)},
+        "ssd": {"num_draft_tokens": str(opts.num_draft_tokens), "max_input_len": str(max_input_len),
+                "tokenizer_dir": str(tokenizer_dir)},
+        "preprocessing": {"tokenizer_dir": str(tokenizer_dir)},
         "postprocessing": {"tokenizer_dir": str(tokenizer_dir)},
     }
 

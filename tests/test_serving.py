@@ -217,3 +217,20 @@ def test_bls_transport_serves_the_same_greedy_text(tmp_path, reference):
         for mode in ("ssd", "sd"):
             out = stream(server, "ensemble", {"text_input": PROMPTS[7], "max_tokens": 32, "stream": True, "decoding_mode": mode})
             assert out["error"] is None and out["text"] == reference(PROMPTS[7], 32)
+
+
+def test_server_serves_a_torch_build_of_the_pair(tmp_path, reference):
+    """build_engines --backend torch writes checkpoints and fills the repository; the server then
+    serves from them with no hand edits."""
+    from build_engines.build import build_torch
+    from conftest import SERVING_MODELS, test_repository
+    from saguaro.config import DEMO_DRAFT, DEMO_TARGET
+    from saguaro.triton_server import TritonServer
+
+    repo = test_repository(tmp_path)
+    result = build_torch(DEMO_TARGET, DEMO_DRAFT, tmp_path / "engines", onnx=False, model_repository=str(repo))
+    assert f'string_value: "{result.target}"' in (repo / "target" / "config.pbtxt").read_text()
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, models=list(SERVING_MODELS),
+                      log_path=tmp_path / "server.log") as server:
+        out = stream(server, "ensemble", {"text_input": PROMPTS[7], "max_tokens": 32, "stream": True})
+        assert out["error"] is None and out["text"] == reference(PROMPTS[7], 32)

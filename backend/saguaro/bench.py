@@ -186,7 +186,7 @@ def plot(results: dict[str, ModeResult], path: Path) -> None:
     tps = [results[m].tokens_per_s for m in modes]
     bars = a1.bar(modes, tps, color=["#888", "#4a90d9", "#2a9d4a", "#c77"][: len(modes)])
     if "ssd" in results and results["ssd"].predicted_tokens_per_s:
-        a1.axhline(results["ssd"].predicted_tokens_per_s, ls="--", c="#2a9d4a", lw=1, label="SSD model prediction")
+        a1.axhline(results["ssd"].predicted_tokens_per_s, ls="--", c="#2a9d4a", lw=1, label="SSD speedup model (decode phase; bars include prefill)")
         a1.legend(loc="lower right")
     base = results["ar"].tokens_per_s if "ar" in results else None
     for b, v in zip(bars, tps):

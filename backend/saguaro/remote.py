@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from saguaro.draft import Drafter, DraftRound, PendingRound
-from saguaro.engines.base import Engine
+from saguaro.engines.base import Engine, SlotTable
 from saguaro.errors import DraftFailure, SaguaroError
 
 
@@ -109,7 +109,7 @@ class EngineServer:
             raise SaguaroError(f"unknown engine op {msg['op']!r}")
 
 
-class RemoteEngine(Engine):
+class RemoteEngine(SlotTable, Engine):
     """The Engine interface over call(msg) -> iterator of replies (one) to an EngineServer in
     another process (Triton's `target` model). Slot bookkeeping
     is local: each forward carries every slot's length, so rollback and release cost no call."""
@@ -118,30 +118,8 @@ class RemoteEngine(Engine):
         self.call = call
         info = next(call({"op": "info"}))
         self.vocab_size, self.max_seq_len = info["vocab_size"], info["max_seq_len"]
-        self.max_slots, self.max_draft_len, self.max_branches = info["max_slots"], info["max_draft_len"], 0
-        self.lengths = [0] * self.max_slots
-        self.free = list(range(self.max_slots - 1, -1, -1))
-
-    def allocate(self) -> int:
-        if not self.free:
-            raise SaguaroError(f"all {self.max_slots} target KV slots are in use: raise max_slots or retry later")
-        slot = self.free.pop()
-        self.lengths[slot] = 0
-        return slot
-
-    def release(self, slot: int) -> None:
-        if slot not in self.free:
-            self.free.append(slot)
-
-    @property
-    def active_slots(self) -> int:
-        return self.max_slots - len(self.free)
-
-    def length(self, slot: int) -> int:
-        return self.lengths[slot]
-
-    def truncate(self, slot: int, length: int) -> None:
-        self.lengths[slot] = min(self.lengths[slot], length)
+        self.max_draft_len, self.max_branches = info["max_draft_len"], 0
+        self.init_slots(info["max_slots"])
 
     def forward(self, slots, tokens, logits: bool = True):
         out = next(self.call({"op": "forward", "slots": slots, "starts": [self.lengths[s] for s in slots],

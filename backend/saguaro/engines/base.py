@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from saguaro.errors import SaguaroError
+
 
 class Engine(ABC):
     vocab_size: int
@@ -59,3 +61,34 @@ class Engine(ABC):
     def active_slots(self) -> int:
         """Slots currently allocated (0 when every request has released what it held)."""
         raise NotImplementedError
+
+
+class SlotTable:
+    """Slot bookkeeping for engines whose slot state is a length: which slots are free and how many
+    positions each holds. Rollback is just a shorter length (later writes overwrite the rest)."""
+
+    def init_slots(self, max_slots: int) -> None:
+        self.max_slots = max_slots
+        self.lengths = [0] * max_slots
+        self.free = list(range(max_slots - 1, -1, -1))
+
+    def allocate(self) -> int:
+        if not self.free:
+            raise SaguaroError(f"all {self.max_slots} KV slots are in use: raise max_slots or retry when requests finish")
+        slot = self.free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot not in self.free:
+            self.free.append(slot)
+
+    @property
+    def active_slots(self) -> int:
+        return self.max_slots - len(self.free)
+
+    def length(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def truncate(self, slot: int, length: int) -> None:
+        self.lengths[slot] = min(self.lengths[slot], length)

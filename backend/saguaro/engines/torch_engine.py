@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from saguaro.config import EngineConfig
-from saguaro.engines.base import Engine
+from saguaro.engines.base import Engine, SlotTable
 from saguaro.errors import SaguaroError
 from saguaro.model import CacheView, Transformer, rope_tables
 
@@ -25,7 +25,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         raise SaguaroError(f"dtype={dtype!r}: use auto, float32, bfloat16 or float16") from None
 
 
-class TorchEngine(Engine):
+class TorchEngine(SlotTable, Engine):
     def __init__(self, cfg: EngineConfig, branches: bool = False):
         cfg.validate()
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -47,31 +47,8 @@ class TorchEngine(Engine):
         cos, sin = rope_tables(a, capacity)
         self.cos, self.sin = cos.to(self.device, dt), sin.to(self.device, dt)
         self.positions = torch.arange(capacity, device=self.device)
-        self.lengths = [0] * cfg.max_slots
-        self.free = list(range(cfg.max_slots - 1, -1, -1))
+        self.init_slots(cfg.max_slots)
         self.tree: _BranchLayout | None = None
-
-    # -- slots ---------------------------------------------------------------------------------
-    def allocate(self) -> int:
-        if not self.free:
-            raise SaguaroError(f"all {self.max_slots} KV slots are in use: raise max_slots or retry when requests finish")
-        slot = self.free.pop()
-        self.lengths[slot] = 0
-        return slot
-
-    def release(self, slot: int) -> None:
-        if slot not in self.free:
-            self.free.append(slot)
-
-    @property
-    def active_slots(self) -> int:
-        return self.max_slots - len(self.free)
-
-    def length(self, slot: int) -> int:
-        return self.lengths[slot]
-
-    def truncate(self, slot: int, length: int) -> None:
-        self.lengths[slot] = min(self.lengths[slot], length)
 
     # -- forward -------------------------------------------------------------------------------
     @torch.inference_mode()
