@@ -251,21 +251,21 @@ def _throughput(r: Row) -> float:
     return r.tokens_per_s if r.tokens_per_s is not None else r.infer_per_s
 
 
-def advantage_line(rows: list[Row]) -> str:
-    """Where ssd's throughput lead over sd ends, from the data."""
+def advantage_line(rows: list[Row], base: str = "sd") -> str:
+    """Where ssd's throughput lead over `base` (sd or ar) ends, from the data, and the likely cause."""
     by = {(r.mode, r.concurrency): r for r in rows}
-    cs = sorted(c for m, c in by if m == "ssd" and ("sd", c) in by)
+    cs = sorted(c for m, c in by if m == "ssd" and (base, c) in by)
     if not cs:
-        return "ssd vs sd: not both measured."
-    unit = "tokens/s" if all(by[(m, c)].tokens_per_s is not None for c in cs for m in ("ssd", "sd")) else "infer/s"
-    ratios = {c: _throughput(by[("ssd", c)]) / _throughput(by[("sd", c)]) if _throughput(by[("sd", c)]) else math.inf
+        return f"ssd vs {base}: not both measured."
+    unit = "tokens/s" if all(by[(m, c)].tokens_per_s is not None for c in cs for m in ("ssd", base)) else "infer/s"
+    ratios = {c: _throughput(by[("ssd", c)]) / _throughput(by[(base, c)]) if _throughput(by[(base, c)]) else math.inf
               for c in cs}
     listed = ", ".join(f"c={c}: {ratios[c]:.2f}x" for c in cs)
     lost = [c for c in cs if ratios[c] <= 1.0]
     if not lost:
-        return f"ssd stays ahead of sd at every measured concurrency (ssd/sd {unit}: {listed})."
+        return f"ssd stays ahead of {base} at every measured concurrency (ssd/{base} {unit}: {listed})."
     if lost[0] == cs[0]:
-        return f"ssd is not faster than sd even at concurrency {cs[0]} (ssd/sd {unit}: {listed})."
+        return f"ssd is not faster than {base} even at concurrency {cs[0]} (ssd/{base} {unit}: {listed})."
     c = lost[0]
     why = ""
     hit = by[("ssd", c)].hit_rate
@@ -274,7 +274,11 @@ def advantage_line(rows: list[Row]) -> str:
         why = (f" Expected cause (DESIGN.md §1.4): a batched round avoids the backup only when every sequence"
                f" hits, about p_hit^b = {hit:.2f}^{c} = {hit ** c:.2f} at b ≈ {c}; the pre-drafting fan-out"
                f" also competes with verification for the same cores as the batch grows.")
-    return f"ssd's advantage over sd disappears at concurrency {c} (ssd/sd {unit}: {listed}).{why}"
+        if base == "ar":
+            why += (" Against AR also: each sequence adds K+1 positions to a speculative verify but one to an"
+                    " AR step, so once the batch makes the target compute-bound the rejected positions cost"
+                    " more than speculation saves.")
+    return f"ssd's advantage over {base} disappears at concurrency {c} (ssd/{base} {unit}: {listed}).{why}"
 
 
 def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: concurrency sweep") -> tuple[Path, Path]:
@@ -294,7 +298,7 @@ def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: co
                      f"| {_fmt(r.ttft_p99_ms)} | {_fmt(r.itl_p50_ms, 2)} | {_fmt(r.hit_rate, 3)} "
                      f"| {_fmt(r.acceptance, 3)} | {r.errors} |")
     c1 = {r.mode: r for r in rows if r.concurrency == 1}
-    lines += ["", advantage_line(rows)]
+    lines += ["", advantage_line(rows, "sd"), "", advantage_line(rows, "ar")]
     if "ssd" in c1 and _throughput(c1["ssd"]):
         ratios = [f"ssd/{m} {_throughput(c1['ssd']) / _throughput(c1[m]):.2f}x" for m in ("sd", "ar")
                   if m in c1 and _throughput(c1[m])]
