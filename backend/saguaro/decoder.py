@@ -1,13 +1,16 @@
 """The decoding loop: AR, SD and SSD rounds for many sequences at once (DESIGN §1).
 
 One round, for every active sequence together:
-  1. one exchange with the drafter: last round's outcomes in, this round's speculations out
-     (SSD: a cache lookup, the draft already pre-drafted them; SD: drafted now; AR: none);
-  2. one batched target forward over [pending token, speculation] per sequence;
-  3. verification -> (k, bonus) per sequence; k + 1 tokens are emitted.
-With a drafter in another process, step 1 returns at once on a cache hit and the drafter spends
-step 2 building the next caches: drafting is hidden behind verification.
-Sequences join and leave between rounds. AR is a round with an empty speculation.
+  1. the round goes to the drafter (last round's outcomes, joins, leaves). An SSD sequence whose
+     outcome was pre-drafted already knows its speculation from the cache keys the drafter sent
+     last round; misses, new sequences and SD wait for the drafter's answer; AR has none;
+  2. one batched target forward over [pending token, speculation] per sequence, while a drafter
+     in another process builds the next round's caches;
+  3. the answer (q's for sampled verification) and the next cache keys are read, and verification
+     gives (k, bonus) per sequence: k + 1 tokens are emitted.
+On a hit nothing waits for the drafter except a build that outlasts the forward. Sequences join
+and leave between rounds (a new prompt is prefilled while the drafter prefills it too). AR is a
+round with an empty speculation.
 """
 from __future__ import annotations
 
