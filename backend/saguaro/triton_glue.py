@@ -144,6 +144,7 @@ class Metrics:
     """Speculative-decoding metrics on Triton's metrics port (pb_utils.MetricFamily)."""
 
     ACCEPTED_BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16]
+    FLUSH_S = 0.5
 
     def __init__(self, pb_utils):
         fam = lambda name, doc, kind: pb_utils.MetricFamily(name=name, description=doc, kind=kind)
@@ -170,21 +171,34 @@ class Metrics:
         self.active = active.Metric()
         self.slots = {e: slots.Metric(labels={"engine": e}) for e in ("target", "draft")}
         self.accepted_len = hist.Metric(buckets=self.ACCEPTED_BUCKETS)
+        self.pending: dict = {}          # metric -> increment not yet published
+        self.observed: list[int] = []    # accepted lengths not yet published
+        self.flushed_at = 0.0
 
     def update(self, decoder: Decoder, r: RoundStats | None) -> None:
+        """Accumulate a round; publish at most every FLUSH_S, and whenever the server goes idle.
+        Each metric call is a message from this stub to the server, and a round lasts a few ms."""
         if r is not None:
-            self.rounds.increment(1)
-            self.drafted.increment(r.drafted)
-            self.accepted.increment(r.accepted)
-            self.hits.increment(r.hits)
-            if r.misses:
-                self.misses[r.backup or "neural"].increment(r.misses)
-            self.degraded.increment(int(r.degraded))
-            self.verify.increment(r.verify_ms / 1e3)
-            self.wait.increment(r.draft_wait_ms / 1e3)
-            self.build.increment(r.build_ms / 1e3)
-            for n in r.emitted:
+            add = lambda metric, v: self.pending.__setitem__(metric, self.pending.get(metric, 0) + v)
+            add(self.rounds, 1)
+            add(self.drafted, r.drafted)
+            add(self.accepted, r.accepted)
+            add(self.hits, r.hits)
+            add(self.misses[r.backup or "neural"], r.misses)
+            add(self.degraded, int(r.degraded))
+            add(self.verify, r.verify_ms / 1e3)
+            add(self.wait, r.draft_wait_ms / 1e3)
+            add(self.build, r.build_ms / 1e3)
+            self.observed += r.emitted
+        now = time.monotonic()
+        if decoder.active == 0 or now - self.flushed_at > self.FLUSH_S:
+            self.flushed_at = now
+            for metric, v in self.pending.items():
+                if v:
+                    metric.increment(v)
+            for n in self.observed:
                 self.accepted_len.observe(n)
-        self.active.set(decoder.active)
-        self.slots["target"].set(decoder.target.active_slots)
-        self.slots["draft"].set(decoder.draft_slots)
+            self.pending, self.observed = {}, []
+            self.active.set(decoder.active)
+            self.slots["target"].set(decoder.target.active_slots)
+            self.slots["draft"].set(decoder.draft_slots)
