@@ -223,7 +223,11 @@ class ServingLoop:
                 self.on_change(self.decoder, None)
 
     def _round(self) -> None:
-        for e in self.decoder.step():
+        events = self.decoder.step()
+        # metrics first: a client that reads them after its final response must see its round
+        self.on_change(self.decoder, self.decoder.history[-1])
+        self.decoder.history.clear()
+        for e in events:
             ch = self.channels.get(e.seq_id)
             if ch is None:
                 continue
@@ -231,8 +235,6 @@ class ServingLoop:
             if e.finish_reason is not None:
                 ch.on_finish(e.stats)
                 del self.channels[e.seq_id]
-        self.on_change(self.decoder, self.decoder.history[-1])
-        self.decoder.history.clear()
 
     def _fail_all(self, exc: BaseException) -> None:
         for seq_id, ch in list(self.channels.items()):
