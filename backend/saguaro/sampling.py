@@ -41,8 +41,12 @@ def saguaro(q: torch.Tensor, fanout: int, c: float) -> torch.Tensor:
 
 
 def sample(dist: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of a [N, V] distribution."""
-    return torch.multinomial(dist, 1, generator=generator).squeeze(-1)
+    """One token per row of a [N, V] (possibly unnormalized) distribution, by inverse CDF: exact,
+    and on CPU an order of magnitude cheaper than torch.multinomial for a full vocabulary."""
+    cdf = dist.cumsum(-1)
+    u = torch.rand(dist.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    # right=True: the first token whose CDF exceeds u, so zero-probability tokens are never drawn
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(dist.shape[-1] - 1)
 
 
 def one_hot(tokens: list[int], vocab: int) -> torch.Tensor:
