@@ -5,7 +5,7 @@
 
 Same models, prompts, K and new-token count for every mode. AR and SD run with the thread count
 (and SD with the K) that makes them fastest here (--threads/--sd-k auto measures it); SSD puts the
-draft worker on its own core and the target on the rest (prompt prefill uses every core). Prints one summary line per mode and the SSD
+draft worker on its own core and the target on one thread (prompt prefill uses every core). Prints one summary line per mode and the SSD
 speedup model's prediction (DESIGN §1.2) beside the measurement; writes report.json and a plot.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from saguaro.config import DEMO_DRAFT, DEMO_TARGET, DEV_PROMPTS, EngineConfig, SamplingParams, SpecConfig
 from saguaro.decoder import Decoder, RoundStats
 from saguaro.llm import build_decoder
-from saguaro.text import load_tokenizer
+from saguaro.text import encode_prompt, load_tokenizer
 
 
 @dataclass
@@ -63,7 +63,7 @@ def run_decoder(dec: Decoder, mode: str, ids: list[list[int]], params: SamplingP
     dec.history.clear()
     outputs: list[list[int]] = []
     produced, busy = 0, 0.0
-    sums = {"drafted": 0, "accepted": 0, "seq_rounds": 0, "hit_tokens": 0, "hit_rounds": 0}
+    sums = {"drafted": 0, "accepted": 0, "seq_rounds": 0}
     for n, group in enumerate(_batches(ids, batch), 1):
         t0 = time.perf_counter()
         seq_ids = [dec.add(p, params, mode) for p in group]
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     tok = load_tokenizer(args.target)
-    ids = [tok.encode(p).ids for p in load_prompts(args.prompts, args.limit)]
+    ids = [encode_prompt(tok, p) for p in load_prompts(args.prompts, args.limit)]
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed if args.temperature > 0 else None)
     c = args.saguaro_c if args.saguaro_c is not None else (1.0 if params.greedy else 0.3)
@@ -238,7 +238,6 @@ def main(argv: list[str] | None = None) -> dict:
     slots = max(16, args.batch_size)
     tcfg = EngineConfig(checkpoint=args.target, max_slots=slots)
     dcfg = EngineConfig(checkpoint=args.draft, max_slots=slots)
-    all_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     threads_options = [1, 2] if args.threads == "auto" else [int(args.threads)]
     trial_ids, trial_params = ids[:2], params.with_(max_tokens=48)
 
@@ -276,8 +275,6 @@ def main(argv: list[str] | None = None) -> dict:
             tps, outs, rounds, sums = run_decoder(dec, mode, ids, params, args.batch_size, mode)
         finally:
             dec.close()
-            if all_cores:
-                os.sched_setaffinity(0, all_cores)
         results[mode] = summarize(mode, tps, outs, rounds, sums, threads, 0 if mode == "ar" else k)
 
     ar_tps = results["ar"].tokens_per_s if "ar" in results else None

@@ -32,6 +32,7 @@ class DraftClient(Protocol):
     vocab_size: int
     max_draft_len: int
     max_branches: int
+    inject_fault: bool               # test switch: the next round fails as a broken drafter would
 
     def start(self, rnd: DraftRound) -> PendingRound: ...
     def reset(self) -> None: ...
@@ -302,8 +303,8 @@ class Decoder:
         # With no round left to carry them, tell the drafter now so its slots are freed.
         if not self.seqs and self.draft is not None and self.leaves:
             pending = self._start_draft_round()
-            self._await(pending.reply)
-            self._await(pending.caches)
+            if pending is not None and self._await(pending.reply)[0] is not None:
+                self._await(pending.caches)
 
     # -- convenience ----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams(), mode: str = "ssd",
@@ -321,6 +322,7 @@ class Decoder:
             self.abort(seq_id)
         if self.draft is not None:
             self.draft.close()
+        self.target.close()
 
 
 def _ends_with(tokens: list[int], stop: tuple[int, ...]) -> bool:

@@ -312,11 +312,14 @@ class LocalDraft:
     (SD, tests, the statistical exactness check)."""
 
     def __init__(self, drafter: Drafter):
-        self.drafter = drafter
+        self.drafter, self.inject_fault = drafter, False
         e = drafter.engine
         self.vocab_size, self.max_draft_len, self.max_branches = e.vocab_size, e.max_draft_len, e.max_branches
 
     def start(self, rnd: DraftRound) -> PendingRound:
+        if self.inject_fault:
+            self.inject_fault = False
+            raise DraftFailure("injected draft fault (test switch)")
         return PendingRound(self.drafter.answer(rnd))
 
     def reset(self) -> None:

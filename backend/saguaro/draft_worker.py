@@ -67,6 +67,7 @@ class DraftWorker:
             self.client.conn.send(None)
         except OSError:
             pass
+        self.client.close()
         self.proc.join(5)
         if self.proc.is_alive():
             self.proc.kill()

@@ -16,7 +16,7 @@ def build_decoder(target: EngineConfig = EngineConfig(checkpoint=str(DEMO_TARGET
                   draft: EngineConfig | None = EngineConfig(checkpoint=str(DEMO_DRAFT)),
                   spec: SpecConfig = SpecConfig(), draft_process: bool = True, draft_core: int | None = None) -> Decoder:
     """draft_process=True runs the draft in a worker process (SSD overlap); False keeps it in this
-    process (SD, tests). draft_core pins the worker to one core, leaving the others to the target."""
+    process (SD, tests). draft_core pins the worker to one core; the target is not pinned."""
     if draft is not None:
         validate_pair(target.checkpoint, draft.checkpoint, num_draft_tokens=spec.k,
                       max_draft_len=min(target.max_draft_len, draft.max_draft_len))

@@ -48,8 +48,9 @@ class WireClient:
     missing for timeout_s, or a closed connection, raises DraftFailure after `on_broken()` (which
     may replace the peer: its state is gone)."""
 
-    def __init__(self, conn, timeout_s: float, on_broken: Callable[[], None] = lambda: None):
-        self.conn, self.timeout_s, self.on_broken = conn, timeout_s, on_broken
+    def __init__(self, conn, timeout_s: float, on_broken: Callable[[], None] | None = None):
+        self.conn, self.timeout_s = conn, timeout_s
+        self.on_broken = on_broken or (lambda: None)
         self.open = False            # answers of the last call not read yet
 
     def __call__(self, msg) -> Iterator:
@@ -75,8 +76,15 @@ class WireClient:
             return self.conn.recv()
         except (EOFError, OSError, TimeoutError) as e:
             self.open = False
-            self.on_broken()
+            self.close()             # late answers must not be read as the next call's
+            try:
+                self.on_broken()
+            except Exception as replacement_failed:
+                raise DraftFailure(f"remote peer failed ({e}) and could not be replaced: {replacement_failed}") from e
             raise DraftFailure(f"remote peer failed: {e}") from e
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def encode(obj) -> np.ndarray:
@@ -93,6 +101,12 @@ class EngineServer:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.slots: dict[int, int] = {}   # the client's slot ids -> this engine's
+
+    def _slot(self, remote: int) -> int:
+        if remote not in self.slots:
+            self.slots[remote] = self.engine.allocate()
+        return self.slots[remote]
 
     def handle(self, msg: dict) -> Iterator:
         """One answer per message (a generator, like DraftServer.handle, for the same transports)."""
@@ -101,9 +115,13 @@ class EngineServer:
             yield {"vocab_size": e.vocab_size, "max_seq_len": e.max_seq_len, "max_slots": e.max_slots,
                    "max_draft_len": e.max_draft_len}
         elif msg["op"] == "forward":
-            for slot, start in zip(msg["slots"], msg["starts"]):
+            for remote in msg.get("released", []):
+                if remote in self.slots:
+                    e.release(self.slots.pop(remote))
+            slots = [self._slot(r) for r in msg["slots"]]
+            for slot, start in zip(slots, msg["starts"]):
                 e.truncate(slot, start)
-            out = e.forward(msg["slots"], msg["tokens"], msg.get("logits", True))
+            out = e.forward(slots, msg["tokens"], msg.get("logits", True))
             yield [x.numpy() for x in out]
         else:
             raise SaguaroError(f"unknown engine op {msg['op']!r}")
@@ -120,10 +138,20 @@ class RemoteEngine(SlotTable, Engine):
         self.vocab_size, self.max_seq_len = info["vocab_size"], info["max_seq_len"]
         self.max_draft_len, self.max_branches = info["max_draft_len"], 0
         self.init_slots(info["max_slots"])
+        self.released: list[int] = []   # told to the server with the next forward
+
+    def release(self, slot: int) -> None:
+        if slot not in self.free:
+            self.released.append(slot)
+        super().release(slot)
+
+    def close(self) -> None:
+        getattr(self.call, "close", lambda: None)()
 
     def forward(self, slots, tokens, logits: bool = True):
         out = next(self.call({"op": "forward", "slots": slots, "starts": [self.lengths[s] for s in slots],
-                         "tokens": tokens, "logits": logits}))
+                              "tokens": tokens, "logits": logits, "released": self.released}))
+        self.released = []
         for s, t in zip(slots, tokens):
             self.lengths[s] += len(t)
         return [torch.from_numpy(x) for x in out]
@@ -204,5 +232,4 @@ class RemoteDraft:
             self.reset()
         except Exception:
             pass                        # a dead drafter holds nothing
-        if hasattr(self.call, "close"):
-            self.call.close()
+        getattr(self.call, "close", lambda: None)()

@@ -17,7 +17,7 @@ import numpy as np
 from saguaro.config import MODES, SamplingParams
 from saguaro.decoder import Decoder, RoundStats, SeqStats
 from saguaro.errors import SaguaroError
-from saguaro.text import StreamWindow, decode_text_input, window_text
+from saguaro.text import StreamWindow, decode_text_input, encode_prompt, window_text
 
 # -- requests ---------------------------------------------------------------------------------------
 
@@ -79,7 +79,7 @@ def parse_request(inputs: dict[str, np.ndarray], tokenizer, limits: ServeLimits)
     """A request from its input tensors; SaguaroError naming the field for anything wrong."""
     text = _string(inputs, "text_input")
     if text is not None:
-        prompt = tokenizer.encode(text).ids
+        prompt = encode_prompt(tokenizer, text)
     elif inputs.get("input_ids") is not None:
         ids = inputs["input_ids"]
         if ids.dtype.kind not in "iu":
@@ -180,7 +180,7 @@ class ServingLoop:
     def stop(self) -> None:
         self.stopping = True
         self.thread.join(10)
-        if self.decoder is not None:
+        if self.decoder is not None and not self.thread.is_alive():   # never under a running round
             self.decoder.close()
 
     def _run(self) -> None:

@@ -63,7 +63,7 @@ def cpu_core(params: Mapping[str, str]) -> int | None:
     return int(value) if value.strip() else None
 
 
-def inputs_of(pb_utils, request) -> dict[str, np.ndarray]:
+def inputs_of(request) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in request.inputs()}
 
 
@@ -110,14 +110,20 @@ def serve_socket(model: str, handle: Callable[[object], Iterator]) -> Listener:
 
 def socket_call(model: str, timeout_s: float, connect_timeout_s: float = 120.0) -> WireClient:
     """call(msg) -> answers from an engine model's socket (it may still be loading: retry)."""
-    deadline = time.monotonic() + connect_timeout_s
-    while True:
-        try:
-            return WireClient(Client(socket_path(model), family="AF_UNIX"), timeout_s)
-        except (FileNotFoundError, ConnectionRefusedError):
-            if time.monotonic() > deadline:
-                raise SaguaroError(f"model {model!r} is not listening on {socket_path(model)}: is it loaded?") from None
-            time.sleep(0.2)
+    def connect():
+        deadline = time.monotonic() + connect_timeout_s
+        while True:
+            try:
+                return Client(socket_path(model), family="AF_UNIX")
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise SaguaroError(f"model {model!r} is not listening on {socket_path(model)}: is it loaded?") from None
+                time.sleep(0.2)
+
+    client = WireClient(connect(), timeout_s)
+    # after a failure, a fresh connection: the old one may still carry the late answers
+    client.on_broken = lambda: setattr(client, "conn", connect())
+    return client
 
 
 def bls_call(pb_utils, model: str, decoupled: bool, timeout_s: float | None = None) -> Callable[[object], Iterator]:

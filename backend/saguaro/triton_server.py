@@ -16,7 +16,6 @@ import atexit
 import collections
 import ctypes
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from saguaro.errors import SaguaroError
 

@@ -62,6 +62,9 @@ class Engine(ABC):
         """Slots currently allocated (0 when every request has released what it held)."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Free what the engine holds outside this process (TensorRT-LLM executor, connections)."""
+
 
 class SlotTable:
     """Slot bookkeeping for engines whose slot state is a length: which slots are free and how many

@@ -67,7 +67,7 @@ class TritonPythonModel:
     def execute(self, requests):
         for r in requests:
             try:
-                req = parse_request(inputs_of(pb_utils, r), self.tokenizer, self.limits)
+                req = parse_request(inputs_of(r), self.tokenizer, self.limits)
                 if req.inject_draft_fault and not self.allow_faults:
                     raise SaguaroError("inject_draft_fault: a test switch, off on this server (allow_fault_injection)")
             except Exception as e:
