@@ -327,4 +327,3 @@ class Decoder:
 
 def _ends_with(tokens: list[int], stop: tuple[int, ...]) -> bool:
     return len(stop) > 0 and tuple(tokens[-len(stop):]) == tuple(stop)
-

@@ -7,19 +7,13 @@ round's speculations at once, the next caches after building them while the call
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 from typing import Iterator
 
 from saguaro.config import EngineConfig, SpecConfig
 from saguaro.draft import Drafter
-from saguaro.engines import create_engine
+from saguaro.engines import create_engine, pin_to_core
 from saguaro.errors import SaguaroError
 from saguaro.remote import DraftServer, WireClient, serve_wire
-
-
-def pin_to_core(core: int | None) -> None:
-    if core is not None and hasattr(os, "sched_setaffinity") and core < os.cpu_count():
-        os.sched_setaffinity(0, {core})
 
 
 def _worker_main(conn, cfg: EngineConfig, spec: SpecConfig, core: int | None) -> None:

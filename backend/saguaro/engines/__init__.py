@@ -1,6 +1,8 @@
 """Engines behind one interface (base.Engine): the PyTorch engine everywhere, TensorRT-LLM on GPUs."""
 from __future__ import annotations
 
+import os
+
 from saguaro.config import EngineConfig
 from saguaro.engines.base import Engine
 
@@ -13,3 +15,9 @@ def create_engine(cfg: EngineConfig, branches: bool = False) -> Engine:
         return TrtllmEngine.from_config(cfg, branches=branches)
     from saguaro.engines.torch_engine import TorchEngine
     return TorchEngine(cfg, branches=branches)
+
+
+def pin_to_core(core: int | None) -> None:
+    """Keep this process on one CPU core (target and draft on different ones); None: anywhere."""
+    if core is not None and hasattr(os, "sched_setaffinity") and core < os.cpu_count():
+        os.sched_setaffinity(0, {core})

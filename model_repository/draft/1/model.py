@@ -5,8 +5,7 @@ import triton_python_backend_utils as pb_utils
 
 from saguaro.config import SpecConfig
 from saguaro.draft import Drafter
-from saguaro.draft_worker import pin_to_core
-from saguaro.engines import create_engine
+from saguaro.engines import create_engine, pin_to_core
 from saguaro.remote import DraftServer, decode, encode
 from saguaro.triton_glue import cpu_core, engine_config, error_response, model_params, response, serve_socket
 
