@@ -318,3 +318,15 @@ def test_fanout_larger_than_the_vocabulary(tmp_path):
     out = dec.generate([[1, 2]], SamplingParams(max_tokens=6, temperature=1.0, seed=0), mode="ssd")
     assert len(out[0]) == 6
     assert sum(r.hits for r in dec.history) > 0 and sum(r.misses for r in dec.history) == 0  # every outcome is cached
+
+
+def test_no_build_while_the_target_prefills_on_every_core(draft_engine):
+    """A join whose prompt the target prefills on every core gets no cache that round (building
+    on a core the prefill uses would stall it); its next round builds as usual."""
+    d = _drafter(draft_engine, "neural")
+    reply = d.step(DraftRound(joins=[Join(0, list(PROMPT), SamplingParams(), "ssd", 3, 8, 1.0)], wide_prefill=True))
+    assert d.build() == {}
+    spec = reply.specs[0]
+    d.step(DraftRound(outcomes=[Outcome(0, 3, spec.tokens + [7])], wide_prefill=True))
+    assert len(d.build()[0]) == 8
+    d.release_all()

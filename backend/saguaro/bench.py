@@ -4,9 +4,11 @@
         --temperature 0 --modes ar,sd,ssd,hf --out runs/bench
 
 Same models, prompts, K and new-token count for every mode. AR and SD run with the thread count
-(and SD with the K) that makes them fastest here (--threads/--sd-k auto measures it); SSD puts the
-draft worker on its own core and the target on one thread (prompt prefill uses every core). Prints one summary line per mode and the SSD
-speedup model's prediction (DESIGN §1.2) beside the measurement; writes report.json and a plot.
+(and SD with the K and draft dtype) that makes them fastest here (--threads/--sd-k auto measures
+it); SSD puts the draft worker on its own core and the target on one thread (prompt prefill uses
+every core). The modes take turns prompt batch by prompt batch, so drift on a shared machine
+falls on all of them alike. Prints one summary line per mode and the SSD speedup model's
+prediction (DESIGN §1.2) beside the measurement; writes report.json and a plot.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class ModeResult:
     outputs: list[list[int]]
     threads: int
     k: int
+    draft_dtype: str | None = None      # the draft engine's dtype (SD tunes it; SSD uses the default)
     rounds: int = 0
     acceptance_rate: float = 0.0        # accepted / drafted draft tokens
     mean_accepted_len: float = 0.0      # tokens emitted per sequence-round, bonus included
@@ -56,32 +59,48 @@ def _batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def run_decoder(dec: Decoder, mode: str, ids: list[list[int]], params: SamplingParams, batch: int,
-                label: str) -> tuple[float, list[list[int]], list[RoundStats], dict]:
-    """Generate for every prompt (in batches) and time it; returns tokens/s, outputs, round stats."""
-    dec.generate([ids[0]], params.with_(max_tokens=16), mode)      # warm-up
-    dec.history.clear()
-    outputs: list[list[int]] = []
-    produced, busy = 0, 0.0
-    sums = {"drafted": 0, "accepted": 0, "seq_rounds": 0}
-    for n, group in enumerate(_batches(ids, batch), 1):
+class Run:
+    """One mode's decoder and what it has produced so far; the modes take turns batch by batch, so
+    the machine's drift over a run (it is shared) falls on every mode alike."""
+
+    def __init__(self, dec: Decoder, mode: str, params: SamplingParams, warmup: list[int]):
+        self.dec, self.mode, self.params = dec, mode, params
+        dec.generate([warmup], params.with_(max_tokens=16), mode)
+        dec.history.clear()
+        self.outputs: list[list[int]] = []
+        self.produced, self.busy = 0, 0.0
+        self.sums = {"drafted": 0, "accepted": 0, "seq_rounds": 0}
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.produced / self.busy if self.busy else 0.0
+
+    def batch(self, group: list[list[int]]) -> None:
+        dec = self.dec
         t0 = time.perf_counter()
-        seq_ids = [dec.add(p, params, mode) for p in group]
+        seq_ids = [dec.add(p, self.params, self.mode) for p in group]
         out = {i: [] for i in seq_ids}
         while dec.active:
             for e in dec.step():
                 out[e.seq_id].extend(e.tokens)
                 if e.finish_reason is not None:
-                    sums["drafted"] += e.stats.drafted
-                    sums["accepted"] += e.stats.accepted
-                    sums["seq_rounds"] += e.stats.rounds
-        busy += time.perf_counter() - t0
-        outputs += [out[i] for i in seq_ids]
-        produced += sum(len(out[i]) for i in seq_ids)
-        print(f"\r[{label}] {min(n * batch, len(ids))}/{len(ids)} prompts, {produced / busy:7.1f} tok/s",
+                    self.sums["drafted"] += e.stats.drafted
+                    self.sums["accepted"] += e.stats.accepted
+                    self.sums["seq_rounds"] += e.stats.rounds
+        self.busy += time.perf_counter() - t0
+        self.outputs += [out[i] for i in seq_ids]
+        self.produced += sum(len(out[i]) for i in seq_ids)
+
+
+def run_side_by_side(runs: list[Run], ids: list[list[int]], batch: int, label: str) -> None:
+    """Every batch of prompts through every mode in turn (the order rotating), with progress."""
+    for n, group in enumerate(_batches(ids, batch)):
+        for i in range(len(runs)):
+            runs[(n + i) % len(runs)].batch(group)
+        rates = "  ".join(f"{r.mode} {r.tokens_per_s:6.1f}" for r in runs)
+        print(f"\r[{label}] {min((n + 1) * batch, len(ids))}/{len(ids)} prompts, tok/s: {rates}",
               end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    return produced / busy, outputs, list(dec.history), sums
 
 
 def summarize(mode: str, tps: float, outputs, rounds: list[RoundStats], sums: dict, threads: int, k: int) -> ModeResult:
@@ -162,6 +181,8 @@ def run_hf(target: str, draft: str, ids: list[list[int]], params: SamplingParams
 def summary_line(r: ModeResult, ar_tps: float | None) -> str:
     speedup = f"{r.tokens_per_s / ar_tps:5.2f}x AR" if ar_tps else "   n/a  "
     parts = [f"{r.mode:>4}: {r.tokens_per_s:7.1f} tok/s  {speedup}", f"threads={r.threads} K={r.k}"]
+    if r.draft_dtype:
+        parts.append(f"draft={r.draft_dtype}")
     if r.mode in ("sd", "ssd"):
         parts += [f"accept={r.acceptance_rate:.3f}", f"accepted_len={r.mean_accepted_len:.2f}"]
     if r.cache_hit_rate is not None:
@@ -219,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--target", default=str(DEMO_TARGET))
     ap.add_argument("--draft", default=str(DEMO_DRAFT))
+    ap.add_argument("--target-dtype", default=EngineConfig.dtype, help="auto, float32, bfloat16 or float16")
+    ap.add_argument("--draft-dtype", default=EngineConfig.dtype, help="auto, float32, bfloat16 or float16")
     ap.add_argument("--k", type=int, default=SpecConfig.k, help="draft tokens per round (SSD, and SD unless --sd-k)")
     ap.add_argument("--sd-k", default="auto", help="SD's K: a number, or auto (the fastest of 2..6 here)")
     ap.add_argument("--threads", default="auto", help="AR/SD threads: a number, or auto (the faster of 1 and 2)")
@@ -236,46 +259,61 @@ def main(argv: list[str] | None = None) -> dict:
     c = args.saguaro_c if args.saguaro_c is not None else (1.0 if params.greedy else 0.3)
     spec = SpecConfig(k=args.k, budget=args.budget, fanout=args.fanout, saguaro_c=c, backup=args.backup)
     slots = max(16, args.batch_size)
-    tcfg = EngineConfig(checkpoint=args.target, max_slots=slots)
-    dcfg = EngineConfig(checkpoint=args.draft, max_slots=slots)
+    tcfg = EngineConfig(checkpoint=args.target, max_slots=slots, dtype=args.target_dtype)
+    dcfg = EngineConfig(checkpoint=args.draft, max_slots=slots, dtype=args.draft_dtype)
     threads_options = [1, 2] if args.threads == "auto" else [int(args.threads)]
     trial_ids, trial_params = ids[:2], params.with_(max_tokens=48)
 
-    def in_process(mode: str, threads: int, k: int) -> Decoder:
-        return build_decoder(replace(tcfg, threads=threads), replace(dcfg, threads=threads) if mode == "sd" else None,
+    def in_process(mode: str, threads: int, k: int, draft_dtype: str = args.draft_dtype) -> Decoder:
+        return build_decoder(replace(tcfg, threads=threads),
+                             replace(dcfg, threads=threads, dtype=draft_dtype) if mode == "sd" else None,
                              replace(spec, k=k), draft_process=False)
 
-    def trial(mode: str, threads: int, k: int) -> float:
-        dec = in_process(mode, threads, k)
+    def trial(*config) -> float:
+        mode = config[0]
+        dec = in_process(*config)
         try:
-            return run_decoder(dec, mode, trial_ids, trial_params, args.batch_size, f"tune {mode}")[0]
+            run = Run(dec, mode, trial_params, trial_ids[0])
+            run_side_by_side([run], trial_ids, args.batch_size, f"tune {mode}")
+            return run.tokens_per_s
         finally:
             dec.close()
 
-    results: dict[str, ModeResult] = {}
-    for mode in modes:
-        if mode == "hf":
-            threads = results["sd"].threads if "sd" in results else threads_options[-1]
-            tps, outs = run_hf(args.target, args.draft, ids, params, args.k, threads)
-            results[mode] = ModeResult(mode, tps, outs, threads, args.k)
-            continue
+    # SD drafts one row at a time, where fp32 can beat bf16: it gets whichever draft dtype is faster.
+    sd_dtypes = ["float32", "bfloat16"] if args.draft_dtype == "auto" else [args.draft_dtype]
+    runs: list[Run] = []
+    configs: dict[str, tuple[int, int]] = {}
+    for mode in [m for m in modes if m != "hf"]:
         if mode == "ssd":
             cores = os.cpu_count() or 1
             dec = build_decoder(replace(tcfg, prefill_threads=cores), dcfg, spec, draft_process=True,
                                 draft_core=cores - 1 if cores > 1 else None)
-            threads, k = 1, args.k
+            configs[mode] = (1, args.k, args.draft_dtype)
         else:
             ks = [args.k] if mode == "ar" or args.sd_k != "auto" else [2, 3, 4, 5, 6]
             if mode == "sd" and args.sd_k != "auto":
                 ks = [int(args.sd_k)]
-            candidates = [(mode, t, k) for t in threads_options for k in ks]
-            _, threads, k = fastest(candidates, trial) if len(candidates) > 1 else candidates[0]
-            dec = in_process(mode, threads, k)
-        try:
-            tps, outs, rounds, sums = run_decoder(dec, mode, ids, params, args.batch_size, mode)
-        finally:
-            dec.close()
-        results[mode] = summarize(mode, tps, outs, rounds, sums, threads, 0 if mode == "ar" else k)
+            candidates = [(mode, t, k) + ((d,) if mode == "sd" else ()) for t in threads_options for k in ks
+                          for d in (sd_dtypes if mode == "sd" else [None])]
+            best = fastest(candidates, trial) if len(candidates) > 1 else candidates[0]
+            dec = in_process(*best)
+            configs[mode] = (best[1], best[2], best[3] if mode == "sd" else None)
+        runs.append(Run(dec, mode, params, ids[0]))
+    try:
+        run_side_by_side(runs, ids, args.batch_size, "+".join(r.mode for r in runs))
+    finally:
+        for r in runs:
+            r.dec.close()
+    results: dict[str, ModeResult] = {}
+    for r in runs:
+        threads, k, draft_dtype = configs[r.mode]
+        results[r.mode] = summarize(r.mode, r.tokens_per_s, r.outputs, list(r.dec.history), r.sums, threads,
+                                    0 if r.mode == "ar" else k)
+        results[r.mode].draft_dtype = draft_dtype
+    if "hf" in modes:
+        threads = results["sd"].threads if "sd" in results else threads_options[-1]
+        tps, outs = run_hf(args.target, args.draft, ids, params, args.k, threads)
+        results["hf"] = ModeResult("hf", tps, outs, threads, args.k)
 
     ar_tps = results["ar"].tokens_per_s if "ar" in results else None
     print(f"\nsaguaro.bench: {len(ids)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "

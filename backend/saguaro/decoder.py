@@ -166,10 +166,16 @@ class Decoder:
         t_round = time.perf_counter()
         pending = self._start_draft_round()
         seqs = list(self.seqs.values())
-        self._prefill([s for s in seqs if not s.prefilled])   # while the drafter prefills the draft
-        prefill_ms = (time.perf_counter() - t_round) * 1e3
+        joining = [s for s in seqs if not s.prefilled]
         reply, waited = None, 0.0
-        if pending and any(s.mode != "ar" and s.spec is None for s in seqs):
+        if pending and joining:
+            # The drafter prefills its copy first: a prompt prefill may use every core, and
+            # sharing one with the drafter stalls all of the prefill's threads.
+            reply, waited = self._await(pending.reply)
+            pending = pending if reply is not None else None
+        self._prefill(joining)
+        prefill_ms = (time.perf_counter() - t_round) * 1e3
+        if pending and reply is None and any(s.mode != "ar" and s.spec is None for s in seqs):
             reply, waited = self._await(pending.reply)      # misses, joins, SD: drafted for this round
             pending = pending if reply is not None else None
         t0 = time.perf_counter()
@@ -208,7 +214,7 @@ class Decoder:
     def _start_draft_round(self) -> PendingRound | None:
         if self.draft is None or not (self.joins or self.outcomes or self.leaves):
             return None
-        rnd = DraftRound(self.joins, self.outcomes, self.leaves, self.last_verify_ms)
+        rnd = DraftRound(self.joins, self.outcomes, self.leaves, self.last_verify_ms, self.target.wide_prefill)
         self.joins, self.outcomes, self.leaves = [], [], []
         try:
             return self.draft.start(rnd)

@@ -56,6 +56,7 @@ class DraftRound:
     outcomes: list[Outcome] = field(default_factory=list)
     leaves: list[int] = field(default_factory=list)
     verify_ms: float = 0.0           # the target's last round, for the backup rule
+    wide_prefill: bool = False       # the target prefills the joins on every core meanwhile
     inject_fault: bool = False       # test switch: the drafter raises instead of answering
 
 
@@ -144,7 +145,10 @@ class Drafter:
             self.jit_ms = _ema(self.jit_ms, (time.perf_counter() - t) * 1e3)
         for seq_id, spec in specs.items():
             self.seqs[seq_id].spec = spec
-        self.to_build = [i for i in specs if self.seqs[i].mode == "ssd"]
+        # While the target prefills new prompts on every core, a build on one of them would stall
+        # the whole prefill for far longer than the one cache miss that skipping it costs.
+        prefilling = {j.seq_id for j in rnd.joins if len(j.prompt) > 1} if rnd.wide_prefill else set()
+        self.to_build = [i for i in specs if self.seqs[i].mode == "ssd" and i not in prefilling]
         if hits:
             self.hit_rate = _ema(self.hit_rate, sum(hits.values()) / len(hits), 0.05)
         return DraftReply(specs, hits, backup, (time.perf_counter() - t0) * 1e3, self.build_ms, self.engine.active_slots)

@@ -107,6 +107,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
 
 
+class PackedLinear(nn.Module):
+    """nn.Linear with its weight pre-packed for oneDNN: bf16 matmuls on CPUs with native bf16
+    (AVX512-BF16, AMX) run 3-4x faster than fp32 ones at the few-row shapes decoding uses."""
+
+    BUCKET = 64
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= self.BUCKET:
+            return self._linear(x.contiguous())
+        # oneDNN generates a kernel for every new row count (about 0.3 ms each), and prompts come in
+        # every length: pad them to a multiple of BUCKET rows so a few kernels serve them all.
+        flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, -rows % self.BUCKET))
+        return self._linear(flat)[:rows].view(*x.shape[:-1], -1)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def pack_linears(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, PackedLinear(child))
+        else:
+            pack_linears(child)
+
+
+def cpu_has_fast_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

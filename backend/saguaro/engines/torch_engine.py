@@ -12,13 +12,18 @@ import torch
 from saguaro.config import EngineConfig
 from saguaro.engines.base import Engine, SlotTable
 from saguaro.errors import SaguaroError
-from saguaro.model import CacheView, Transformer, rope_tables
+from saguaro.model import CacheView, Transformer, cpu_has_fast_bf16, pack_linears, rope_tables
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str, device: str, draft: bool = False) -> torch.dtype:
     if dtype == "auto":
-        # CPUs have no fast bf16 matmul for such small shapes: fp32 is faster and exact.
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        if device != "cpu":
+            return torch.bfloat16
+        # A CPU target stays fp32: greedy exactness needs a verify forward of K+1 tokens to pick
+        # the tokens one-token forwards would, and bf16 rounding turns fp32's 1e-6 differences
+        # between the two into whole-ulp logit changes. The draft's numerics never change the
+        # output, so it takes the faster bf16 matmuls where the CPU has them.
+        return torch.bfloat16 if draft and cpu_has_fast_bf16() else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
@@ -30,13 +35,15 @@ class TorchEngine(SlotTable, Engine):
         cfg.validate()
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise SaguaroError(f"device={cfg.device} but CUDA is not available: use device=cpu")
-        if cfg.device == "cpu" and cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
         self.cfg, self.device = cfg, torch.device(cfg.device)
-        self.model = Transformer.from_hf(cfg.checkpoint, resolve_dtype(cfg.dtype, cfg.device), cfg.device)
+        dtype = resolve_dtype(cfg.dtype, cfg.device, draft=branches)
+        self.model = Transformer.from_hf(cfg.checkpoint, dtype, cfg.device)
+        if cfg.device == "cpu" and dtype == torch.bfloat16 and cpu_has_fast_bf16():
+            pack_linears(self.model)
         a = self.model.args
         self.vocab_size, self.max_slots, self.max_seq_len = a.vocab_size, cfg.max_slots, cfg.max_seq_len
         self.max_draft_len = cfg.max_draft_len
+        self.wide_prefill = cfg.device == "cpu" and 0 < cfg.threads < cfg.prefill_threads
         self.max_branches = cfg.max_branches if branches else 0
         # Room past max_seq_len: one padded verify batch, plus branch scratch on draft engines.
         capacity = cfg.max_seq_len + cfg.max_draft_len + 1 + (cfg.max_draft_len + 1) * self.max_branches
@@ -67,18 +74,23 @@ class TorchEngine(SlotTable, Engine):
             view = self._single_slot_view(slots[0], starts[0], width)
         else:
             view = self._gather_view(torch.tensor(slots, device=self.device), pos, end)
-        wide = self.cfg.device == "cpu" and not logits and self.cfg.prefill_threads > max(self.cfg.threads, 0)
-        if wide:
-            torch.set_num_threads(self.cfg.prefill_threads)
+        wide = not logits and self.wide_prefill
+        self._use_threads(self.cfg.prefill_threads if wide else self.cfg.threads)
         try:
             out = self.model(tok.to(self.device), self.cos[pos], self.sin[pos], view,
                              logits_from=0 if logits else width)
         finally:
             if wide:
-                torch.set_num_threads(self.cfg.threads)
+                self._use_threads(self.cfg.threads)
         for s, start, n in zip(slots, starts, counts):
             self.lengths[s] = start + n
         return [out[i, :n] for i, n in enumerate(counts)] if logits else []
+
+    def _use_threads(self, n: int) -> None:
+        # Per call, not once: engines sharing a process (the benchmark's side-by-side modes, SD's
+        # in-process draft) may each want their own count, and torch's is process-wide.
+        if self.device.type == "cpu" and n > 0 and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
     def _single_slot_view(self, slot: int, start: int, width: int) -> CacheView:
         # The common batch-1 case: plain slices, no gather, no mask for one-token decode.
@@ -108,6 +120,7 @@ class TorchEngine(SlotTable, Engine):
         if depth == 0:
             self.tree = _BranchLayout(parents, visible, self.lengths, self.max_branches, self.cfg.max_draft_len, self.device)
         t = self.tree
+        self._use_threads(self.cfg.threads)
         if depth > self.cfg.max_draft_len:
             raise SaguaroError(f"branch depth {depth} exceeds max_draft_len={self.cfg.max_draft_len}")
         tok = torch.zeros(t.groups, t.width, dtype=torch.long, device=self.device)
