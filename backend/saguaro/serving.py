@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -127,10 +128,14 @@ class Channel:
     this class decides what to send: streamed windows of ids (for the postprocessing step) or text,
     and totals at the end."""
 
-    def __init__(self, request: Request, tokenizer):
+    def __init__(self, request: Request, tokenizer, stream_interval_s: float = 0.0):
+        """stream_interval_s: the least time between two streamed pieces (the first goes at once);
+        tokens that come sooner ride with the next piece. Every response costs the server a
+        trip through the ensemble and postprocessing on the cores that decode."""
         self.request, self.tokenizer = request, tokenizer
         self.window = StreamWindow(tokenizer)
         self.generated: list[int] = []
+        self.interval, self.unsent, self.last_sent = stream_interval_s, [], None
 
     def send(self, outputs: dict[str, np.ndarray], final: bool) -> None:
         raise NotImplementedError
@@ -149,13 +154,20 @@ class Channel:
 
     def on_tokens(self, tokens: list[int]) -> None:
         self.generated += tokens
-        if self.request.stream:
-            window = self.window.push(tokens)
-            if window:
-                self.send(self._piece(window), final=False)
+        if not self.request.stream:
+            return
+        self.unsent += tokens
+        now = time.monotonic()
+        if self.last_sent is not None and now - self.last_sent < self.interval:
+            return
+        window = self.window.push(self.unsent)
+        self.unsent = []
+        if window:
+            self.send(self._piece(window), final=False)
+            self.last_sent = now
 
     def on_finish(self, stats: SeqStats) -> None:
-        window = self.window.finish() if self.request.stream else (self.generated, 0)
+        window = self.window.finish(self.unsent) if self.request.stream else (self.generated, 0)
         self.send({**self._piece(window), **totals(stats, len(self.generated))}, final=True)
 
 

@@ -109,7 +109,8 @@ class StreamWindow:
         self._ids.extend(int(i) for i in new_ids)
         return self._take(final=False)
 
-    def finish(self) -> Optional[tuple[list[int], int]]:
+    def finish(self, new_ids: Iterable[int] = ()) -> Optional[tuple[list[int], int]]:
+        self._ids.extend(int(i) for i in new_ids)
         return self._take(final=True)
 
 

@@ -1,6 +1,7 @@
 """SSD orchestrator: requests in, decoding rounds in saguaro.serving.ServingLoop, responses out.
 Decoding logic: saguaro/decoder.py; request rules: saguaro/serving.py."""
 import sys
+import time
 
 import triton_python_backend_utils as pb_utils
 
@@ -18,9 +19,12 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonChannel(Channel):
-    def __init__(self, request, tokenizer, triton_request):
-        super().__init__(request, tokenizer)
+    CANCEL_POLL_S = 0.01   # is_cancelled() is a round trip to the server: not every round
+
+    def __init__(self, request, tokenizer, triton_request, stream_interval_s):
+        super().__init__(request, tokenizer, stream_interval_s)
         self.triton_request, self.sender = triton_request, triton_request.get_response_sender()
+        self.polled = time.monotonic()
 
     def send(self, outputs, final):
         self.sender.send(response(pb_utils, outputs), flags=FINAL if final else 0)
@@ -29,6 +33,10 @@ class TritonChannel(Channel):
         self.sender.send(error_response(pb_utils, exc), flags=FINAL)
 
     def cancelled(self):
+        now = time.monotonic()
+        if now - self.polled < self.CANCEL_POLL_S:
+            return False
+        self.polled = now
         if self.triton_request.is_cancelled():
             self.sender.send(flags=FINAL)
             return True
@@ -50,6 +58,7 @@ class TritonPythonModel:
         self.limits = ServeLimits(max_input_len=int(p["max_input_len"]), max_tokens=int(p["max_tokens"]),
                                   max_budget=int(draft.get("max_branches", 64)))
         self.allow_faults = p.get("allow_fault_injection", "false").lower() == "true"
+        self.stream_interval_s = float(p.get("stream_interval_ms", "0")) / 1e3
         spec = SpecConfig(k=int(p["num_draft_tokens"]), budget=int(p["fanout_budget"]),
                           saguaro_c=float(p["saguaro_c"]), draft_timeout_s=float(p["draft_timeout_s"]))
         self.metrics = Metrics(pb_utils)
@@ -73,7 +82,7 @@ class TritonPythonModel:
             except Exception as e:
                 r.get_response_sender().send(error_response(pb_utils, e), flags=FINAL)
                 continue
-            self.loop.submit(req, TritonChannel(req, self.tokenizer, r))
+            self.loop.submit(req, TritonChannel(req, self.tokenizer, r, self.stream_interval_s))
         return None
 
     def finalize(self):
