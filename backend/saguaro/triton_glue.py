@@ -7,8 +7,10 @@ import json
 import os
 import re
 import tempfile
+import queue
 import threading
 import time
+import traceback
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -69,6 +71,29 @@ def inputs_of(request) -> dict[str, np.ndarray]:
 
 def response(pb_utils, outputs: Mapping[str, np.ndarray]):
     return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
+
+
+class Outbox:
+    """Responses leave from their own thread, in the order given: a decoupled send is a round
+    trip to the server (about 0.4 ms here) that the next decoding round need not wait for."""
+
+    def __init__(self):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="saguaro-responses", daemon=True).start()
+
+    def send(self, sender, make_response: Callable[[], Any] | None, flags: int) -> None:
+        self.queue.put((sender, make_response, flags))
+
+    def _run(self) -> None:
+        while True:
+            sender, make_response, flags = self.queue.get()
+            try:
+                if make_response is None:
+                    sender.send(flags=flags)
+                else:
+                    sender.send(make_response(), flags=flags)
+            except Exception:            # a client gone mid-stream: nothing to tell it
+                traceback.print_exc()
 
 
 def error_response(pb_utils: Any, exc: BaseException) -> Any:

@@ -12,25 +12,25 @@ from saguaro.pair import validate_pair
 from saguaro.remote import RemoteDraft, RemoteEngine
 from saguaro.serving import Channel, ServeLimits, ServingLoop, parse_request
 from saguaro.text import load_tokenizer
-from saguaro.triton_glue import (Metrics, bls_call, error_response, inputs_of, model_params, resolve_repo_path,
+from saguaro.triton_glue import (Metrics, Outbox, bls_call, error_response, inputs_of, model_params, resolve_repo_path,
                                  response, sibling_params, socket_call)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonChannel(Channel):
-    CANCEL_POLL_S = 0.01   # is_cancelled() is a round trip to the server: not every round
+    CANCEL_POLL_S = 0.05   # is_cancelled() is a round trip to the server: not every round
 
-    def __init__(self, request, tokenizer, triton_request, stream_interval_s):
+    def __init__(self, request, tokenizer, triton_request, outbox, stream_interval_s):
         super().__init__(request, tokenizer, stream_interval_s)
-        self.triton_request, self.sender = triton_request, triton_request.get_response_sender()
+        self.triton_request, self.sender, self.outbox = triton_request, triton_request.get_response_sender(), outbox
         self.polled = time.monotonic()
 
     def send(self, outputs, final):
-        self.sender.send(response(pb_utils, outputs), flags=FINAL if final else 0)
+        self.outbox.send(self.sender, lambda: response(pb_utils, outputs), FINAL if final else 0)
 
     def error(self, exc):
-        self.sender.send(error_response(pb_utils, exc), flags=FINAL)
+        self.outbox.send(self.sender, lambda: error_response(pb_utils, exc), FINAL)
 
     def cancelled(self):
         now = time.monotonic()
@@ -38,7 +38,7 @@ class TritonChannel(Channel):
             return False
         self.polled = now
         if self.triton_request.is_cancelled():
-            self.sender.send(flags=FINAL)
+            self.outbox.send(self.sender, None, FINAL)
             return True
         return False
 
@@ -62,6 +62,7 @@ class TritonPythonModel:
         spec = SpecConfig(k=int(p["num_draft_tokens"]), budget=int(p["fanout_budget"]),
                           saguaro_c=float(p["saguaro_c"]), draft_timeout_s=float(p["draft_timeout_s"]))
         self.metrics = Metrics(pb_utils)
+        self.outbox = Outbox()
 
         def make_decoder():   # on the loop thread, at the first request: the engine models are up by then
             if p.get("transport", "socket") == "bls":
@@ -82,7 +83,7 @@ class TritonPythonModel:
             except Exception as e:
                 r.get_response_sender().send(error_response(pb_utils, e), flags=FINAL)
                 continue
-            self.loop.submit(req, TritonChannel(req, self.tokenizer, r, self.stream_interval_s))
+            self.loop.submit(req, TritonChannel(req, self.tokenizer, r, self.outbox, self.stream_interval_s))
         return None
 
     def finalize(self):
