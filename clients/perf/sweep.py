@@ -387,10 +387,15 @@ def main() -> None:
     prompts = load_prompts(a.prompts)[: a.num_prompts]
     rows: list[Row] = []
     total, step = len(modes) * len(levels), 0
+    inputs = {}
     for mode in modes:
-        input_path = write_input_data(a.out / f"input_{mode}.json", prompts, a.max_tokens, mode, a.temperature)
+        inputs[mode] = write_input_data(a.out / f"input_{mode}.json", prompts, a.max_tokens, mode, a.temperature)
         warm_up(a, mode, prompts[0])
-        for c in levels:
+    # Concurrency by concurrency, the modes back to back: on a shared machine that drifts, the
+    # modes compared at one level are measured minutes apart no more.
+    for c in levels:
+        for mode in modes:
+            input_path = inputs[mode]
             step += 1
             print(f"[{step}/{total}] {mode} concurrency {c}: running perf_analyzer ...", flush=True)
             t0 = time.monotonic()
