@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     # SD drafts one row at a time, where fp32 can beat bf16: it gets whichever draft dtype is faster.
     sd_dtypes = ["float32", "bfloat16"] if args.draft_dtype == "auto" else [args.draft_dtype]
     runs: list[Run] = []
-    configs: dict[str, tuple[int, int]] = {}
+    configs: dict[str, tuple[int, int, str | None]] = {}   # mode -> threads, K, draft dtype
     for mode in [m for m in modes if m != "hf"]:
         if mode == "ssd":
             cores = os.cpu_count() or 1
