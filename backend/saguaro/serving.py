@@ -135,7 +135,7 @@ class Channel:
         self.request, self.tokenizer = request, tokenizer
         self.window = StreamWindow(tokenizer)
         self.generated: list[int] = []
-        self.interval, self.unsent, self.last_sent = stream_interval_s, [], None
+        self.interval, self.last_sent = stream_interval_s, None
 
     def send(self, outputs: dict[str, np.ndarray], final: bool) -> None:
         raise NotImplementedError
@@ -156,18 +156,17 @@ class Channel:
         self.generated += tokens
         if not self.request.stream:
             return
-        self.unsent += tokens
         now = time.monotonic()
         if self.last_sent is not None and now - self.last_sent < self.interval:
+            self.window.hold(tokens)
             return
-        window = self.window.push(self.unsent)
-        self.unsent = []
+        window = self.window.push(tokens)
         if window:
             self.send(self._piece(window), final=False)
             self.last_sent = now
 
     def on_finish(self, stats: SeqStats) -> None:
-        window = self.window.finish(self.unsent) if self.request.stream else (self.generated, 0)
+        window = self.window.finish() if self.request.stream else (self.generated, 0)
         self.send({**self._piece(window), **totals(stats, len(self.generated))}, final=True)
 
 

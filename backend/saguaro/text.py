@@ -105,12 +105,15 @@ class StreamWindow:
         self._shown = len(self._ids)
         return window, prefix_len
 
-    def push(self, new_ids: Iterable[int]) -> Optional[tuple[list[int], int]]:
+    def hold(self, new_ids: Iterable[int]) -> None:
+        """Add ids without sending: they come with the next window."""
         self._ids.extend(int(i) for i in new_ids)
+
+    def push(self, new_ids: Iterable[int]) -> Optional[tuple[list[int], int]]:
+        self.hold(new_ids)
         return self._take(final=False)
 
-    def finish(self, new_ids: Iterable[int] = ()) -> Optional[tuple[list[int], int]]:
-        self._ids.extend(int(i) for i in new_ids)
+    def finish(self) -> Optional[tuple[list[int], int]]:
         return self._take(final=True)
 
 
