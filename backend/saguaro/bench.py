@@ -104,8 +104,9 @@ def run_side_by_side(runs: list[Run], ids: list[list[int]], batch: int, label: s
     print(file=sys.stderr)
 
 
-def summarize(mode: str, tps: float, outputs, rounds: list[RoundStats], sums: dict, threads: int, k: int) -> ModeResult:
-    r = ModeResult(mode, tps, outputs, threads, k, rounds=len(rounds))
+def summarize(mode: str, tps: float, outputs, rounds: list[RoundStats], sums: dict, threads: int, k: int,
+              draft_dtype: str | None) -> ModeResult:
+    r = ModeResult(mode, tps, outputs, threads, k, draft_dtype, rounds=len(rounds))
     if not rounds:
         return r
     mean = lambda xs: statistics.fmean(xs) if xs else 0.0
@@ -314,8 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in runs:
         threads, k, draft_dtype = configs[r.mode]
         results[r.mode] = summarize(r.mode, r.tokens_per_s, r.outputs, list(r.dec.history), r.sums, threads,
-                                    0 if r.mode == "ar" else k)
-        results[r.mode].draft_dtype = draft_dtype
+                                    0 if r.mode == "ar" else k, draft_dtype)
     if "hf" in modes:
         threads = results["sd"].threads if "sd" in results else threads_options[-1]
         tps, outs = run_hf(args.target, args.draft, ids, params, args.k, threads)
