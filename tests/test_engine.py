@@ -244,3 +244,14 @@ def test_branch_step_limits(pair):
     e.branch_step(torch.tensor([slot]), torch.tensor([5]), torch.tensor([1]), 0)
     with pytest.raises(SaguaroError, match="max_draft_len"):
         e.branch_step(torch.tensor([slot]), torch.tensor([5]), torch.tensor([1]), 5)
+
+
+def test_greedy_is_torch_argmax_first_of_ties():
+    from saguaro.sampling import greedy
+    torch.manual_seed(0)
+    x = torch.randn(5, 4096)
+    x[2, 7] = x[2, 9] = x[2].max() + 1          # a tie: the lower id wins, as with torch.argmax
+    assert torch.equal(greedy(x), x.argmax(-1)) and int(greedy(x)[2]) == 7
+    assert torch.equal(greedy(x[:, ::3]), x[:, ::3].argmax(-1))      # strided rows
+    assert int(greedy(x[0])) == int(x[0].argmax())                   # one row
+    assert torch.equal(greedy(x.bfloat16()), x.bfloat16().float().argmax(-1))

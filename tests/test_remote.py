@@ -23,3 +23,16 @@ def test_remote_engine_matches_local_and_frees_released_slots():
     c = remote.allocate()
     remote.forward([c], [[1, 2, 3]])
     assert served.active_slots == 1 and remote.active_slots == 1   # b's engine slot was freed, c took one
+
+
+def test_greedy_forward_sends_the_argmax_ids():
+    cfg = EngineConfig(checkpoint=str(DEMO_TARGET), max_slots=2)
+    local, server = TorchEngine(cfg), EngineServer(TorchEngine(cfg))
+    remote = RemoteEngine(server.handle)
+    a, b = local.allocate(), remote.allocate()
+    prompt = list(range(10, 40))
+    logits = local.forward([a], [prompt])[0]
+    ids = remote.forward_greedy([b], [prompt])[0]
+    assert ids.shape == (len(prompt),) and torch.equal(ids, logits.argmax(-1))
+    # the slot advanced as with logits: the next forward continues the same sequence
+    assert torch.equal(remote.forward_greedy([b], [[7, 8]])[0], local.forward([a], [[7, 8]])[0].argmax(-1))

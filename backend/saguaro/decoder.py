@@ -25,7 +25,7 @@ from saguaro.config import MODES, SamplingParams, SpecConfig
 from saguaro.draft import CacheKeys, DraftReply, DraftRound, Join, Outcome, PendingRound, Speculation
 from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure, SaguaroError
-from saguaro.sampling import probs, verify_greedy, verify_sampled
+from saguaro.sampling import greedy, probs, verify_greedy, verify_sampled
 
 
 class DraftClient(Protocol):
@@ -180,7 +180,10 @@ class Decoder:
             pending = pending if reply is not None else None
         t0 = time.perf_counter()
         starts = [self.target.length(s.slot) for s in seqs]
-        logits = self.target.forward([s.slot for s in seqs], [[s.pending] + self._spec_tokens(s) for s in seqs])
+        # All greedy: the target sends back argmax ids, not logits (a vocabulary per position).
+        ids_only = all(s.params.greedy for s in seqs)
+        forward = self.target.forward_greedy if ids_only else self.target.forward
+        outputs = forward([s.slot for s in seqs], [[s.pending] + self._spec_tokens(s) for s in seqs])
         verify_ms = (time.perf_counter() - t0) * 1e3
         if pending and reply is None:   # all hits: the answer (q's for sampling) came during the forward
             reply, w = self._await(pending.reply)
@@ -189,7 +192,7 @@ class Decoder:
             caches, w = self._await(pending.caches)       # built during the forward
             self.caches, waited = caches or {}, waited + w
         t0 = time.perf_counter()
-        events = [self._verify(s, lg, start) for s, lg, start in zip(seqs, logits, starts)]
+        events = [self._verify(s, out, start, ids_only) for s, out, start in zip(seqs, outputs, starts)]
         self.last_verify_ms = verify_ms + (time.perf_counter() - t0) * 1e3
         hits = sum(reply.hits.values()) if reply else 0
         self.history.append(RoundStats(
@@ -259,13 +262,14 @@ class Decoder:
             pass
         self.draft_slots = 0
 
-    def _verify(self, s: Sequence, logits: torch.Tensor, start: int) -> Event:
+    def _verify(self, s: Sequence, out: torch.Tensor, start: int, ids_only: bool) -> Event:
+        """out: the target's logits over [pending, speculation], or their argmax ids (ids_only)."""
         draft = self._spec_tokens(s)   # empty if the drafter failed after the forward: an AR step
         if s.params.greedy:
-            k, bonus = verify_greedy(logits, draft)
+            k, bonus = verify_greedy((out if ids_only else greedy(out)).tolist(), draft)
         else:
             q = s.spec.q[: len(draft)] if draft else None
-            k, bonus = verify_sampled(probs(logits, s.params), q, draft, s.generator)
+            k, bonus = verify_sampled(probs(out, s.params), q, draft, s.generator)
         new = draft[:k] + [bonus]
         st = s.stats
         st.rounds, st.drafted, st.accepted = st.rounds + 1, st.drafted + len(draft), st.accepted + k

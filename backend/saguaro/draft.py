@@ -22,7 +22,7 @@ from saguaro.config import SamplingParams, SpecConfig
 from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure
 from saguaro.fanout import FanoutFit, backup_threshold, expected_tokens
-from saguaro.sampling import one_hot, probs, sample, saguaro
+from saguaro.sampling import greedy, one_hot, probs, sample, saguaro
 
 
 @dataclass
@@ -226,7 +226,7 @@ class Drafter:
     def _choose(self, s: _Seq, logits: torch.Tensor, fanout: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next tokens for rows of one sequence's logits, and the q they were drawn from."""
         if s.params.greedy:
-            return logits.argmax(-1), None
+            return greedy(logits), None
         q = probs(logits, s.params)
         if s.mode == "ssd":
             q = saguaro(q, fanout, s.c)
@@ -262,7 +262,7 @@ class Drafter:
         fanouts = {}   # one fit per build, shared by sequences with the same (budget, K)
         for s, lg in zip(seqs, glue):
             dist = lg[-(s.k + 1):]                      # L_0..L_K
-            top1 = dist.argmax(-1).tolist()
+            top1 = greedy(dist).tolist()
             for tok, nxt in zip([s.history[-1]] + s.spec.tokens, top1):
                 self.top_next[tok] = nxt
             key = (s.budget, s.k)

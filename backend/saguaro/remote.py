@@ -121,7 +121,10 @@ class EngineServer:
             slots = [self._slot(r) for r in msg["slots"]]
             for slot, start in zip(slots, msg["starts"]):
                 e.truncate(slot, start)
-            out = e.forward(slots, msg["tokens"], msg.get("logits", True))
+            if msg.get("greedy"):
+                out = e.forward_greedy(slots, msg["tokens"])
+            else:
+                out = e.forward(slots, msg["tokens"], msg.get("logits", True))
             yield [x.numpy() for x in out]
         else:
             raise SaguaroError(f"unknown engine op {msg['op']!r}")
@@ -150,8 +153,14 @@ class RemoteEngine(SlotTable, Engine):
         getattr(self.call, "close", lambda: None)()
 
     def forward(self, slots, tokens, logits: bool = True):
+        return self._forward(slots, tokens, logits=logits)
+
+    def forward_greedy(self, slots, tokens):
+        return self._forward(slots, tokens, greedy=True)
+
+    def _forward(self, slots, tokens, **output):
         out = next(self.call({"op": "forward", "slots": slots, "starts": [self.lengths[s] for s in slots],
-                              "tokens": tokens, "logits": logits, "released": self.released}))
+                              "tokens": tokens, "released": self.released, **output}))
         self.released = []
         for s, t in zip(slots, tokens):
             self.lengths[s] += len(t)

@@ -6,9 +6,19 @@ distribution each draft token was drawn from. Every drafter in this package samp
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from saguaro.config import SamplingParams
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim (the first of equal maxima, as torch's). On CPU through numpy:
+    torch's row-wise argmax costs ~6 us per 4k-vocab row here, numpy's ~0.3 us, and a round takes
+    several (the verify, the draft's glue and every branch depth)."""
+    if logits.device.type != "cpu":
+        return logits.argmax(-1)
+    return torch.from_numpy(np.asarray(logits.float().numpy().argmax(-1)))
 
 
 def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -56,9 +66,8 @@ def one_hot(tokens: list[int], vocab: int) -> torch.Tensor:
     return q
 
 
-def verify_greedy(logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
-    """logits [K+1, V] of the target over [t, d1..dK]. Returns (accepted k, bonus token)."""
-    best = logits.argmax(-1).tolist()
+def verify_greedy(best: list[int], draft: list[int]) -> tuple[int, int]:
+    """best: the target's argmax ids over [t, d1..dK]. Returns (accepted k, bonus token)."""
     k = 0
     while k < len(draft) and draft[k] == best[k]:
         k += 1

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from saguaro.errors import SaguaroError
+from saguaro.sampling import greedy
 
 
 class Engine(ABC):
@@ -47,6 +48,11 @@ class Engine(ABC):
         float32 logits of shape [len(tokens[i]), vocab] for each new position. Used for prefill,
         single-token decode and (K+1)-token verification alike. logits=False (prefill whose
         logits nobody reads) returns [] and may skip the LM head."""
+
+    def forward_greedy(self, slots: list[int], tokens: list[list[int]]) -> list[torch.Tensor]:
+        """forward(), keeping of each position's logits only the argmax id: all that greedy
+        verification reads, and 4 bytes instead of a vocabulary's worth to carry between processes."""
+        return [greedy(x) for x in self.forward(slots, tokens)]
 
     @abstractmethod
     def branch_step(self, parents: torch.Tensor, visible: torch.Tensor, tokens: torch.Tensor,
