@@ -115,6 +115,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        self.in_features = linear.in_features
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
@@ -130,13 +131,25 @@ class PackedLinear(nn.Module):
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
+    @torch.inference_mode()
+    def warm(self, max_rows: int) -> None:
+        """Generate the kernels of every row count up to max_rows now: the first call with a new
+        count costs several times a warm one, and would otherwise land on a request's first round
+        (a new prompt's prefill, a new batch size)."""
+        for rows in [*range(1, self.BUCKET + 1), *range(2 * self.BUCKET, max_rows + self.BUCKET, self.BUCKET)]:
+            self.forward(torch.zeros(rows, self.in_features, dtype=torch.bfloat16))
 
-def pack_linears(module: nn.Module) -> None:
+
+def pack_linears(module: nn.Module, warm_rows: int = 0) -> None:
+    """Replace every nn.Linear by a PackedLinear, its kernels generated for up to warm_rows rows."""
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child))
+            packed = PackedLinear(child)
+            setattr(module, name, packed)
+            if warm_rows:
+                packed.warm(warm_rows)
         else:
-            pack_linears(child)
+            pack_linears(child, warm_rows)
 
 
 def cpu_has_fast_bf16() -> bool:

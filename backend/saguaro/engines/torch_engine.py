@@ -38,9 +38,11 @@ class TorchEngine(SlotTable, Engine):
         self.cfg, self.device = cfg, torch.device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, cfg.device, draft=branches)
         self.model = Transformer.from_hf(cfg.checkpoint, dtype, cfg.device)
-        if cfg.device == "cpu" and dtype == torch.bfloat16 and cpu_has_fast_bf16():
-            pack_linears(self.model)
         a = self.model.args
+        if cfg.device == "cpu" and dtype == torch.bfloat16 and cpu_has_fast_bf16():
+            self._use_threads(cfg.threads)
+            # rows of one forward: a prompt's prefill, or every sequence's branches in a build
+            pack_linears(self.model, warm_rows=max(cfg.max_seq_len, cfg.max_slots * cfg.max_branches if branches else 0))
         self.vocab_size, self.max_slots, self.max_seq_len = a.vocab_size, cfg.max_slots, cfg.max_seq_len
         self.max_draft_len = cfg.max_draft_len
         self.wide_prefill = cfg.device == "cpu" and 0 < cfg.threads < cfg.prefill_threads
@@ -127,11 +129,8 @@ class TorchEngine(SlotTable, Engine):
         tok.view(-1)[t.flat] = tokens.to(self.device)
         pos = t.visible + depth
         write_at = t.base[:, None] + depth * t.width + self.positions[: t.width]
-        end = int(t.base.max()) + (depth + 1) * t.width
-        cols = self.positions[:end]
-        rel = cols - t.base[:, None, None]
-        own = (rel >= 0) & (rel % t.width == self.positions[: t.width, None]) & (rel // t.width <= depth)
-        mask = ((cols < t.visible[:, :, None]) | own).unsqueeze(1)
+        end = t.scratch_start + (depth + 1) * t.width
+        mask = (t.prefix[..., :end] | (t.own[..., :end] & (t.block[..., :end] <= depth))).unsqueeze(1)
         slots = t.slots
         rows = slots[:, None].expand_as(write_at)
 
@@ -169,3 +168,12 @@ class _BranchLayout:
         self.visible = vis.to(device)
         self.slots = torch.tensor(order, device=device)
         self.base = torch.tensor([max(lengths[p], max(visible[i] for i in members[p])) for p in order], device=device)
+        # The attention mask of every depth, in pieces cut per step (a step is a few hundred us; its
+        # mask, built from scratch, would be a tenth of that): a branch sees its parent's prefix up
+        # to its visible length, and its own scratch column in each block up to the current depth.
+        self.scratch_start = int(self.base.max())
+        cols = torch.arange(self.scratch_start + (max_depth + 1) * self.width, device=device)
+        rel = cols - self.base[:, None, None]
+        self.prefix = cols < self.visible[:, :, None]
+        self.own = (rel >= 0) & (rel % self.width == torch.arange(self.width, device=device)[:, None])
+        self.block = rel.div(self.width, rounding_mode="floor")
