@@ -18,4 +18,7 @@ def test_bench_side_by_side_report(tmp_path, capsys):
     assert 0.0 <= modes["ssd"]["cache_hit_rate"] <= 1.0
     out = capsys.readouterr().out
     assert "greedy outputs identical to AR: ssd 2/2" in out
+    ssd = modes["ssd"]   # the bound: the same rounds with nothing but the verify
+    assert ssd["verify_bound_tokens_per_s"] >= ssd["decode_tokens_per_s"]
+    assert "ssd decode bound with drafting fully hidden" in out
     assert (tmp_path / "bench.png").stat().st_size > 0

@@ -48,6 +48,7 @@ class ModeResult:
     backup_ms: float | None = None      # SSD: drafter answer time in rounds with a miss
     decode_tokens_per_s: float | None = None   # rounds only, prompt prefill excluded
     predicted_tokens_per_s: float | None = None  # SSD: the speedup model's decode rate
+    verify_bound_tokens_per_s: float | None = None  # decode rate if rounds cost the verify alone
 
 
 def load_prompts(path: Path, limit: int | None) -> list[str]:
@@ -113,6 +114,7 @@ def summarize(mode: str, tps: float, outputs, rounds: list[RoundStats], sums: di
     decode_ms = sum(x.wall_ms - x.prefill_ms for x in rounds)
     r.decode_tokens_per_s = 1000.0 * sum(x.tokens for x in rounds) / decode_ms if decode_ms else None
     r.verify_ms = mean([x.verify_ms for x in rounds])
+    r.verify_bound_tokens_per_s = 1000.0 * mean([x.tokens for x in rounds]) / r.verify_ms if r.verify_ms else None
     r.exposed_draft_ms = mean([x.draft_wait_ms for x in rounds])
     r.mean_accepted_len = sum(len(o) for o in outputs) / max(1, sums["seq_rounds"])
     r.acceptance_rate = sums["accepted"] / sums["drafted"] if sums["drafted"] else 0.0
@@ -331,6 +333,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"ssd decode phase (prefill excluded): measured {ssd.decode_tokens_per_s:.1f} tok/s, speedup model "
               f"(DESIGN §1.2, from its measured hit rate, lengths and round times) {ssd.predicted_tokens_per_s:.1f} tok/s: "
               f"measured/predicted = {ssd.decode_tokens_per_s / ssd.predicted_tokens_per_s:.2f}")
+    if ssd and ssd.verify_bound_tokens_per_s and "sd" in results:
+        # SSD can at best hide drafting: its rounds still cost a verify on the target's one core.
+        print(f"ssd decode bound with drafting fully hidden (tokens per round / verify time, target on "
+              f"{ssd.threads} thread): {ssd.verify_bound_tokens_per_s:.1f} tok/s, "
+              f"{ssd.verify_bound_tokens_per_s / results['sd'].decode_tokens_per_s:.2f}x sd's decode phase "
+              f"(sd verifies on {results['sd'].threads} threads)")
     for base in ("sd", "ar"):
         if ssd and base in results:
             b = results[base]
