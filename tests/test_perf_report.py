@@ -139,3 +139,15 @@ def test_build_inputs_follows_the_model_metadata_shapes() -> None:
         inputs = build_inputs(GenerateRequest("hi", max_tokens=4), shapes)
         assert [(i.name(), i.shape(), i.datatype()) for i in inputs] == [
             ("text_input", want, "BYTES"), ("max_tokens", want, "INT32"), ("stream", want, "BOOL")]
+
+
+def test_repeated_runs_of_a_point_pool_into_one_row(tmp_path: Path) -> None:
+    # --repeats writes <mode>_c<C>_r<i>.*: a point's runs pool their requests and add their wall times.
+    for rep in range(2):
+        for suffix in (".csv", ".json", ".metrics.json"):
+            shutil.copy(SAMPLE / f"ssd_c1{suffix}", tmp_path / f"ssd_c1_r{rep}{suffix}")
+    single = {(r.mode, r.concurrency): r for r in rows_from_dir(SAMPLE)}[("ssd", 1)]
+    (pooled,) = rows_from_dir(tmp_path)
+    assert (pooled.mode, pooled.concurrency, pooled.requests) == ("ssd", 1, 2 * single.requests)
+    assert pooled.tokens_per_s == pytest.approx(single.tokens_per_s)
+    assert pooled.hit_rate == pytest.approx(single.hit_rate)

@@ -12,6 +12,10 @@ plus Triton's request failures). report.md and report.png summarize them.
 By default every point runs a fixed number of requests (a multiple of the prompt count), so each
 mode decodes the same prompts: acceptance depends on the prompt, and time windows would let
 faster modes see a different mix. --measurement-interval switches to perf_analyzer's time windows.
+
+--repeats N runs every point N times, the modes in a rotated order each time (files
+`<mode>_c<C>_r<i>.*`), and reports each point over all its runs: on a shared machine whose speed
+drifts by tens of percent within minutes, one block per mode can hand a mode a slow minute.
 """
 
 from __future__ import annotations
@@ -171,12 +175,20 @@ def speculative_rates(deltas: dict[str, float]) -> tuple[float | None, float | N
 
 # ---- one point -------------------------------------------------------------------------------
 
-def summarize_run(mode: str, csv_path: Path, export_path: Path, deltas: dict[str, float]) -> Row:
-    stats = parse_csv(csv_path)
-    exp = parse_export(export_path)[0]
-    reqs = exp["requests"]
+Run = tuple[Path, Path, dict[str, float]]   # one perf_analyzer run: its CSV, its export, the metric deltas
+
+
+def summarize_runs(mode: str, runs: list[Run]) -> Row:
+    """One point from its runs (one, or --repeats of them): requests pooled, wall times added."""
+    exps = [parse_export(export)[0] for _, export, _ in runs]
+    reqs = [r for exp in exps for r in exp["requests"]]
     tokens = [r["generated_tokens"] for r in reqs if r["generated_tokens"]]
-    span_s = exp["span_s"]
+    span_s = sum(exp["span_s"] for exp in exps)
+    deltas: dict[str, float] = {}
+    for _, _, d in runs:
+        for k, v in d.items():
+            deltas[k] = deltas.get(k, 0.0) + v
+    pa_rates = [parse_csv(csv_path).get("Inferences/Second", 0.0) for csv_path, _, _ in runs]
     hit_rate, acceptance = speculative_rates(deltas)
     if acceptance is None:  # no server metric: fall back to the requests' own totals
         drafted = sum(r["drafted_tokens"] for r in reqs)
@@ -184,10 +196,10 @@ def summarize_run(mode: str, csv_path: Path, export_path: Path, deltas: dict[str
     # A request that got no response or no tokens failed, whatever perf_analyzer counted.
     errors = int(deltas.get(FAILURE_METRIC, 0)) + sum(1 for r in reqs if not r["responses"])
     return Row(
-        mode=mode, concurrency=exp["concurrency"], requests=len(reqs),
+        mode=mode, concurrency=exps[0]["concurrency"], requests=len(reqs),
         infer_per_s=len(reqs) / span_s if span_s else 0.0,
         tokens_per_s=sum(tokens) / span_s if tokens and span_s else None,
-        pa_infer_per_s=stats.get("Inferences/Second", 0.0),
+        pa_infer_per_s=sum(pa_rates) / len(pa_rates),
         latency_p50_ms=percentile([r["latency_ms"] for r in reqs if "latency_ms" in r], 50),
         latency_p99_ms=percentile([r["latency_ms"] for r in reqs if "latency_ms" in r], 99),
         ttft_p50_ms=percentile([r["ttft_ms"] for r in reqs if "ttft_ms" in r], 50),
@@ -197,8 +209,9 @@ def summarize_run(mode: str, csv_path: Path, export_path: Path, deltas: dict[str
     )
 
 
-def run_point(a: argparse.Namespace, mode: str, concurrency: int, input_path: Path, n_prompts: int) -> Row:
-    stem = a.out / f"{mode}_c{concurrency}"
+def run_point(a: argparse.Namespace, mode: str, concurrency: int, input_path: Path, n_prompts: int,
+              repeat: int | None = None) -> Run:
+    stem = a.out / (f"{mode}_c{concurrency}" + (f"_r{repeat}" if repeat is not None else ""))
     csv_path, export_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
     export_path.unlink(missing_ok=True)   # perf_analyzer refuses to overwrite an export (a re-run into --out)
     cmd = [str(PERF_ANALYZER), "-m", a.model, "-u", a.url, "-i", "grpc", "--async", "--streaming",
@@ -220,7 +233,7 @@ def run_point(a: argparse.Namespace, mode: str, concurrency: int, input_path: Pa
         raise ClientError(f"perf_analyzer failed (exit {proc.returncode}) for {mode} c={concurrency}:\n{tail}")
     deltas = metric_deltas(before, scrape_metrics(a.metrics_url))
     stem.with_suffix(".metrics.json").write_text(json.dumps(deltas, indent=1))
-    return summarize_run(mode, csv_path, export_path, deltas)
+    return csv_path, export_path, deltas
 
 
 def warm_up(a: argparse.Namespace, mode: str, prompt: str) -> None:
@@ -337,17 +350,17 @@ def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: co
 
 
 def rows_from_dir(out: Path) -> list[Row]:
-    """Rebuilds the rows from a sweep directory's <mode>_c<C>.{csv,json,metrics.json} files."""
-    rows = []
+    """Rebuilds the rows from a sweep directory's <mode>_c<C>[_r<i>].{csv,json,metrics.json} files."""
+    points: dict[tuple[str, int], list[Run]] = {}
     for csv_path in sorted(out.glob("*_c*.csv")):
-        m = re.fullmatch(r"(\w+)_c(\d+)", csv_path.stem)
+        m = re.fullmatch(r"(\w+?)_c(\d+)(?:_r\d+)?", csv_path.stem)
         export = csv_path.with_suffix(".json")
         if not m or not export.exists():
             continue
         metrics = csv_path.with_suffix(".metrics.json")
         deltas = json.loads(metrics.read_text()) if metrics.exists() else {}
-        rows.append(summarize_run(m.group(1), csv_path, export, deltas))
-    return rows
+        points.setdefault((m.group(1), int(m.group(2))), []).append((csv_path, export, deltas))
+    return [summarize_runs(mode, runs) for (mode, _), runs in points.items()]
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -369,6 +382,7 @@ def main() -> None:
     p.add_argument("--stability", type=float, default=999, help="perf_analyzer --stability-percentage (time windows)")
     p.add_argument("--timeout-s", type=float, default=1800, help="per perf_analyzer run")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured requests per mode before its first point")
+    p.add_argument("--repeats", type=int, default=1, help="runs per point, the modes' order rotating between them")
     p.add_argument("--out", type=Path, default=Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     p.add_argument("--report-only", type=Path, default=None, metavar="DIR", help="rewrite DIR's report from its exports")
     a = p.parse_args()
@@ -385,28 +399,32 @@ def main() -> None:
     modes = a.modes.split(",")
     levels = [int(c) for c in a.concurrency.split(",")]
     prompts = load_prompts(a.prompts)[: a.num_prompts]
-    rows: list[Row] = []
-    total, step = len(modes) * len(levels), 0
+    if a.repeats < 1:
+        raise ClientError(f"--repeats {a.repeats}: run every point at least once")
+    total, step = len(modes) * len(levels) * a.repeats, 0
     inputs = {}
     for mode in modes:
         inputs[mode] = write_input_data(a.out / f"input_{mode}.json", prompts, a.max_tokens, mode, a.temperature)
         warm_up(a, mode, prompts[0])
-    # Concurrency by concurrency, the modes back to back: on a shared machine that drifts, the
-    # modes compared at one level are measured minutes apart no more.
+    runs: dict[tuple[str, int], list[Run]] = {}
+    rows: dict[tuple[str, int], Row] = {}
+    # Concurrency by concurrency, the modes back to back (and, with --repeats, taking turns first):
+    # on a shared machine that drifts, the modes compared at one level are measured together.
     for c in levels:
-        for mode in modes:
-            input_path = inputs[mode]
-            step += 1
-            print(f"[{step}/{total}] {mode} concurrency {c}: running perf_analyzer ...", flush=True)
-            t0 = time.monotonic()
-            row = run_point(a, mode, c, input_path, len(prompts))
-            rows.append(row)
-            print(f"[{step}/{total}] {mode} concurrency {c}: {row.requests} requests in {time.monotonic() - t0:.0f} s, "
-                  f"{_fmt(row.tokens_per_s)} tokens/s, p50 latency {_fmt(row.latency_p50_ms, 0)} ms, "
-                  f"hit rate {_fmt(row.hit_rate, 2)}, acceptance {_fmt(row.acceptance, 2)}, errors {row.errors}",
-                  flush=True)
-            (a.out / "rows.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    md, png = write_report(rows, a.out)
+        for rep in range(a.repeats):
+            for mode in modes[rep % len(modes):] + modes[: rep % len(modes)]:
+                step += 1
+                print(f"[{step}/{total}] {mode} concurrency {c}: running perf_analyzer ...", flush=True)
+                t0 = time.monotonic()
+                runs.setdefault((mode, c), []).append(
+                    run_point(a, mode, c, inputs[mode], len(prompts), rep if a.repeats > 1 else None))
+                row = rows[(mode, c)] = summarize_runs(mode, runs[(mode, c)])
+                print(f"[{step}/{total}] {mode} concurrency {c}: {row.requests} requests so far, last run "
+                      f"{time.monotonic() - t0:.0f} s; {_fmt(row.tokens_per_s)} tokens/s, p50 latency "
+                      f"{_fmt(row.latency_p50_ms, 0)} ms, hit rate {_fmt(row.hit_rate, 2)}, acceptance "
+                      f"{_fmt(row.acceptance, 2)}, errors {row.errors}", flush=True)
+                (a.out / "rows.json").write_text(json.dumps([asdict(r) for r in rows.values()], indent=1))
+    md, png = write_report(list(rows.values()), a.out)
     print("\n" + md.read_text())
     print(f"wrote {md} and {png}")
 
