@@ -96,15 +96,16 @@ def rope_tables(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Tens
         else:
             raise SaguaroError(f"rope_scaling type {kind!r} is not supported; supported: linear, llama3, yarn")
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
+    sin = angles.sin() * attention_factor
+    # The rotation's sign lives in the table: apply_rope then swaps halves without negating one.
+    signed_sin = torch.cat([-sin, sin], dim=-1)
+    return (torch.cat([angles, angles], dim=-1).cos() * attention_factor).float(), signed_sin.float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, T, heads, head_dim]; cos/sin: [N, T, head_dim]."""
+    """x: [N, T, heads, head_dim]; cos/sin: [N, T, head_dim], sin's first half negated (rope_tables)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
+    return x * cos.unsqueeze(2) + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin.unsqueeze(2)
 
 
 class PackedLinear(nn.Module):
@@ -179,13 +180,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "CacheView") -> torch.Tensor:
         a = self.args
         n, t, _ = x.shape
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, t, a.n_heads, a.head_dim)
-        k = k.view(n, t, a.n_kv_heads, a.head_dim)
+        qk, v = self.qkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(n, t, a.n_heads + a.n_kv_heads, a.head_dim)   # q's heads, then k's
         v = v.view(n, t, a.n_kv_heads, a.head_dim)
         if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = qk.split([a.n_heads, a.n_kv_heads], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        # one rotation for q and k together: a small model's forward costs per op
+        q, k = apply_rope(qk, cos, sin).split([a.n_heads, a.n_kv_heads], dim=2)
         keys, values = cache.update(k, v)        # [N', L, kv_heads, head_dim]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
