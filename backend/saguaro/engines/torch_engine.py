@@ -97,14 +97,8 @@ class TorchEngine(SlotTable, Engine):
     def _single_slot_view(self, slot: int, start: int, width: int) -> CacheView:
         # The common batch-1 case: plain slices, no gather, no mask for one-token decode.
         end = start + width
-        kc, vc = self.k_cache[:, slot:slot + 1], self.v_cache[:, slot:slot + 1]
-
-        def write(layer, k, v):
-            kc[layer, :, start:end], vc[layer, :, start:end] = k, v
-            return kc[layer, :, :end], vc[layer, :, :end]
-
         mask = None if width == 1 else self.positions[:end] <= self.positions[start:end, None]
-        return CacheView(write, mask)
+        return CacheView(self._slice_writer(slot, start, end), mask)
 
     def _gather_view(self, slots: torch.Tensor, pos: torch.Tensor, end: int) -> CacheView:
         rows = slots[:, None].expand_as(pos)
@@ -125,24 +119,36 @@ class TorchEngine(SlotTable, Engine):
         self._use_threads(self.cfg.threads)
         if depth > self.cfg.max_draft_len:
             raise SaguaroError(f"branch depth {depth} exceeds max_draft_len={self.cfg.max_draft_len}")
-        tok = torch.zeros(t.groups, t.width, dtype=torch.long, device=self.device)
-        tok.view(-1)[t.flat] = tokens.to(self.device)
         pos = t.visible + depth
-        write_at = t.base[:, None] + depth * t.width + self.positions[: t.width]
         end = t.scratch_start + (depth + 1) * t.width
         mask = (t.prefix[..., :end] | (t.own[..., :end] & (t.block[..., :end] <= depth))).unsqueeze(1)
+        if t.groups == 1:
+            # One parent (batch 1): its branches fill the grid's one row in order and this depth's
+            # scratch block is contiguous, so plain slices replace the gathers and scatters below.
+            out = self.model(tokens.to(self.device).view(1, -1), self.cos[pos], self.sin[pos],
+                             CacheView(self._slice_writer(t.slot, end - t.width, end), mask))
+            return out.view(-1, self.vocab_size)
+        tok = torch.zeros(t.groups, t.width, dtype=torch.long, device=self.device)
+        tok.view(-1)[t.flat] = tokens.to(self.device)
+        write_at = t.base[:, None] + depth * t.width + self.positions[: t.width]
         slots = t.slots
         rows = slots[:, None].expand_as(write_at)
 
         def write(layer, k, v):
             self.k_cache[layer][rows, write_at], self.v_cache[layer][rows, write_at] = k, v
-            if t.groups == 1:
-                s = int(slots[0])
-                return self.k_cache[layer, s:s + 1, :end], self.v_cache[layer, s:s + 1, :end]
             return self.k_cache[layer][slots, :end], self.v_cache[layer][slots, :end]
 
         out = self.model(tok, self.cos[pos], self.sin[pos], CacheView(write, mask))
         return out.view(-1, self.vocab_size)[t.flat]
+
+    def _slice_writer(self, slot: int, start: int, end: int):
+        """write(layer, k, v) for one slot whose new entries go to positions [start, end)."""
+        kc, vc = self.k_cache[:, slot:slot + 1], self.v_cache[:, slot:slot + 1]
+
+        def write(layer, k, v):
+            kc[layer, :, start:end], vc[layer, :, start:end] = k, v
+            return kc[layer, :, :end], vc[layer, :, :end]
+        return write
 
 
 class _BranchLayout:
@@ -167,6 +173,7 @@ class _BranchLayout:
         self.flat = torch.tensor(flat, device=device)
         self.visible = vis.to(device)
         self.slots = torch.tensor(order, device=device)
+        self.slot = order[0]                     # the parent, when there is one (groups == 1)
         self.base = torch.tensor([max(lengths[p], max(visible[i] for i in members[p])) for p in order], device=device)
         # The attention mask of every depth, in pieces cut per step (a step is a few hundred us; its
         # mask, built from scratch, would be a tenth of that): a branch sees its parent's prefix up
