@@ -31,7 +31,7 @@ SAMPLES = 20_000      # per case (the issue's floor)
 # draft's cache build does per-sequence Python work, and its branch layout is O(batch x branches).
 BATCH = 250
 K = 2
-BUDGET = 6            # fan-out budget: a mix of cache hits and misses on a vocabulary of 8
+BUDGET = 4            # fan-out budget: a mix of cache hits and misses on a vocabulary of 8
 PROMPT = [3]          # one token: no per-sequence prefill forward (20k of them would dominate)
 TINY = dict(arch="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
             num_attention_heads=2, num_key_value_heads=1, std=0.12, tokenizer=False)
@@ -153,11 +153,11 @@ def test_sampled_decoding_matches_autoregressive_distribution(models, engines, s
     assert p > 1e-3, f"{mode}: the sampled distribution differs from AR sampling (chi-square p = {p:.3g})"
 
 
-def _choose_reporting_unreshaped_q(self, s, logits, fanout):
+def _choose_reporting_unreshaped_q(self, s, logits, depth, fanouts):
     """Drafter._choose with the classic bug: the token is drawn from the Saguaro-reshaped q, but
     verification is handed the plain draft distribution."""
     q_plain = probs(logits, s.params)
-    q_sampled = saguaro(q_plain, fanout, s.c) if s.mode == "ssd" else q_plain
+    q_sampled = saguaro(q_plain, self._fanout(s.budget, s.k, fanouts)[depth], s.c) if s.mode == "ssd" else q_plain
     return sample(q_sampled, s.generator), q_plain
 
 

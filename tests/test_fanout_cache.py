@@ -163,17 +163,29 @@ def _drafter(engine, backup: str, k: int = 3, budget: int = 8) -> Drafter:
     return Drafter(engine, SpecConfig(k=k, budget=budget, backup=backup, fanout="geometric", accept_rate=0.6, power=0.8))
 
 
-def _join(d: Drafter, params: SamplingParams, k: int = 3, budget: int = 8, c: float = 1.0, prompt=PROMPT):
-    reply = d.step(DraftRound(joins=[Join(0, list(prompt), params, "ssd", k, budget, c)]))
-    assert reply.hits == {} and reply.specs[0].source == "neural" and len(reply.specs[0].tokens) == k
+def _join(d: Drafter, params: SamplingParams, k: int = 3, budget: int = 8, c: float = 1.0, prompts=(PROMPT,)):
+    """New sequences (ids 0..) through their first round, a target step with no speculation: the
+    drafter pre-drafts for its outcome, the target's token is one it cached (a hit), and the build
+    after it covers the speculation now being verified. Returns that speculation of each."""
+    reply = d.step(DraftRound(joins=[Join(i, list(p), params, "ssd", k, budget, c) for i, p in enumerate(prompts)]))
+    assert reply.specs == {} and reply.hits == {}
+    keys = d.build()
+    outcomes = []
+    for i in range(len(prompts)):
+        assert d.seqs[i].fanout == [budget] and all(j == 0 for j, _ in keys[i])
+        outcomes.append(Outcome(i, 0, [min(keys[i])[1]]))
+    reply = d.step(DraftRound(outcomes=outcomes))
+    assert all(reply.hits.values()) and all(len(spec.tokens) == k for spec in reply.specs.values())
     d.build()
-    return reply.specs[0]
+    return reply.specs[0] if len(prompts) == 1 else reply.specs
 
 
 def _neural_drafts(engine, contexts: list[list[int]], k: int) -> list[list[int]]:
     """What plain (SD) neural drafting produces, greedily, from each context."""
     d = Drafter(engine, SpecConfig(k=k, budget=8, backup="neural"))
-    reply = d.step(DraftRound(joins=[Join(100 + i, c, SamplingParams(), "sd", k, 8, 1.0) for i, c in enumerate(contexts)]))
+    # SD sequences draft from their first outcome on (the first round is a target step)
+    d.step(DraftRound(joins=[Join(100 + i, c[:-1], SamplingParams(), "sd", k, 8, 1.0) for i, c in enumerate(contexts)]))
+    reply = d.step(DraftRound(outcomes=[Outcome(100 + i, 0, c[-1:]) for i, c in enumerate(contexts)]))
     out = [reply.specs[100 + i].tokens for i in range(len(contexts))]
     d.release_all()
     return out
@@ -199,9 +211,9 @@ def test_greedy_cached_branches_equal_neural_drafting(draft_engine):
     """Tree attention over the glue + scratch KV gives what drafting from the true prefix gives."""
     d = _drafter(draft_engine, "neural", k=4, budget=12)
     spec = _join(d, SamplingParams(), k=4, budget=12)
-    cache = dict(d.seqs[0].cache)
+    cache, history = dict(d.seqs[0].cache), list(d.seqs[0].history)
     keys = sorted(cache)
-    contexts = [PROMPT + spec.tokens[:j] + [c] for j, c in keys]
+    contexts = [history + spec.tokens[:j] + [c] for j, c in keys]
     expected = _neural_drafts(draft_engine, contexts, 4)
     for key, want in zip(keys, expected):
         assert cache[key].tokens == want, f"branch {key}: cached {cache[key].tokens} != drafted {want}"
@@ -213,6 +225,7 @@ def test_hit_returns_the_cached_speculation(draft_engine, params):
     d = _drafter(draft_engine, "neural")
     spec = _join(d, params, c=0.5 if not params.greedy else 1.0)
     s = d.seqs[0]
+    history = list(s.history)
     # pick a cached outcome with some accepted tokens when there is one
     (j, c), cached = max(s.cache.items(), key=lambda kv: (kv[0][0], -kv[0][1]))
     if params.greedy:
@@ -227,7 +240,7 @@ def test_hit_returns_the_cached_speculation(draft_engine, params):
     got = reply.specs[0]
     assert got.source == "cache" and got.tokens == cached.tokens
     assert (got.q is None) == params.greedy and (got.q is None or torch.equal(got.q, cached.q))
-    assert d.seqs[0].history == PROMPT + spec.tokens[:j] + [c]
+    assert d.seqs[0].history == history + spec.tokens[:j] + [c]
     # the next round's cache is built from the new speculation
     d.build()
     assert len(d.seqs[0].cache) == 8
@@ -242,12 +255,12 @@ def test_miss_uses_the_backup(draft_engine, backup):
     s = d.seqs[0]
     j = 1
     bonus = next(t for t in range(draft_engine.vocab_size) if (j, t) not in s.cache and t != spec.tokens[j])
+    history = s.history + spec.tokens[:j] + [bonus]
     reply = d.step(DraftRound(outcomes=[Outcome(0, j, spec.tokens[:j] + [bonus])]))
     assert reply.hits == {0: False}
     assert reply.backup == backup
     got = reply.specs[0]
     assert got.source == backup and len(got.tokens) == 3
-    history = PROMPT + spec.tokens[:j] + [bonus]
     if backup == "neural":
         assert got.tokens == _neural_drafts(draft_engine, [history], 3)[0]
     else:
@@ -273,9 +286,8 @@ def test_cache_is_per_sequence_and_per_round(draft_engine):
     and a cache is dropped once its round's outcome is known (never served stale)."""
     d = _drafter(draft_engine, "neural")
     other = [11, 12, 13, 14, 15, 16, 17]
-    first = d.step(DraftRound(joins=[Join(0, PROMPT, SamplingParams(), "ssd", 3, 8, 1.0),
-                                     Join(1, other, SamplingParams(), "ssd", 3, 8, 1.0)])).specs
-    d.build()
+    first = _join(d, SamplingParams(), prompts=(PROMPT, other))
+    history0 = list(d.seqs[0].history)
     c0, c1 = dict(d.seqs[0].cache), dict(d.seqs[1].cache)
     assert len(c0) == len(c1) == 8
     # seq 0 reports an outcome that only seq 1 has cached; seq 1 one of its own
@@ -288,7 +300,7 @@ def test_cache_is_per_sequence_and_per_round(draft_engine):
     assert r.specs[1].tokens == cached1.tokens
     assert d.seqs[0].cache == {} and d.seqs[1].cache == {}       # no stale entry survives the outcome
     d.build()
-    assert set(d.seqs[0].cache) != set(c0) or d.seqs[0].history != PROMPT
+    assert set(d.seqs[0].cache) != set(c0) or d.seqs[0].history != history0
     d.step(DraftRound(leaves=[0, 1]))
     assert draft_engine.active_slots == 0
 
@@ -306,8 +318,7 @@ def test_fanout_larger_than_the_vocabulary(tmp_path):
     cfg = EngineConfig(checkpoint=str(tmp_path / "m"), max_slots=2, max_seq_len=32, max_draft_len=2, max_branches=32)
     eng = TorchEngine(cfg, branches=True)
     d = Drafter(eng, SpecConfig(k=1, budget=20, accept_rate=0.5, power=0.8))
-    spec = d.step(DraftRound(joins=[Join(0, [1, 2], SamplingParams(), "ssd", 1, 20, 1.0)])).specs[0]
-    d.build()
+    spec = _join(d, SamplingParams(), k=1, budget=20, prompts=([1, 2],))
     s = d.seqs[0]
     assert s.fanout == [10, 10]
     assert sorted(c for j, c in s.cache if j == 0) == sorted(set(range(v)) - {spec.tokens[0]})
@@ -320,13 +331,17 @@ def test_fanout_larger_than_the_vocabulary(tmp_path):
     assert sum(r.hits for r in dec.history) > 0 and sum(r.misses for r in dec.history) == 0  # every outcome is cached
 
 
-def test_no_build_while_the_target_prefills_on_every_core(draft_engine):
-    """A join whose prompt the target prefills on every core gets no cache that round (building
-    on a core the prefill uses would stall it); its next round builds as usual."""
+def test_first_round_is_a_target_step_with_a_cache(draft_engine):
+    """A new sequence gets no speculation in its first round (the target prefills it alone, then
+    verifies nothing): the drafter prefills its copy meanwhile and caches its likely first tokens,
+    the whole budget on the one outcome (0 accepted, c); the next round's outcome hits."""
     d = _drafter(draft_engine, "neural")
-    reply = d.step(DraftRound(joins=[Join(0, list(PROMPT), SamplingParams(), "ssd", 3, 8, 1.0)], wide_prefill=True))
-    assert d.build() == {}
-    spec = reply.specs[0]
-    d.step(DraftRound(outcomes=[Outcome(0, 3, spec.tokens + [7])], wide_prefill=True))
-    assert len(d.build()[0]) == 8
+    reply = d.step(DraftRound(joins=[Join(0, list(PROMPT), SamplingParams(), "ssd", 3, 8, 1.0)]))
+    assert reply.specs == {} and reply.hits == {}
+    keys = d.build()[0]
+    draft_engine.truncate(d.seqs[0].slot, len(PROMPT) - 1)     # as the next glue will
+    top = draft_engine.forward([d.seqs[0].slot], [[PROMPT[-1]]])[0][-1].topk(8).indices.tolist()
+    assert sorted(keys) == sorted((0, c) for c in top)
+    got = d.step(DraftRound(outcomes=[Outcome(0, 0, [top[0]])]))
+    assert got.hits == {0: True} and got.specs[0].tokens == keys[(0, top[0])]
     d.release_all()

@@ -3,14 +3,15 @@
 One round, for every active sequence together:
   1. the round goes to the drafter (last round's outcomes, joins, leaves). An SSD sequence whose
      outcome was pre-drafted already knows its speculation from the cache keys the drafter sent
-     last round; misses, new sequences and SD wait for the drafter's answer; AR has none;
+     last round; misses and SD wait for the drafter's answer; AR and new sequences have none;
   2. one batched target forward over [pending token, speculation] per sequence, while a drafter
      in another process builds the next round's caches;
   3. the answer (q's for sampled verification) and the next cache keys are read, and verification
      gives (k, bonus) per sequence: k + 1 tokens are emitted.
 On a hit nothing waits for the drafter except a build that outlasts the forward. Sequences join
-and leave between rounds (a new prompt is prefilled while the drafter prefills it too). AR is a
-round with an empty speculation.
+and leave between rounds: a new prompt is prefilled on the target first, then its first round
+verifies an empty speculation while the drafter prefills it too. AR is a round with an empty
+speculation.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class Sequence:
     slot: int
     generator: torch.Generator | None
     pending: int                     # last committed token: not yet in the target's KV
-    prefilled: bool = False          # the prompt is in the target's KV (done in the first round)
+    first_round: bool = True         # its prompt is prefilled and an empty speculation verified
     output: list[int] = field(default_factory=list)
     spec: Speculation | None = None
     finish_reason: str | None = None  # length | stop | aborted
@@ -164,19 +165,18 @@ class Decoder:
         if not self.seqs:
             return []
         t_round = time.perf_counter()
-        pending = self._start_draft_round()
         seqs = list(self.seqs.values())
-        joining = [s for s in seqs if not s.prefilled]
-        reply, waited = None, 0.0
-        if pending and joining:
-            # The drafter prefills its copy first: a prompt prefill may use every core, and
-            # sharing one with the drafter stalls all of the prefill's threads.
-            reply, waited = self._await(pending.reply)
-            pending = pending if reply is not None else None
+        joining = [s for s in seqs if s.first_round]
+        # New prompts are prefilled before the drafter hears of this round (it is idle between
+        # rounds): a prefill may use every core, and a draft step on one of them stalls all of the
+        # prefill's threads. A new sequence's first round then verifies an empty speculation, a
+        # plain target step, while the drafter prefills its copy and pre-drafts for its outcome.
         self._prefill(joining)
         prefill_ms = (time.perf_counter() - t_round) * 1e3
-        if pending and reply is None and any(s.mode != "ar" and s.spec is None for s in seqs):
-            reply, waited = self._await(pending.reply)      # misses, joins, SD: drafted for this round
+        pending = self._start_draft_round()
+        reply, waited = None, 0.0
+        if pending and any(s.mode != "ar" and s.spec is None and not s.first_round for s in seqs):
+            reply, waited = self._await(pending.reply)      # misses and SD: drafted for this round
             pending = pending if reply is not None else None
         t0 = time.perf_counter()
         starts = [self.target.length(s.slot) for s in seqs]
@@ -209,7 +209,6 @@ class Decoder:
         for s in seqs:
             if len(s.prompt) > 1:
                 self.target.forward([s.slot], [s.prompt[:-1]], logits=False)
-            s.prefilled = True
 
     def _spec_tokens(self, s: Sequence) -> list[int]:
         return s.spec.tokens[: s.k] if s.spec is not None and s.k else []
@@ -217,7 +216,7 @@ class Decoder:
     def _start_draft_round(self) -> PendingRound | None:
         if self.draft is None or not (self.joins or self.outcomes or self.leaves):
             return None
-        rnd = DraftRound(self.joins, self.outcomes, self.leaves, self.last_verify_ms, self.target.wide_prefill)
+        rnd = DraftRound(self.joins, self.outcomes, self.leaves, self.last_verify_ms)
         self.joins, self.outcomes, self.leaves = [], [], []
         try:
             return self.draft.start(rnd)
@@ -271,6 +270,7 @@ class Decoder:
             q = s.spec.q[: len(draft)] if draft else None
             k, bonus = verify_sampled(probs(out, s.params), q, draft, s.generator)
         new = draft[:k] + [bonus]
+        s.first_round = False
         st = s.stats
         st.rounds, st.drafted, st.accepted = st.rounds + 1, st.drafted + len(draft), st.accepted + k
         new = self._apply_stops(s, new)

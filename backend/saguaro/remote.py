@@ -113,7 +113,7 @@ class EngineServer:
         e = self.engine
         if msg["op"] == "info":
             yield {"vocab_size": e.vocab_size, "max_seq_len": e.max_seq_len, "max_slots": e.max_slots,
-                   "max_draft_len": e.max_draft_len, "wide_prefill": e.wide_prefill}
+                   "max_draft_len": e.max_draft_len}
         elif msg["op"] == "forward":
             for remote in msg.get("released", []):
                 if remote in self.slots:
@@ -140,7 +140,6 @@ class RemoteEngine(SlotTable, Engine):
         info = next(call({"op": "info"}))
         self.vocab_size, self.max_seq_len = info["vocab_size"], info["max_seq_len"]
         self.max_draft_len, self.max_branches = info["max_draft_len"], 0
-        self.wide_prefill = info["wide_prefill"]
         self.init_slots(info["max_slots"])
         self.released: list[int] = []   # told to the server with the next forward
 

@@ -24,7 +24,6 @@ class Engine(ABC):
     max_slots: int        # sequences that can be live at once
     max_draft_len: int    # longest speculation (K) a forward or branch step may carry
     max_branches: int     # branches per branch_step call (draft engines; 0 if unsupported)
-    wide_prefill: bool = False   # a prompt prefill takes every core, the draft's included
 
     @abstractmethod
     def allocate(self) -> int:
