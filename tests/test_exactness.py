@@ -1,7 +1,7 @@
 """Exactness of sampled decoding, statistically (DESIGN §4).
 
-A tiny random target/draft pair (vocabulary 8) makes the joint distribution of the first 3
-generated tokens enumerable exactly: 8^3 cells, each the product of the target's conditional
+A tiny random target/draft pair (vocabulary 8) makes the joint distribution of the first 4
+generated tokens enumerable exactly: 8^4 cells, each the product of the target's conditional
 probabilities under the request's distribution (`saguaro.sampling.probs`: temperature, top-k,
 top-p). SSD (Saguaro C = 0.3, neural and fast backups), SD and AR samples must fit it by a
 chi-square goodness-of-fit test over >= 20k samples; and the same test must reject a drafter that
@@ -9,6 +9,7 @@ hands verification the wrong q, which shows it has the power to catch the classi
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 
@@ -25,13 +26,14 @@ from saguaro.sampling import probs, sample, saguaro
 from tiny_models import save_random_model
 
 V = 8                 # vocabulary
-N_TOKENS = 3          # generated tokens whose joint distribution is tested
+N_TOKENS = 4          # generated tokens whose joint distribution is tested: a new sequence's first
+                      # round is a target step, so the rest cover speculation, cache and backups
 SAMPLES = 20_000      # per case (the issue's floor)
 # Sequences decoded together (KV slots on each engine). Larger batches are slower here: the
 # draft's cache build does per-sequence Python work, and its branch layout is O(batch x branches).
 BATCH = 250
 K = 2
-BUDGET = 4            # fan-out budget: a mix of cache hits and misses on a vocabulary of 8
+BUDGET = 6            # fan-out budget: a mix of cache hits and misses on a vocabulary of 8
 PROMPT = [3]          # one token: no per-sequence prefill forward (20k of them would dominate)
 TINY = dict(arch="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
             num_attention_heads=2, num_key_value_heads=1, std=0.12, tokenizer=False)
@@ -57,15 +59,13 @@ def engines(models):
 
 
 def exact_distribution(hf, params: SamplingParams) -> np.ndarray:
-    """P(x1, x2, x3 | PROMPT) under autoregressive sampling from the target: [V, V, V]."""
+    """P(x_1..x_N | PROMPT) under autoregressive sampling from the target: [V] * N_TOKENS."""
+    joint = torch.ones((), dtype=torch.float64)
     with torch.no_grad():
-        def step(prefixes: list[list[int]]) -> torch.Tensor:
-            logits = hf(torch.tensor([PROMPT + p for p in prefixes]), use_cache=False).logits[:, -1].float()
-            return probs(logits, params).double()
-        p1 = step([[]])[0]                                                          # [V]
-        p2 = step([[a] for a in range(V)])                                          # [V, V]
-        p3 = step([[a, b] for a in range(V) for b in range(V)]).view(V, V, V)       # [V, V, V]
-    joint = p1[:, None, None] * p2[:, :, None] * p3
+        for n in range(N_TOKENS):
+            prefixes = [PROMPT + list(p) for p in itertools.product(range(V), repeat=n)]
+            logits = hf(torch.tensor(prefixes), use_cache=False).logits[:, -1].float()
+            joint = joint[..., None] * probs(logits, params).double().view(*[V] * n, V)
     assert abs(joint.sum().item() - 1) < 1e-5      # fp32 softmax rows
     return (joint / joint.sum()).numpy()
 
@@ -153,11 +153,11 @@ def test_sampled_decoding_matches_autoregressive_distribution(models, engines, s
     assert p > 1e-3, f"{mode}: the sampled distribution differs from AR sampling (chi-square p = {p:.3g})"
 
 
-def _choose_reporting_unreshaped_q(self, s, logits, depth, fanouts):
+def _choose_reporting_unreshaped_q(self, s, logits, fanout):
     """Drafter._choose with the classic bug: the token is drawn from the Saguaro-reshaped q, but
     verification is handed the plain draft distribution."""
     q_plain = probs(logits, s.params)
-    q_sampled = saguaro(q_plain, self._fanout(s.budget, s.k, fanouts)[depth], s.c) if s.mode == "ssd" else q_plain
+    q_sampled = saguaro(q_plain, fanout, s.c) if s.mode == "ssd" else q_plain
     return sample(q_sampled, s.generator), q_plain
 
 

@@ -125,12 +125,14 @@ class Drafter:
             self._leave(seq_id)
         for j in rnd.joins:
             self._join(j)
+        # A new sequence's first round verifies no speculation: its drafting starts from the outcome.
         specs, hits, jit = {}, {}, []
         backup = self._backup_choice(len(rnd.outcomes), rnd.verify_ms)
         for o in rnd.outcomes:
             s = self.seqs[o.seq_id]
+            built = bool(s.fanout)         # no cache precedes a sequence's first speculation
             spec = self._commit(s, o)
-            if s.mode == "ssd":
+            if s.mode == "ssd" and built:
                 hits[o.seq_id] = spec is not None
                 if spec is None and backup == "fast":
                     spec = self._fast(s)
@@ -144,9 +146,7 @@ class Drafter:
             self.jit_ms = _ema(self.jit_ms, (time.perf_counter() - t) * 1e3)
         for seq_id, spec in specs.items():
             self.seqs[seq_id].spec = spec
-        # New sequences verify an empty speculation this round: their cache covers its one outcome.
-        joined = [j.seq_id for j in rnd.joins if j.mode == "ssd"]
-        self.to_build = [i for i in specs if self.seqs[i].mode == "ssd"] + joined
+        self.to_build = [i for i in specs if self.seqs[i].mode == "ssd"]
         if hits:
             self.hit_rate = _ema(self.hit_rate, sum(hits.values()) / len(hits), 0.05)
         return DraftReply(specs, hits, backup, (time.perf_counter() - t0) * 1e3, self.build_ms, self.engine.active_slots)
@@ -221,37 +221,28 @@ class Drafter:
         return "neural" if batch <= b_star else "fast"
 
     # -- drafting -------------------------------------------------------------------------------
-    def _choose(self, s: _Seq, logits: torch.Tensor, depth: int, fanouts: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Next tokens for rows of one sequence's logits at a draft depth, and the q they were
-        drawn from. What is drafted is a speculation to verify, and SSD's Saguaro sampling shapes
-        its tokens for the cache fan-out the build gives them (F_depth of a full speculation)."""
+    def _choose(self, s: _Seq, logits: torch.Tensor, fanout: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next tokens for rows of one sequence's logits, and the q they were drawn from."""
         if s.params.greedy:
             return greedy(logits), None
         q = probs(logits, s.params)
         if s.mode == "ssd":
-            q = saguaro(q, self._fanout(s.budget, s.k, fanouts)[depth], s.c)
+            q = saguaro(q, fanout, s.c)
         return sample(q, s.generator), q
-
-    def _fanout(self, budget: int, m: int, memo: dict) -> list[int]:
-        """F_0..F_m for a speculation of m tokens, fitted once per memo (one build or drafting call)."""
-        if (budget, m) not in memo:
-            memo[budget, m] = self.fit.fanout(budget, m, self.spec.fanout)
-        return memo[budget, m]
 
     def _draft(self, seq_ids: list[int]) -> dict[int, Speculation]:
         """Neural drafting, K steps, all sequences batched: SD's drafter, SSD's first speculation
-        and its JIT backup."""
+        (after a new sequence's first round) and its JIT backup."""
         seqs = [self.seqs[i] for i in seq_ids]
         feed = [s.history[self.engine.length(s.slot):] for s in seqs]
         tokens: list[list[int]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        fanouts: dict = {}
         for depth in range(max(s.k for s in seqs)):
             live = [i for i, s in enumerate(seqs) if depth < s.k]
             logits = self.engine.forward([seqs[i].slot for i in live], [feed[i] for i in live])
             for i, lg in zip(live, logits):
                 s = seqs[i]
-                tok, q = self._choose(s, lg[-1:], depth, fanouts)
+                tok, q = self._choose(s, lg[-1:], s.fanout[depth] if s.fanout else 0)
                 tokens[i].append(int(tok[0]))
                 if q is not None:
                     qs[i].append(q[0])
@@ -264,20 +255,22 @@ class Drafter:
         eng = self.engine
         for s in seqs:   # drop what JIT drafting left past the committed tokens: the glue redoes it
             eng.truncate(s.slot, len(s.history) - 1)
-        verified = [s.spec.tokens if s.spec else [] for s in seqs]   # empty in a sequence's first round
-        glue = eng.forward([s.slot for s in seqs], [s.history[eng.length(s.slot):] + v for s, v in zip(seqs, verified)])
+        glue = eng.forward([s.slot for s in seqs], [s.history[eng.length(s.slot):] + s.spec.tokens for s in seqs])
         parents, visible, first, owners = [], [], [], []
-        fanouts: dict = {}
-        for s, v, lg in zip(seqs, verified, glue):
-            dist = lg[-(len(v) + 1):]                   # L_0..L_m, m = len(v)
+        fanouts = {}   # one fit per build, shared by sequences with the same (budget, K)
+        for s, lg in zip(seqs, glue):
+            dist = lg[-(s.k + 1):]                      # L_0..L_K
             top1 = greedy(dist).tolist()
-            for tok, nxt in zip([s.history[-1]] + v, top1):
+            for tok, nxt in zip([s.history[-1]] + s.spec.tokens, top1):
                 self.top_next[tok] = nxt
-            s.fanout = self._fanout(s.budget, len(v), fanouts)
+            key = (s.budget, s.k)
+            if key not in fanouts:
+                fanouts[key] = self.fit.fanout(s.budget, s.k, self.spec.fanout)
+            s.fanout = fanouts[key]
             for j, f in enumerate(s.fanout):
                 if f == 0:
                     continue
-                banned = v[j] if j < len(v) else -1     # a rejected token is never the bonus
+                banned = s.spec.tokens[j] if j < s.k else -1   # a rejected token is never the bonus
                 cands = [c for c in dist[j].topk(min(f + 1, dist.shape[-1])).indices.tolist() if c != banned][:f]
                 for c in cands:
                     parents.append(s.slot)
@@ -301,7 +294,7 @@ class Drafter:
                 rows = rows_of.get(id(s))
                 if not rows or depth >= s.k:
                     continue
-                tok, q = self._choose(s, logits[rows], depth, fanouts)
+                tok, q = self._choose(s, logits[rows], s.fanout[depth])
                 drafted[rows, depth] = tok
                 if q is not None:
                     qs[rows, depth] = q
