@@ -95,6 +95,7 @@ class RoundStats:
     accepted: int = 0
     emitted: list[int] = field(default_factory=list)   # tokens per sequence (bonus included)
     prefill_ms: float = 0.0          # target prefill of sequences that joined this round
+    joined: int = 0                  # sequences in their first round (prefill, first token)
     wall_ms: float = 0.0             # the whole round, prefill included
 
 
@@ -200,7 +201,7 @@ class Decoder:
             reply.draft_ms if reply else 0.0, reply.build_ms if reply else 0.0,
             hits, len(reply.hits) - hits if reply else 0, reply.backup if reply else "",
             any(s.stats.degraded for s in seqs), sum(e.drafted for e in events), sum(e.accepted for e in events),
-            [len(e.tokens) for e in events], prefill_ms))
+            [len(e.tokens) for e in events], prefill_ms, len(joining)))
         self._flush_leaves()
         self.history[-1].wall_ms = (time.perf_counter() - t_round) * 1e3
         return events
