@@ -20,8 +20,8 @@ from clients.common import (  # noqa: E402
 )
 from clients.perf.make_input_data import build_input_data  # noqa: E402
 from clients.perf.sweep import (  # noqa: E402
-    Row, advantage_line, metric_deltas, parse_csv, parse_export, parse_prometheus, percentile, rows_from_dir,
-    speculative_rates, write_report,
+    ClientError, Row, advantage_line, metric_deltas, parse_csv, parse_export, parse_mode_ks, parse_prometheus,
+    percentile, rows_from_dir, speculative_rates, write_input_data, write_report,
 )
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "perf_sample"
@@ -121,6 +121,21 @@ def test_input_data_format() -> None:
     assert data == {"data": [
         {"text_input": [p], "max_tokens": [16], "stream": [True], "decoding_mode": ["sd"], "temperature": [0.5]}
         for p in ("a", "b")]}
+    assert build_input_data(["a"], 16, "sd", num_draft_tokens=2)["data"][0]["num_draft_tokens"] == [2]
+
+
+def test_per_mode_draft_length_reaches_the_requests_and_the_report(tmp_path: Path) -> None:
+    # Each mode at its best K: the sweep sends sd's own K and the report says which K each mode ran.
+    assert parse_mode_ks("sd=2,ssd=3", ["ssd", "sd", "ar"]) == {"sd": 2, "ssd": 3}
+    for bad in ("xd=2", "sd=0", "sd", "sd=two"):
+        with pytest.raises(ClientError, match="MODE=K"):
+            parse_mode_ks(bad, ["ssd", "sd", "ar"])
+    out = tmp_path / "sweep"
+    shutil.copytree(SAMPLE, out)
+    write_input_data(out / "input_sd.json", ["a"], 16, "sd", num_draft_tokens=2)
+    write_input_data(out / "input_ssd.json", ["a"], 16, "ssd")
+    md, _ = write_report(rows_from_dir(out), out)
+    assert "num_draft_tokens per request: sd K=2 (other modes: the server's default)." in md.read_text()
 
 
 def test_generation_timing_and_request_fields() -> None:

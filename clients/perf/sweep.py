@@ -2,6 +2,7 @@
 
     python clients/perf/sweep.py --url 127.0.0.1:8001 --out runs/sweep             # 1,2,4,8 x ssd,sd,ar
     python clients/perf/sweep.py --concurrency 1,2 --modes ssd,sd --max-tokens 32 --out runs/quick
+    python clients/perf/sweep.py --concurrency 1 --repeats 6 --num-draft-tokens sd=2 --out runs/c1   # sd at K=2
     python clients/perf/sweep.py --report-only runs/sweep                          # redo report.md/png
 
 For each mode and concurrency it writes perf_analyzer's CSV (`<mode>_c<C>.csv`) and profile
@@ -16,6 +17,9 @@ faster modes see a different mix. --measurement-interval switches to perf_analyz
 --repeats N runs every point N times, the modes in a rotated order each time (files
 `<mode>_c<C>_r<i>.*`), and reports each point over all its runs: on a shared machine whose speed
 drifts by tens of percent within minutes, one block per mode can hand a mode a slow minute.
+
+--num-draft-tokens MODE=K,... sends K with that mode's requests, so each mode can run at its own
+best K (served on this CPU, sd is fastest at K=1-2, ssd at the server's default K=3).
 """
 
 from __future__ import annotations
@@ -245,7 +249,8 @@ def warm_up(a: argparse.Namespace, mode: str, prompt: str) -> None:
     from clients.grpc_stream import stream_generate
 
     print(f"  warming up {mode} ({a.warmup} request(s)) ...", flush=True)
-    req = GenerateRequest(prompt=prompt, max_tokens=a.max_tokens, temperature=a.temperature, decoding_mode=mode)
+    req = GenerateRequest(prompt=prompt, max_tokens=a.max_tokens, temperature=a.temperature, decoding_mode=mode,
+                          num_draft_tokens=a.k.get(mode))
     client = grpcclient.InferenceServerClient(a.url)
     try:
         for _ in range(a.warmup):
@@ -317,6 +322,10 @@ def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: co
                   if m in c1 and _throughput(c1[m])]
         if ratios:
             lines.append(f"At concurrency 1: {', '.join(ratios)}.")
+    ks = requested_ks(out)
+    if ks:
+        lines += ["", "num_draft_tokens per request: " + ", ".join(f"{m} K={k}" for m, k in ks.items())
+                  + " (other modes: the server's default)."]
     lines += ["", "Latency: send to last response; TTFT: send to first response; ITL: (last - first piece) /"
               " (tokens - 1); throughput: requests and generated tokens over the wall time from the first send to"
               " the last response; all from perf_analyzer's profile export. Hit rate = cache_hits / (hits + misses)"
@@ -363,6 +372,27 @@ def rows_from_dir(out: Path) -> list[Row]:
     return [summarize_runs(mode, runs) for (mode, _), runs in points.items()]
 
 
+def parse_mode_ks(spec: str, modes: list[str]) -> dict[str, int]:
+    """"sd=2,ssd=3" -> {"sd": 2, "ssd": 3}: the num_draft_tokens each mode's requests carry."""
+    ks = {}
+    for item in filter(None, spec.split(",")):
+        mode, _, k = item.partition("=")
+        if mode not in modes or not k.isdigit() or int(k) < 1:
+            raise ClientError(f"--num-draft-tokens {item!r}: write MODE=K with MODE one of {modes} and K >= 1")
+        ks[mode] = int(k)
+    return ks
+
+
+def requested_ks(out: Path) -> dict[str, int]:
+    """The num_draft_tokens a sweep's requests carried, per mode, from its input files."""
+    ks = {}
+    for path in sorted(out.glob("input_*.json")):
+        entries = json.loads(path.read_text())["data"]
+        if entries and "num_draft_tokens" in entries[0]:
+            ks[path.stem.removeprefix("input_")] = entries[0]["num_draft_tokens"][0]
+    return ks
+
+
 # ---- main ------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -375,6 +405,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--modes", default="ssd,sd,ar")
+    p.add_argument("--num-draft-tokens", default="", metavar="MODE=K,...",
+                   help="K per mode, e.g. sd=2 (each mode at its best K; default: the server's)")
     p.add_argument("--concurrency", default="1,2,4,8")
     p.add_argument("--request-count", type=int, default=0,
                    help="requests per point (default: max(4 x concurrency, prompts), rounded up to whole prompt sets)")
@@ -402,9 +434,11 @@ def main() -> None:
     if a.repeats < 1:
         raise ClientError(f"--repeats {a.repeats}: run every point at least once")
     total, step = len(modes) * len(levels) * a.repeats, 0
+    a.k = parse_mode_ks(a.num_draft_tokens, modes)
     inputs = {}
     for mode in modes:
-        inputs[mode] = write_input_data(a.out / f"input_{mode}.json", prompts, a.max_tokens, mode, a.temperature)
+        inputs[mode] = write_input_data(a.out / f"input_{mode}.json", prompts, a.max_tokens, mode, a.temperature,
+                                        a.k.get(mode))
         warm_up(a, mode, prompts[0])
     runs: dict[tuple[str, int], list[Run]] = {}
     rows: dict[tuple[str, int], Row] = {}
