@@ -117,11 +117,12 @@ def test_advantage_line_finds_where_ssd_stops_beating_sd() -> None:
 
 
 def test_input_data_format() -> None:
-    data = build_input_data(["a", "b"], max_tokens=16, decoding_mode="sd", temperature=0.5)
+    data = build_input_data(["a", "b"], GenerateRequest("", max_tokens=16, decoding_mode="sd", temperature=0.5))
     assert data == {"data": [
         {"text_input": [p], "max_tokens": [16], "stream": [True], "decoding_mode": ["sd"], "temperature": [0.5]}
         for p in ("a", "b")]}
-    assert build_input_data(["a"], 16, "sd", num_draft_tokens=2)["data"][0]["num_draft_tokens"] == [2]
+    sd_k2 = GenerateRequest("", max_tokens=16, decoding_mode="sd", num_draft_tokens=2)
+    assert build_input_data(["a"], sd_k2)["data"][0]["num_draft_tokens"] == [2]
 
 
 def test_per_mode_draft_length_reaches_the_requests_and_the_report(tmp_path: Path) -> None:
@@ -132,8 +133,9 @@ def test_per_mode_draft_length_reaches_the_requests_and_the_report(tmp_path: Pat
             parse_mode_ks(bad, ["ssd", "sd", "ar"])
     out = tmp_path / "sweep"
     shutil.copytree(SAMPLE, out)
-    write_input_data(out / "input_sd.json", ["a"], 16, "sd", num_draft_tokens=2)
-    write_input_data(out / "input_ssd.json", ["a"], 16, "ssd")
+    write_input_data(out / "input_sd.json", ["a"], GenerateRequest("", max_tokens=16, decoding_mode="sd",
+                                                                   num_draft_tokens=2))
+    write_input_data(out / "input_ssd.json", ["a"], GenerateRequest("", max_tokens=16, decoding_mode="ssd"))
     md, _ = write_report(rows_from_dir(out), out)
     assert "num_draft_tokens per request: sd K=2 (other modes: the server's default)." in md.read_text()
 

@@ -14,32 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from clients.common import DEFAULT_PROMPTS_FILE, cli, load_prompts  # noqa: E402
+from clients.common import DEFAULT_PROMPTS_FILE, GenerateRequest, cli, load_prompts  # noqa: E402
 
 
-def build_input_data(prompts: list[str], max_tokens: int, decoding_mode: str, temperature: float | None = None,
-                     stream: bool = True, num_draft_tokens: int | None = None) -> dict[str, Any]:
-    entries = []
-    for prompt in prompts:
-        entry: dict[str, Any] = {"text_input": [prompt], "max_tokens": [max_tokens], "stream": [stream],
-                                 "decoding_mode": [decoding_mode]}
-        if temperature is not None:
-            entry["temperature"] = [temperature]
-        if num_draft_tokens is not None:
-            entry["num_draft_tokens"] = [num_draft_tokens]
-        entries.append(entry)
-    return {"data": entries}
+def build_input_data(prompts: list[str], request: GenerateRequest) -> dict[str, Any]:
+    """One entry per prompt, each with `request`'s other fields (those set, as GenerateRequest.fields)."""
+    return {"data": [{name: [value] for name, value in replace(request, prompt=prompt).fields().items()}
+                     for prompt in prompts]}
 
 
-def write_input_data(path: Path, prompts: list[str], max_tokens: int, decoding_mode: str,
-                     temperature: float | None = None, num_draft_tokens: int | None = None) -> Path:
+def write_input_data(path: Path, prompts: list[str], request: GenerateRequest) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = build_input_data(prompts, max_tokens, decoding_mode, temperature, num_draft_tokens=num_draft_tokens)
-    path.write_text(json.dumps(data, indent=1))
+    path.write_text(json.dumps(build_input_data(prompts, request), indent=1))
     return path
 
 
@@ -54,7 +45,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     prompts = load_prompts(a.prompts)[: a.num_prompts]
-    write_input_data(a.out, prompts, a.max_tokens, a.decoding_mode, a.temperature, a.num_draft_tokens)
+    request = GenerateRequest("", max_tokens=a.max_tokens, temperature=a.temperature,
+                              num_draft_tokens=a.num_draft_tokens, decoding_mode=a.decoding_mode)
+    write_input_data(a.out, prompts, request)
     print(f"wrote {len(prompts)} requests to {a.out}")
 
 

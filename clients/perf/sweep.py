@@ -240,7 +240,7 @@ def run_point(a: argparse.Namespace, mode: str, concurrency: int, input_path: Pa
     return csv_path, export_path, deltas
 
 
-def warm_up(a: argparse.Namespace, mode: str, prompt: str) -> None:
+def warm_up(a: argparse.Namespace, req: GenerateRequest) -> None:
     """A few unmeasured requests so a mode's first point does not pay one-time start-up costs."""
     if a.warmup <= 0:
         return
@@ -248,9 +248,7 @@ def warm_up(a: argparse.Namespace, mode: str, prompt: str) -> None:
 
     from clients.grpc_stream import stream_generate
 
-    print(f"  warming up {mode} ({a.warmup} request(s)) ...", flush=True)
-    req = GenerateRequest(prompt=prompt, max_tokens=a.max_tokens, temperature=a.temperature, decoding_mode=mode,
-                          num_draft_tokens=a.k.get(mode))
+    print(f"  warming up {req.decoding_mode} ({a.warmup} request(s)) ...", flush=True)
     client = grpcclient.InferenceServerClient(a.url)
     try:
         for _ in range(a.warmup):
@@ -434,12 +432,13 @@ def main() -> None:
     if a.repeats < 1:
         raise ClientError(f"--repeats {a.repeats}: run every point at least once")
     total, step = len(modes) * len(levels) * a.repeats, 0
-    a.k = parse_mode_ks(a.num_draft_tokens, modes)
+    ks = parse_mode_ks(a.num_draft_tokens, modes)
     inputs = {}
     for mode in modes:
-        inputs[mode] = write_input_data(a.out / f"input_{mode}.json", prompts, a.max_tokens, mode, a.temperature,
-                                        a.k.get(mode))
-        warm_up(a, mode, prompts[0])
+        request = GenerateRequest(prompts[0], max_tokens=a.max_tokens, temperature=a.temperature,
+                                  num_draft_tokens=ks.get(mode), decoding_mode=mode)
+        inputs[mode] = write_input_data(a.out / f"input_{mode}.json", prompts, request)
+        warm_up(a, request)
     runs: dict[tuple[str, int], list[Run]] = {}
     rows: dict[tuple[str, int], Row] = {}
     # Concurrency by concurrency, the modes back to back (and, with --repeats, taking turns first):
