@@ -30,6 +30,9 @@ class EngineConfig:
     threads: int = 1                 # intra-op threads on CPU (0: leave torch's default)
     prefill_threads: int = 0         # threads for prompt prefill (0: same as threads); a prompt is
                                      # one big matmul-bound forward that all cores can share
+    device_ids: tuple[int, ...] = ()  # trtllm: one GPU per tensor-parallel rank (empty: the instance's GPU)
+    kv_cache_free_gpu_memory_fraction: float = 0.4  # trtllm: KV cache share of free GPU memory; 0.4 is
+                                     # safe for two engines on one GPU, build_engines sets 0.9 on a GPU of its own
 
     def validate(self) -> "EngineConfig":
         if self.engine not in ("torch", "trtllm"):
@@ -37,6 +40,9 @@ class EngineConfig:
         for name in ("max_slots", "max_seq_len", "max_draft_len"):
             if getattr(self, name) < 1:
                 raise SaguaroError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not 0.0 < self.kv_cache_free_gpu_memory_fraction < 1.0:
+            raise SaguaroError(f"kv_cache_free_gpu_memory_fraction={self.kv_cache_free_gpu_memory_fraction}: must be "
+                               f"in (0, 1); 0.4 when target and draft share a GPU, up to 0.9 on a GPU of its own")
         return self
 
 

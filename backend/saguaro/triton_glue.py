@@ -56,7 +56,9 @@ def engine_config(params: Mapping[str, str], args: Mapping[str, str]) -> EngineC
         device=f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu", dtype=params.get("dtype", "auto"),
         max_slots=int(params.get("max_slots", 16)), max_seq_len=int(params.get("max_seq_len", 1024)),
         max_draft_len=int(params.get("max_draft_len", 8)), max_branches=int(params.get("max_branches", 64)),
-        threads=int(params.get("threads", 1)), prefill_threads=int(params.get("prefill_threads", 0) or 0)).validate()
+        threads=int(params.get("threads", 1)), prefill_threads=int(params.get("prefill_threads", 0) or 0),
+        device_ids=tuple(int(x) for x in params.get("gpu_device_ids", "").split(",") if x.strip()),
+        kv_cache_free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_memory_fraction", "") or 0.4)).validate()
 
 
 def cpu_core(params: Mapping[str, str]) -> int | None:

@@ -1,27 +1,38 @@
-"""The Engine interface on TensorRT-LLM's executor (GPU production path).
+"""The Engine interface on TensorRT-LLM's executor (GPU production path), written against
+TensorRT-LLM 0.14.0 (the 24.10 Triton image); docs/design.md ("The TensorRT-LLM path") says which
+upstream behaviour each rule below rests on and which calls each round makes.
 
 TensorRT-LLM owns its KV cache; there is no API to append to or roll back a sequence's cache in
 place. So a slot here is a host-side token list, and every call submits the slot's whole history
-plus the new tokens as a fresh request that generates one token. With KV-cache block reuse the
-executor finds the history's blocks from earlier requests and computes only the tail, so the cost
-is that of an incremental step; truncate() is free (the next request simply stops matching).
+plus the new tokens as a fresh request. KV-cache block reuse lets a request skip the *full*
+`tokens_per_block` blocks that a completed earlier request stored; the tail after the last full
+block is recomputed on every call, so a call costs a context pass over up to tokens_per_block - 1
+old tokens plus the new ones. truncate() is free (the next request simply stops matching).
 Branches are requests whose prompts share the parent's prefix, batched in one enqueue.
 
-Logits: a request of n > 1 new tokens returns context logits (one row per computed prompt
-position, so the engine needs --gather_context_logits); a single new token returns the generation
-logits of its one step (--gather_generation_logits), one row instead of a block's worth. Block
-reuse skips the logits of reused positions too: if it ever covers some of the new tokens (another
-request already submitted the same tokens, e.g. a branch that became the accepted path), those rows
-are recomputed by one-token requests ending at each of them (refill_requests).
+Logits, per kind of call:
+- prefill (logits=False): no logits asked for at all.
+- one new token: the generation logits of the request's one step, [beam, steps, vocab_padded],
+  whose first row is the last prompt position's logits.
+- n > 1 new tokens on an engine built with --gather_context_logits: context logits, always
+  [prompt_len, vocab_padded]; rows of positions that block reuse skipped are never written
+  (stale memory), so the adapter keeps its own upper bound of what may have been reused
+  (ReuseMirror) and recomputes those rows by one-token requests (refill_requests).
+- n > 1 new tokens on a target built with --speculative_decoding_mode draft_tokens_external
+  (no context logits there): greedy verification sends tokens[1:] as the request's draft tokens
+  and reads the engine's accepted tokens (one request, no logits); logits verification asks one
+  one-token request per row.
 
-Everything that decides what is sent is in pure functions (forward_requests, branch_requests,
-extend_branches, take_logits, refill_requests, read_engine_config), tested without a GPU.
+Everything that decides what is sent is in pure functions and small classes (forward_requests,
+branch_requests, extend_branches, take_rows, refill_requests, ReuseMirror, read_engine_config,
+rank_devices), tested against fakes of the upstream contract without a GPU.
 """
 from __future__ import annotations
 
 import datetime
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,18 +41,22 @@ import torch
 
 from saguaro.engines.base import Engine
 from saguaro.errors import SaguaroError
+from saguaro.sampling import greedy
 
 if TYPE_CHECKING:
     from saguaro.config import EngineConfig
 
 BUILD_HINT = "rebuild with build_engines/build.py --backend trtllm"
+NO_LOGITS, CONTEXT, GENERATION, DRAFT_IDS = "none", "context", "generation", "draft_ids"
+DRAFT_TOKENS_EXTERNAL_MODE = 2
 
 
 @dataclass(frozen=True)
 class RequestSpec:
-    input_ids: list[int]    # the whole prompt: history + new tokens
-    want: int               # logits rows wanted: for the last `want` positions of input_ids
-    context: bool           # True: read context logits; False: the one generation-logits row
+    input_ids: list[int]          # the whole prompt: history + new tokens (without draft tokens)
+    want: int                     # rows wanted, for the last `want` positions (with draft tokens: of the round)
+    logits: str = CONTEXT         # NO_LOGITS | CONTEXT | GENERATION | DRAFT_IDS
+    draft: tuple[int, ...] = ()   # DRAFT_IDS: the tokens the engine verifies itself
 
 
 @dataclass(frozen=True)
@@ -50,32 +65,110 @@ class EngineLimits:
     max_seq_len: int
     max_batch_size: int
     tp_size: int
+    tokens_per_block: int = 64
+    draft_tokens_external: bool = False   # target built to verify draft tokens itself
+    max_draft_len: int = 0
+    context_logits: bool = True           # built with --gather_context_logits
 
 
 def read_engine_config(engine_dir: str | Path) -> EngineLimits:
-    """Limits from a trtllm-build output's config.json; SaguaroError if it lacks what we rely on."""
+    """Limits from a trtllm-build output's config.json (0.14 layout: pretrained_config and
+    build_config, plugin options under build_config.plugin_config); SaguaroError naming the
+    missing build flag when the engine cannot serve the core."""
     path = Path(engine_dir) / "config.json"
     if not path.is_file():
         raise SaguaroError(f"no TensorRT-LLM engine at {engine_dir} (config.json missing): {BUILD_HINT}")
     cfg = json.loads(path.read_text())
     pretrained, build = cfg.get("pretrained_config", {}), cfg.get("build_config", {})
-    needs = {"gather_context_logits": "--gather_context_logits",
-             "gather_generation_logits": "--gather_generation_logits"}
-    for key, flag in needs.items():
-        if build.get(key) is False:
-            raise SaguaroError(f"engine {engine_dir} was built without {flag}: the core verifies on per-position "
-                               f"logits; {BUILD_HINT}")
-    if build.get("plugin_config", {}).get("use_paged_context_fmha") is False:
+    plugins = build.get("plugin_config", {})
+    # SpeculativeDecodingMode is an IntFlag saved as its value (tensorrt_llm/models/modeling_utils.py):
+    # NONE = 1, DRAFT_TOKENS_EXTERNAL = 2.
+    external = build.get("speculative_decoding_mode") in (DRAFT_TOKENS_EXTERNAL_MODE, "draft_tokens_external")
+    if build.get("gather_generation_logits") is False:
+        raise SaguaroError(f"engine {engine_dir} was built without --gather_generation_logits: the core verifies "
+                           f"on per-position logits; {BUILD_HINT}")
+    if build.get("gather_context_logits") is False and not external:
+        raise SaguaroError(f"engine {engine_dir} was built without --gather_context_logits: multi-token forwards "
+                           f"read context logits; {BUILD_HINT}")
+    if plugins.get("use_paged_context_fmha") is False:
         raise SaguaroError(f"engine {engine_dir} was built without --use_paged_context_fmha enable, which KV-cache "
                            f"block reuse needs; {BUILD_HINT}")
     return EngineLimits(vocab_size=int(pretrained["vocab_size"]), max_seq_len=int(build["max_seq_len"]),
                         max_batch_size=int(build["max_batch_size"]),
-                        tp_size=int(pretrained.get("mapping", {}).get("tp_size", 1)))
+                        tp_size=int(pretrained.get("mapping", {}).get("tp_size", 1)),
+                        tokens_per_block=int(plugins.get("tokens_per_block") or 64),
+                        draft_tokens_external=external, max_draft_len=int(build.get("max_draft_len") or 0),
+                        context_logits=build.get("gather_context_logits") is not False and not external)
 
 
-def forward_requests(histories: list[list[int]], tokens: list[list[int]]) -> list[RequestSpec]:
-    """One request per slot: its history plus the tokens to append."""
-    return [RequestSpec(input_ids=h + t, want=len(t), context=len(t) > 1) for h, t in zip(histories, tokens)]
+def rank_devices(device_ids: tuple[int, ...] | list[int], tp_size: int) -> list[int] | None:
+    """One GPU per tensor-parallel rank: the list as given when it has tp_size ids, one id
+    extended to tp_size consecutive GPUs (a KIND_GPU instance is told only its first), None
+    when nothing was said (the executor's own default)."""
+    ids = list(device_ids)
+    if not ids:
+        return None
+    if len(ids) == tp_size:
+        return ids
+    if len(ids) == 1:
+        return list(range(ids[0], ids[0] + tp_size))
+    raise SaguaroError(f"gpu_device_ids={','.join(map(str, ids))} names {len(ids)} GPUs for an engine built with "
+                       f"tp_size={tp_size}: list one GPU per rank (or only the first)")
+
+
+class ReuseMirror:
+    """An upper bound, kept on the host, of how much of a prompt TensorRT-LLM's block reuse may
+    skip. Reuse matches whole blocks of tokens_per_block tokens, chained from the start, against
+    blocks stored by requests that completed earlier, and never the prompt's last position. We
+    record every completed request's full blocks (prompt and generated tokens: more than the
+    engine stores, so the bound only ever errs towards recomputing a row). Least recently used
+    blocks leave past `capacity`, far more blocks than a GPU's KV cache holds."""
+
+    def __init__(self, tokens_per_block: int, capacity: int = 1 << 20) -> None:
+        self.tpb, self.capacity = tokens_per_block, capacity
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+
+    def _keys(self, ids: list[int], limit: int):
+        key = 0
+        for b in range(limit // self.tpb):
+            key = hash((key, tuple(ids[b * self.tpb:(b + 1) * self.tpb])))
+            yield key
+
+    def reusable(self, ids: list[int]) -> int:
+        """Leading positions of ids that the engine may take from its cache, not compute."""
+        n = 0
+        for key in self._keys(ids, len(ids) - 1):
+            if key not in self.blocks:
+                break
+            self.blocks.move_to_end(key)
+            n += self.tpb
+        return n
+
+    def store(self, ids: list[int]) -> None:
+        for key in self._keys(ids, len(ids)):
+            self.blocks[key] = None
+            self.blocks.move_to_end(key)
+        while len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+
+
+def forward_requests(histories: list[list[int]], tokens: list[list[int]], logits: bool = True,
+                     external: bool = False, ids_only: bool = False) -> list[RequestSpec]:
+    """One request per slot: its history plus the tokens to append. external: the engine takes
+    draft tokens (greedy multi-token forwards become one DRAFT_IDS request)."""
+    specs = []
+    for h, t in zip(histories, tokens):
+        if not logits:
+            specs.append(RequestSpec(h + t, 0, NO_LOGITS))
+        elif len(t) == 1:
+            specs.append(RequestSpec(h + t, 1, GENERATION))
+        elif external and ids_only:
+            specs.append(RequestSpec(h + t[:1], len(t), DRAFT_IDS, tuple(t[1:])))
+        elif external:     # no context logits on this engine: one one-token request per row
+            specs += [RequestSpec(h + t[:i + 1], 1, GENERATION) for i in range(len(t))]
+        else:
+            specs.append(RequestSpec(h + t, len(t), CONTEXT))
+    return specs
 
 
 def extend_branches(previous: list[list[int]] | None, tokens: list[int], depth: int) -> list[list[int]]:
@@ -96,30 +189,47 @@ def branch_requests(histories: list[list[int]], parents: list[int], visible: lis
     for p, v, b in zip(parents, visible, branches):
         if not 0 <= v <= len(histories[p]):
             raise SaguaroError(f"branch visible={v} outside parent slot {p} of length {len(histories[p])}")
-        specs.append(RequestSpec(input_ids=histories[p][:v] + b, want=1, context=False))
+        specs.append(RequestSpec(histories[p][:v] + b, 1, GENERATION))
     return specs
 
 
-def take_logits(spec: RequestSpec, context: torch.Tensor | None, generation: torch.Tensor | None,
-                vocab_size: int) -> tuple[torch.Tensor, int]:
-    """Rows for the spec's last positions, [rows, vocab] float32, and how many leading wanted rows
-    are missing because block reuse skipped their positions. Logits come padded to a multiple of
-    the tensor-parallel size, hence the slice to vocab_size."""
-    if not spec.context:
-        if generation is None:
+def take_rows(spec: RequestSpec, result: Any, vocab_size: int) -> torch.Tensor:
+    """The spec's wanted rows from a Result, [rows, vocab] float32 (logits), or [rows] int64
+    (DRAFT_IDS: argmax ids up to the engine's first rejection, -1 after it). Logits come padded
+    to vocab_padded (a multiple of the tensor-parallel size), hence the slice to vocab_size."""
+    if spec.logits == DRAFT_IDS:
+        out = list(result.output_token_ids[0])
+        k = 0
+        while k < len(spec.draft) and k < len(out) - 1 and out[k] == spec.draft[k]:
+            k += 1
+        if not out:
+            raise SaguaroError("TensorRT-LLM returned no tokens for a draft-token verification request")
+        return torch.tensor(out[:k + 1] + [-1] * (spec.want - k - 1), dtype=torch.long)
+    if spec.logits == GENERATION:
+        gen = result.generation_logits
+        if gen is None:
             raise SaguaroError(f"TensorRT-LLM returned no generation logits: {BUILD_HINT} (--gather_generation_logits)")
-        return generation.reshape(-1, generation.shape[-1])[:1, :vocab_size].float(), 0
-    if context is None:
+        return gen.reshape(-1, gen.shape[-1])[:1, :vocab_size].float()   # [beam, steps, V]: beam 0, step 0
+    ctx = result.context_logits
+    if ctx is None:
         raise SaguaroError(f"TensorRT-LLM returned no context logits: {BUILD_HINT} (--gather_context_logits)")
-    rows = context[-min(spec.want, context.shape[0]):, :vocab_size].float()
-    return rows, spec.want - rows.shape[0]
+    if ctx.shape[0] != len(spec.input_ids):
+        raise SaguaroError(f"TensorRT-LLM returned {ctx.shape[0]} context-logit rows for a {len(spec.input_ids)}-token "
+                           f"prompt; this adapter expects one row per prompt position (TensorRT-LLM 0.14)")
+    return ctx[-spec.want:, :vocab_size].float()
+
+
+def stale_rows(spec: RequestSpec, reusable: int) -> int:
+    """How many leading wanted rows of a CONTEXT request lie in positions block reuse may skip."""
+    start = len(spec.input_ids) - spec.want
+    return max(0, min(spec.want, reusable - start)) if spec.logits == CONTEXT else 0
 
 
 def refill_requests(spec: RequestSpec, missing: int) -> list[RequestSpec]:
-    """One-token requests ending at each of the first `missing` wanted positions: the last prompt
+    """One-token requests ending at each of the first `missing` wanted positions: a prompt's last
     position is always computed, so their generation logits are exactly those rows."""
     start = len(spec.input_ids) - spec.want
-    return [RequestSpec(input_ids=spec.input_ids[:start + j + 1], want=1, context=False) for j in range(missing)]
+    return [RequestSpec(spec.input_ids[:start + j + 1], 1, GENERATION) for j in range(missing)]
 
 
 def _runtime() -> Any:
@@ -134,43 +244,52 @@ def _runtime() -> Any:
     return trtllm
 
 
+def executor_worker() -> Path:
+    """The executorWorker binary the wheel ships, which orchestrator mode starts once per rank."""
+    import tensorrt_llm
+    return Path(tensorrt_llm.__file__).parent / "bin" / "executorWorker"
+
+
 class TrtllmEngine(Engine):
     def __init__(self, engine_dir: str | Path, max_slots: int = 16, max_branches: int | None = None, max_draft_len: int = 8,
-                 device_ids: list[int] | None = None, kv_cache_free_gpu_memory_fraction: float = 0.9,
+                 device_ids: tuple[int, ...] = (), kv_cache_free_gpu_memory_fraction: float = 0.4,
                  timeout_s: float = 60.0) -> None:
         trtllm = _runtime()
         limits = read_engine_config(engine_dir)
+        self.limits = limits
         self.vocab_size = limits.vocab_size
         self.max_seq_len = limits.max_seq_len - 1   # every request generates one token we discard
         self.max_slots, self.max_draft_len = max_slots, max_draft_len
         self.max_branches = max_branches or limits.max_batch_size
         self.timeout_s = timeout_s
+        self.reuse = ReuseMirror(limits.tokens_per_block)
         self._trtllm = trtllm
         self._history: dict[int, list[int]] = {}
         self._branches: list[list[int]] | None = None
         kv = trtllm.KvCacheConfig(enable_block_reuse=True,
                                   free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
         config = trtllm.ExecutorConfig(max_beam_width=1, kv_cache_config=kv, enable_chunked_context=True)
+        devices = rank_devices(device_ids, limits.tp_size)
         if limits.tp_size > 1:
             # Inside a Triton Python-backend stub there is no mpirun: orchestrator mode spawns the
-            # tensor-parallel workers itself.
-            import tensorrt_llm
-            worker = Path(tensorrt_llm.__file__).parent / "bin" / "executorWorker"
+            # tensor-parallel workers itself, one per listed device.
             config.parallel_config = trtllm.ParallelConfig(
-                trtllm.CommunicationType.MPI, trtllm.CommunicationMode.ORCHESTRATOR, device_ids=device_ids,
-                orchestrator_config=trtllm.OrchestratorConfig(True, str(worker)))
-        elif device_ids:
+                trtllm.CommunicationType.MPI, trtllm.CommunicationMode.ORCHESTRATOR, device_ids=devices,
+                orchestrator_config=trtllm.OrchestratorConfig(True, str(executor_worker())))
+        elif devices:
             # A Python-backend instance is told its GPU but CUDA_VISIBLE_DEVICES is not narrowed for it.
             config.parallel_config = trtllm.ParallelConfig(
-                trtllm.CommunicationType.MPI, trtllm.CommunicationMode.LEADER, device_ids=device_ids)
+                trtllm.CommunicationType.MPI, trtllm.CommunicationMode.LEADER, device_ids=devices)
         self._executor = trtllm.Executor(Path(engine_dir), trtllm.ModelType.DECODER_ONLY, config)
 
     @classmethod
     def from_config(cls, cfg: "EngineConfig", branches: bool = False) -> "TrtllmEngine":
-        """cfg.checkpoint is the engine folder (trtllm-build's output); device cuda:N pins GPU N."""
-        device_ids = [int(cfg.device.split(":")[1])] if cfg.device.startswith("cuda:") else None
+        """cfg.checkpoint is the engine folder (trtllm-build's output); cfg.device_ids (or a KIND_GPU
+        instance's cuda:N) place its ranks."""
+        device_ids = tuple(cfg.device_ids) or ((int(cfg.device.split(":")[1]),) if cfg.device.startswith("cuda:") else ())
         return cls(cfg.checkpoint, max_slots=cfg.max_slots, max_branches=cfg.max_branches if branches else 0,
-                   max_draft_len=cfg.max_draft_len, device_ids=device_ids)
+                   max_draft_len=cfg.max_draft_len, device_ids=device_ids,
+                   kv_cache_free_gpu_memory_fraction=cfg.kv_cache_free_gpu_memory_fraction)
 
     # ---- slots: host-side token lists
     def allocate(self) -> int:
@@ -195,49 +314,76 @@ class TrtllmEngine(Engine):
 
     # ---- compute
     def forward(self, slots: list[int], tokens: list[list[int]], logits: bool = True) -> list[torch.Tensor]:
+        return self._forward(slots, tokens, logits, greedy_ids=False)
+
+    def forward_greedy(self, slots: list[int], tokens: list[list[int]]) -> list[torch.Tensor]:
+        if not self.limits.draft_tokens_external:
+            return super().forward_greedy(slots, tokens)
+        return self._forward(slots, tokens, True, greedy_ids=True)
+
+    def _forward(self, slots: list[int], tokens: list[list[int]], logits: bool, greedy_ids: bool) -> list[torch.Tensor]:
         for s, t in zip(slots, tokens):
             if len(self._history[s]) + len(t) > self.max_seq_len:
                 raise SaguaroError(f"slot {s}: {len(self._history[s])} + {len(t)} tokens exceed max_seq_len="
                                    f"{self.max_seq_len}: shorten the request or rebuild with a larger --max-seq-len")
         busy = [i for i, t in enumerate(tokens) if t]
-        specs = forward_requests([self._history[slots[i]] for i in busy], [tokens[i] for i in busy])
-        rows = dict(zip(busy, self._logits(specs)))
+        external = self.limits.draft_tokens_external
+        per_slot = [forward_requests([self._history[slots[i]]], [tokens[i]], logits, external, greedy_ids) for i in busy]
+        rows = self._rows([s for group in per_slot for s in group])
+        out: dict[int, torch.Tensor] = {}
+        for i, group in zip(busy, per_slot):
+            mine = torch.cat([rows.pop(0) for _ in group]) if logits else None
+            out[i] = greedy(mine) if greedy_ids and mine.dim() == 2 else mine   # DRAFT_IDS rows are ids already
         for s, t in zip(slots, tokens):
             self._history[s].extend(t)
-        return [rows.get(i, torch.empty(0, self.vocab_size)) for i in range(len(slots))]
+        if not logits:
+            return []
+        empty = torch.empty(0, dtype=torch.long) if greedy_ids else torch.empty(0, self.vocab_size)
+        return [out.get(i, empty) for i in range(len(slots))]
 
     def branch_step(self, parents: torch.Tensor, visible: torch.Tensor, tokens: torch.Tensor,
                     depth: int) -> torch.Tensor:
         self._branches = extend_branches(self._branches, tokens.tolist(), depth)
         specs = branch_requests(self._history, parents.tolist(), visible.tolist(), self._branches)
-        return torch.cat(self._logits(specs))
+        return torch.cat(self._rows(specs))
 
     def close(self) -> None:
         self._executor.shutdown()
 
     # ---- executor round trips
-    def _logits(self, specs: list[RequestSpec]) -> list[torch.Tensor]:
+    def _rows(self, specs: list[RequestSpec]) -> list[torch.Tensor]:
+        """Each spec's wanted rows; context rows that block reuse may have skipped are recomputed."""
+        stale = []
+        for s in specs:
+            stale.append(stale_rows(s, self.reuse.reusable(s.input_ids)))
+            # Recorded before the batch runs: a release that reuses blocks within one batch errs
+            # towards a refill, not a stale row.
+            self.reuse.store(s.input_ids)
         results = self._run(specs)
-        rows, refills = [], []
-        for spec, result in zip(specs, results):
-            r, missing = take_logits(spec, result.context_logits, result.generation_logits, self.vocab_size)
-            rows.append(r)
-            refills.append(refill_requests(spec, missing))
-        flat = [s for group in refills for s in group]
+        rows = [take_rows(s, r, self.vocab_size) if s.logits != NO_LOGITS else torch.empty(0)
+                for s, r in zip(specs, results)]
+        refills = [refill_requests(s, n) for s, n in zip(specs, stale)]
+        flat = [r for group in refills for r in group]
         if flat:
-            extra = iter(self._logits(flat))
-            rows = [torch.cat([next(extra) for _ in group] + [r]) if group else r for group, r in zip(refills, rows)]
+            extra = iter(self._rows(flat))
+            rows = [torch.cat([next(extra) for _ in group] + [r[len(group):]]) if group else r
+                    for group, r in zip(refills, rows)]
         return rows
 
-    def _run(self, specs: list[RequestSpec]) -> list[Any]:
+    def _request(self, spec: RequestSpec) -> Any:
         t = self._trtllm
-        # max_tokens positionally: the keyword was max_new_tokens in older releases.
-        requests = [t.Request(s.input_ids, 1,
-                              output_config=t.OutputConfig(return_context_logits=s.context,
-                                                           return_generation_logits=not s.context,
-                                                           exclude_input_from_output=True))
-                    for s in specs]
-        ids = self._executor.enqueue_requests(requests)
+        # Everything after input_token_ids is keyword-only in the bindings (pybind/executor/bindings.cpp).
+        output = t.OutputConfig(return_context_logits=spec.logits == CONTEXT,
+                                return_generation_logits=spec.logits == GENERATION,
+                                exclude_input_from_output=True)
+        if spec.logits == DRAFT_IDS:
+            # NVIDIA's draft-target layout (tensorrtllm_backend tensorrt_llm_bls): K draft tokens, K + 1 to generate.
+            return t.Request(spec.input_ids, max_tokens=len(spec.draft) + 1, output_config=output,
+                             external_draft_tokens_config=t.ExternalDraftTokensConfig(list(spec.draft)))
+        return t.Request(spec.input_ids, max_tokens=1, output_config=output)
+
+    def _run(self, specs: list[RequestSpec]) -> list[Any]:
+        ids = self._executor.enqueue_requests([self._request(s) for s in specs])
         done: dict[int, Any] = {}
         deadline = time.monotonic() + self.timeout_s
         while len(done) < len(ids):
@@ -254,4 +400,6 @@ class TrtllmEngine(Engine):
                         raise SaguaroError(f"TensorRT-LLM request failed: {r.error_msg}")
                     if r.result.is_final:
                         done[i] = r.result
+        for spec, i in zip(specs, ids):
+            self.reuse.store(spec.input_ids + list(spec.draft) + list(done[i].output_token_ids[0]))
         return [done[i] for i in ids]
