@@ -28,7 +28,7 @@ from typing import Callable
 
 from saguaro.config import SpecConfig
 from saguaro.errors import SaguaroError
-from saguaro.pair import PairInfo, validate_pair
+from saguaro.pair import ENGINE_SOURCE, PairInfo, validate_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 # The trtllm containers ship the tensorrt_llm wheel but not its examples/: point this at a checkout
@@ -59,7 +59,8 @@ class BuildOptions:
     max_draft_len: int = 8
     num_draft_tokens: int = SpecConfig.k
     max_branches: int = 64
-    draft_tokens_external: bool = False     # also let NVIDIA's tensorrt_llm_bls drive the target engine
+    draft_tokens_external: bool = False     # target verifies draft tokens itself (greedy fast path)
+    gpus: int | None = None                 # GPUs on this host for placement (None: count them)
     trtllm_examples: str = TRTLLM_EXAMPLES
     onnx: bool = True
     model_repository: str | None = None
@@ -75,6 +76,7 @@ class Step:
     argv: list[str] | None = None           # an external command, or
     action: Callable[[], None] | None = None  # an in-process one
     writes: list[Path] = field(default_factory=list)
+    cwd: Path | None = None                 # where an external command runs (must be writable)
 
 
 @dataclass
@@ -88,6 +90,7 @@ class BuildResult:
     max_input_len: int
     max_seq_len: int
     parameters: dict[str, dict[str, str]]   # model name -> config.pbtxt parameters
+    gpus: dict[str, int]                    # trtllm: model name -> the GPU its Triton instance is placed on
     pair: PairInfo
     steps: list[Step]
 
@@ -116,11 +119,22 @@ def fill_parameters(text: str, params: dict[str, str]) -> str:
     return text
 
 
+def fill_instance_group(text: str, gpu: int) -> str:
+    """One KIND_GPU instance on `gpu` in place of the config's instance_group (Triton creates one
+    instance per listed GPU, so a tensor-parallel engine lists only its first rank's GPU and
+    reaches the others through gpu_device_ids)."""
+    group = f"instance_group [ {{ kind: KIND_GPU count: 1 gpus: [ {gpu} ] }} ]"
+    text, n = re.subn(r"instance_group\s*\[(?:[^\[\]]|\[[^\]]*\])*\]", group, text, count=1)
+    return text if n else text.rstrip("\n") + "\n" + group + "\n"
+
+
 def fill_model_repository(repository: str | Path, params: dict[str, dict[str, str]],
-                          dry_run: bool = False) -> list[Path]:
+                          dry_run: bool = False, gpus: dict[str, int] | None = None) -> list[Path]:
     """Apply fill_parameters to <repository>/<model>/config.pbtxt for every model in params that
-    exists there; returns the files written (or that would be)."""
+    exists there, and fill_instance_group for the models in gpus; returns the files written (or
+    that would be)."""
     written = []
+    gpus = gpus or {}
     for model, values in params.items():
         path = Path(repository) / model / "config.pbtxt"
         if not path.is_file():
@@ -128,20 +142,70 @@ def fill_model_repository(repository: str | Path, params: dict[str, dict[str, st
             continue
         written.append(path)
         if dry_run:
-            log(f"would write {path}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-        else:
-            path.write_text(fill_parameters(path.read_text(), values))
+            where = f", instance on GPU {gpus[model]}" if model in gpus else ""
+            log(f"would write {path}: " + ", ".join(f"{k}={v}" for k, v in values.items()) + where)
+            continue
+        text = fill_parameters(path.read_text(), values)
+        path.write_text(fill_instance_group(text, gpus[model]) if model in gpus else text)
     return written
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Which GPUs each engine's ranks use and how much of their free memory its KV cache takes."""
+    target_devices: tuple[int, ...]
+    draft_devices: tuple[int, ...]
+    target_kv_fraction: float
+    draft_kv_fraction: float
+
+
+# NVIDIA's draft-target layout (tensorrtllm_backend docs/multi_instance.md and the
+# speculative-decoding guide): each engine on its own GPU(s); when they must share one, each KV
+# cache takes 0.4 of the free memory instead of the default 0.9, or the second executor cannot start.
+OWN_GPU_KV_FRACTION, SHARED_GPU_KV_FRACTION = 0.9, 0.4
+
+
+def place_engines(tp_size: int, gpus: int) -> Placement:
+    """Target ranks on GPUs 0..tp_size-1; the draft on the next GPU when there is one, else on GPU 0
+    beside the target's first rank."""
+    if gpus < tp_size:
+        raise SaguaroError(f"--tp-size {tp_size} needs {tp_size} GPUs but this host has {gpus}: lower --tp-size, "
+                           f"or pass --gpus N if the count is wrong")
+    target = tuple(range(tp_size))
+    if gpus > tp_size:
+        return Placement(target, (tp_size,), OWN_GPU_KV_FRACTION, OWN_GPU_KV_FRACTION)
+    return Placement(target, (0,), SHARED_GPU_KV_FRACTION, SHARED_GPU_KV_FRACTION)
+
+
+def count_gpus() -> int:
+    """CUDA devices visible here (the build-engines container sees the serving host's GPUs)."""
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def _ids(devices: tuple[int, ...]) -> str:
+    return ",".join(map(str, devices))
+
+
 def repository_parameters(opts: BuildOptions, target: Path, draft: Path, tokenizer_dir: Path,
-                          max_input_len: int, max_seq_len: int) -> dict[str, dict[str, str]]:
+                          max_input_len: int, max_seq_len: int,
+                          placement: Placement | None = None) -> dict[str, dict[str, str]]:
     """The config.pbtxt parameters each model of the repository reads (see model_repository/)."""
     engine = {"engine": opts.backend, "max_seq_len": str(max_seq_len), "max_draft_len": str(opts.max_draft_len),
               "max_slots": str(opts.max_batch_size)}
+    gpu: dict[str, dict[str, str]] = {"target": {}, "draft": {}}
+    if placement is not None:
+        # GPU engines are not pinned to a CPU core: that would pin the executor's own threads too.
+        gpu = {"target": {"gpu_device_ids": _ids(placement.target_devices), "cpu_core": "",
+                          "kv_cache_free_gpu_memory_fraction": str(placement.target_kv_fraction)},
+               "draft": {"gpu_device_ids": _ids(placement.draft_devices), "cpu_core": "",
+                         "kv_cache_free_gpu_memory_fraction": str(placement.draft_kv_fraction)}}
     return {
-        "target": {**engine, "checkpoint": str(target)},
-        "draft": {**engine, "checkpoint": str(draft), "max_branches": str(opts.max_branches)},
+        "target": {**engine, "checkpoint": str(target), **gpu["target"]},
+        "draft": {**engine, "checkpoint": str(draft), "max_branches": str(opts.max_branches), **gpu["draft"]},
         "ssd": {"num_draft_tokens": str(opts.num_draft_tokens), "max_input_len": str(max_input_len),
                 "tokenizer_dir": str(tokenizer_dir)},
         "preprocessing": {"tokenizer_dir": str(tokenizer_dir)},
@@ -266,7 +330,7 @@ def plan_trtllm(opts: BuildOptions, pair: PairInfo, out: Path, max_seq_len: int)
     steps = []
     for role, info in (("target", pair.target), ("draft", pair.draft)):
         ckpt, engine = out / role / "checkpoint", out / role / "engine"
-        # The draft runs on one GPU of its own (DESIGN §3); only the target is split.
+        # The draft runs on one GPU (docs/design.md, "The TensorRT-LLM path"); only the target is split.
         tp = opts.tp_size if role == "target" else 1
         convert = [sys.executable, str(convert_script(opts.trtllm_examples, info.family)),
                    "--model_dir", str(Path(info.path).resolve()), "--output_dir", str(ckpt),
@@ -275,22 +339,39 @@ def plan_trtllm(opts: BuildOptions, pair: PairInfo, out: Path, max_seq_len: int)
         # recomputation), so any request may be as long as a sequence: max_input_len = max_seq_len - 1.
         # Branches are separate requests, so the draft needs a batch of them per sequence.
         batch = opts.max_batch_size if role == "target" else max(opts.max_batch_size, opts.max_branches)
+        # trtllm-build saves its timing cache unconditionally (default: model.cache in the working
+        # directory, tensorrt_llm/commands/build.py): name it, and run from a writable folder.
         build = ["trtllm-build", "--checkpoint_dir", str(ckpt), "--output_dir", str(engine),
                  "--gemm_plugin", "auto", "--use_paged_context_fmha", "enable",
                  "--max_batch_size", str(batch), "--max_input_len", str(max_seq_len - 1),
-                 "--max_seq_len", str(max_seq_len),
-                 # context logits: the K+1 verify / glue positions; generation logits: single-position
-                 # calls (decode, branch steps) return one row instead of a block's worth.
-                 "--gather_context_logits", "--gather_generation_logits"]
+                 "--max_seq_len", str(max_seq_len), "--output_timing_cache", str(out / role / "model.cache"),
+                 # generation logits: single-position calls (decode, branch steps, refills) return one row.
+                 "--gather_generation_logits"]
         if role == "target" and opts.draft_tokens_external:
+            # trtllm-build rejects --gather_context_logits with max_draft_len > 0: this target returns
+            # generation logits only and verifies greedy draft tokens itself.
             build += ["--speculative_decoding_mode", "draft_tokens_external", "--max_draft_len", str(opts.max_draft_len)]
+        else:
+            build += ["--gather_context_logits"]     # multi-token forwards read context logits
         steps.append(Step(title=f"{role}: convert_checkpoint ({info.family}, tp {tp})", output=ckpt,
-                          settings={"argv": convert}, argv=convert, writes=[ckpt / "config.json"]))
+                          settings={"argv": convert}, argv=convert, writes=[ckpt / "config.json"], cwd=out / role))
         # The engine's settings include the conversion's: a re-converted checkpoint needs a new engine.
         steps.append(Step(title=f"{role}: trtllm-build", output=engine, settings={"argv": build, "from": convert},
-                          argv=build,
+                          argv=build, cwd=out / role,
                           writes=[engine / "config.json", *(engine / f"rank{r}.engine" for r in range(tp))]))
+        source = engine / ENGINE_SOURCE
+        checkpoint = str(Path(info.path).resolve())
+        steps.append(Step(title=f"{role}: record the source checkpoint in {source}", output=source,
+                          settings={"checkpoint": checkpoint, "from": build},
+                          action=lambda source=source, checkpoint=checkpoint: write_source(source, checkpoint),
+                          writes=[source]))
     return steps
+
+
+def write_source(path: Path, checkpoint: str) -> None:
+    """The engine's source checkpoint (saguaro.pair reads it: the tokenizer and config live there)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"checkpoint": checkpoint}) + "\n")
 
 
 def _check_trtllm_tools(steps: list[Step]) -> None:
@@ -329,6 +410,8 @@ def run_steps(steps: list[Step], dry_run: bool, force: bool) -> None:
             continue
         if dry_run:
             log(f"{head}: would " + (f"run: {shlex.join(step.argv)}" if step.argv else "run in-process"))
+            if step.argv and step.cwd is not None:
+                log(f"  in the working directory {step.cwd}")
             for path in step.writes:
                 log(f"  would write {path}")
             continue
@@ -336,7 +419,9 @@ def run_steps(steps: list[Step], dry_run: bool, force: bool) -> None:
         t0 = time.monotonic()
         if step.argv:
             # Output passes straight through: convert_checkpoint and trtllm-build report their own progress.
-            rc = subprocess.run(step.argv).returncode
+            if step.cwd is not None:
+                step.cwd.mkdir(parents=True, exist_ok=True)
+            rc = subprocess.run(step.argv, cwd=step.cwd).returncode
             if rc != 0:
                 raise SaguaroError(f"{step.title} failed (exit {rc}): command was {shlex.join(step.argv)}")
         else:
@@ -378,13 +463,19 @@ def build(opts: BuildOptions) -> BuildResult:
         tokenizer_dir = Path(pair.target.path).resolve()
         if not opts.dry_run:
             _check_trtllm_tools(steps)
+    placement = None
+    if opts.backend == "trtllm":
+        placement = place_engines(opts.tp_size, opts.gpus or count_gpus() or opts.tp_size)
+        log(f"placement: target on GPU {_ids(placement.target_devices)}, draft on GPU {_ids(placement.draft_devices)}, "
+            f"KV cache fractions {placement.target_kv_fraction}/{placement.draft_kv_fraction}")
     run_steps(steps, opts.dry_run, opts.force)
-    params = repository_parameters(opts, target, draft, tokenizer_dir, max_input_len, max_seq_len)
+    params = repository_parameters(opts, target, draft, tokenizer_dir, max_input_len, max_seq_len, placement)
+    gpus = {"target": placement.target_devices[0], "draft": placement.draft_devices[0]} if placement else {}
     if opts.model_repository:
-        fill_model_repository(opts.model_repository, params, opts.dry_run)
+        fill_model_repository(opts.model_repository, params, opts.dry_run, gpus)
     result = BuildResult(backend=opts.backend, output=out, target=target, draft=draft, tokenizer_dir=tokenizer_dir,
                          onnx=onnx, max_input_len=max_input_len, max_seq_len=max_seq_len, parameters=params,
-                         pair=pair, steps=steps)
+                         gpus=gpus, pair=pair, steps=steps)
     summary = out / "build.json"
     if opts.dry_run:
         log(f"would write {summary}")
@@ -416,7 +507,10 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
     p.add_argument("--num-draft-tokens", type=int, default=4, help="default K")
     p.add_argument("--max-branches", type=int, default=64, help="speculation-cache branches per draft call")
     p.add_argument("--draft-tokens-external", action="store_true",
-                   help="trtllm: also build the target with --speculative_decoding_mode draft_tokens_external")
+                   help="trtllm: build the target with --speculative_decoding_mode draft_tokens_external (greedy "
+                        "verification inside the engine; generation logits only)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="trtllm: GPUs to place the engines on (default: count them); 2+ puts the draft on its own GPU")
     p.add_argument("--trtllm-examples", default=TRTLLM_EXAMPLES,
                    help="TensorRT-LLM examples/ folder (env TRTLLM_EXAMPLES)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="torch: skip the ONNX export")

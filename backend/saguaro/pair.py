@@ -129,10 +129,44 @@ def _compare_tokenizers(target: Path, draft: Path) -> str:
     return digest
 
 
+# Written by build_engines/build.py next to each TensorRT-LLM engine: the checkpoint it was built from.
+ENGINE_SOURCE = "saguaro_source.json"
+
+
+def source_checkpoint(model_dir: str | Path, role: str) -> Path:
+    """The Hugging Face checkpoint behind model_dir: model_dir itself, or for a TensorRT-LLM engine
+    folder (its config.json has pretrained_config and build_config, no architectures and no
+    tokenizer) the checkpoint recorded at build time, whose vocab_size must match the engine's."""
+    d = Path(model_dir)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        return d
+    engine = _read_json(cfg_path)
+    if "pretrained_config" not in engine or "build_config" not in engine:
+        return d
+    pointer = d / ENGINE_SOURCE
+    if not pointer.is_file():
+        raise SaguaroError(f"{role} checkpoint {d} is a TensorRT-LLM engine without {ENGINE_SOURCE} (the checkpoint it "
+                           f"was built from, which holds the tokenizer): rebuild it with build_engines/build.py "
+                           f"--backend trtllm, or write {{\"checkpoint\": \"/path/to/hf-folder\"}} to {pointer}")
+    src = Path(_read_json(pointer)["checkpoint"])
+    if not src.is_absolute():
+        src = (d / src).resolve()
+    vocab = engine["pretrained_config"].get("vocab_size")
+    hf = _read_json(src / "config.json") if (src / "config.json").is_file() else {}
+    if vocab is not None and hf.get("vocab_size") not in (None, vocab):
+        raise SaguaroError(f"{role} engine {d} has vocab_size {vocab} but its source checkpoint {src} has "
+                           f"{hf['vocab_size']}: fix {pointer}, or rebuild the engine from that checkpoint")
+    return src
+
+
 def validate_pair(target_dir: str | Path, draft_dir: str | Path, num_draft_tokens: int | None = None,
                   max_draft_len: int | None = None, max_seq_len: int | None = None) -> PairInfo:
-    """Check that draft and target can be served together; SaguaroError names the field and fix."""
-    t, d = read_model(target_dir, "target"), read_model(draft_dir, "draft")
+    """Check that draft and target can be served together; SaguaroError names the field and fix.
+    Either may be a Hugging Face checkpoint folder or a TensorRT-LLM engine folder built by
+    build_engines/build.py (its source checkpoint is checked)."""
+    t = read_model(source_checkpoint(target_dir, "target"), "target")
+    d = read_model(source_checkpoint(draft_dir, "draft"), "draft")
     if t.vocab_size != d.vocab_size:
         raise SaguaroError(f"vocab_size: target {t.vocab_size} != draft {d.vocab_size}: the draft must share the "
                            f"target's vocabulary (logits are compared id by id); pick a draft of the same family "
