@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,6 +153,20 @@ def test_placement_reaches_the_executor(tmp_path, fake_runtime):
     eng = T.TrtllmEngine.from_config(EngineConfig(checkpoint=str(one), engine="trtllm", device_ids=(3,)))
     assert eng._executor.config.parallel_config.device_ids == [3]
     assert eng._executor.config.kv_cache_config.free_gpu_memory_fraction == 0.4     # the shared-GPU default
+    assert not hasattr(eng._executor.config, "gather_generation_logits")    # 0.14: a build flag only
+
+
+def test_newer_executor_config_gets_generation_logits_at_runtime(tmp_path, monkeypatch):
+    """TensorRT-LLM 1.x (nanobind executorConfig.cpp) has ExecutorConfig(gather_generation_logits=False)."""
+    rt = F.runtime()
+    newer = rt.ExecutorConfig
+    rt.ExecutorConfig = lambda **kw: SimpleNamespace(**vars(newer(**kw)), gather_generation_logits=False)
+    monkeypatch.setattr(T, "_runtime", lambda: rt)
+    eng = T.TrtllmEngine(F.engine_dir(tmp_path / "e", DEMO_DRAFT))
+    assert eng._executor.config.gather_generation_logits is True
+
+
+def test_kv_fraction_is_checked():
     with pytest.raises(SaguaroError, match="kv_cache_free_gpu_memory_fraction=1.5"):
         EngineConfig(engine="trtllm", kv_cache_free_gpu_memory_fraction=1.5).validate()
 

@@ -269,6 +269,9 @@ class TrtllmEngine(Engine):
         kv = trtllm.KvCacheConfig(enable_block_reuse=True,
                                   free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
         config = trtllm.ExecutorConfig(max_beam_width=1, kv_cache_config=kv, enable_chunked_context=True)
+        if hasattr(config, "gather_generation_logits"):
+            # 1.x asks for generation logits at runtime too (nanobind executorConfig.cpp); 0.14 only at build time.
+            config.gather_generation_logits = True
         devices = rank_devices(device_ids, limits.tp_size)
         if limits.tp_size > 1:
             # Inside a Triton Python-backend stub there is no mpirun: orchestrator mode spawns the
