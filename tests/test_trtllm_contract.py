@@ -286,6 +286,23 @@ def test_draft_tokens_external_target(tmp_path, fake_runtime, prompts):
                for r in fake.requests[n:])
 
 
+def test_long_prompts_get_one_request_per_row(tmp_path, fake_runtime, prompts):
+    """Past context_logits_values the prompt's whole context logits are not worth shipping."""
+    d = F.engine_dir(tmp_path / "t", DEMO_TARGET, tokens_per_block=TPB)
+    adapter = T.TrtllmEngine(d, max_slots=1, context_logits_values=4096 * 20)     # prompts up to 20 tokens
+    p = Pair(adapter, torch_engine(DEMO_TARGET))
+    fake = adapter._executor
+    p.new("a")
+    p.forward(["a"], [prompts[6][:12]])
+    assert fake.requests[-1].output_config.return_context_logits                  # 12 positions: context logits
+    n = len(fake.requests)
+    p.forward(["a"], [prompts[6][12:16]])
+    assert fake.requests[-1].output_config.return_context_logits
+    p.forward(["a"], [prompts[6][16:21]])                                          # 21 positions: per row
+    assert [len(r.input_token_ids) for r in fake.requests[n + 1:]] == [17, 18, 19, 20, 21]
+    assert not any(r.output_config.return_context_logits for r in fake.requests[n + 1:])
+
+
 # ---------------------------------------------------------------- the whole decoder through engine=trtllm
 
 @pytest.mark.parametrize("mode,external", [("ssd", False), ("sd", False), ("ssd", True)])

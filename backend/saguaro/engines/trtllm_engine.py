@@ -14,10 +14,11 @@ Logits, per kind of call:
 - prefill (logits=False): no logits asked for at all.
 - one new token: the generation logits of the request's one step, [beam, steps, vocab_padded],
   whose first row is the last prompt position's logits.
-- n > 1 new tokens on an engine built with --gather_context_logits: context logits, always
-  [prompt_len, vocab_padded]; rows of positions that block reuse skipped are never written
-  (stale memory), so the adapter keeps its own upper bound of what may have been reused
-  (ReuseMirror) and recomputes those rows by one-token requests (refill_requests).
+- n > 1 new tokens on an engine built with --gather_context_logits, for a prompt short enough
+  (CONTEXT_LOGITS_VALUES): context logits, always [prompt_len, vocab_padded]; rows of positions
+  that block reuse skipped are never written (stale memory), so the adapter keeps its own upper
+  bound of what may have been reused (ReuseMirror) and recomputes those rows by one-token
+  requests (refill_requests). Longer prompts: one one-token request per wanted row.
 - n > 1 new tokens on a target built with --speculative_decoding_mode draft_tokens_external
   (no context logits there): greedy verification sends tokens[1:] as the request's draft tokens
   and reads the engine's accepted tokens (one request, no logits); logits verification asks one
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
 
 BUILD_HINT = "rebuild with build_engines/build.py --backend trtllm"
 NO_LOGITS, CONTEXT, GENERATION, DRAFT_IDS = "none", "context", "generation", "draft_ids"
+# Context logits cover the whole prompt: past this many values (64 MB in fp32; 128 positions of a
+# 128k vocabulary) one-token requests per wanted row move less than the prompt's rows would.
+CONTEXT_LOGITS_VALUES = 1 << 24
 DRAFT_TOKENS_EXTERNAL_MODE = 2
 
 
@@ -153,9 +157,12 @@ class ReuseMirror:
 
 
 def forward_requests(histories: list[list[int]], tokens: list[list[int]], logits: bool = True,
-                     external: bool = False, ids_only: bool = False) -> list[RequestSpec]:
+                     external: bool = False, ids_only: bool = False,
+                     context_rows: int | None = None) -> list[RequestSpec]:
     """One request per slot: its history plus the tokens to append. external: the engine takes
-    draft tokens (greedy multi-token forwards become one DRAFT_IDS request)."""
+    draft tokens (greedy multi-token forwards become one DRAFT_IDS request) and has no context
+    logits. context_rows: the longest prompt whose context logits (one row per prompt position,
+    wanted or not) are worth shipping; longer ones get one one-token request per wanted row."""
     specs = []
     for h, t in zip(histories, tokens):
         if not logits:
@@ -164,7 +171,7 @@ def forward_requests(histories: list[list[int]], tokens: list[list[int]], logits
             specs.append(RequestSpec(h + t, 1, GENERATION))
         elif external and ids_only:
             specs.append(RequestSpec(h + t[:1], len(t), DRAFT_IDS, tuple(t[1:])))
-        elif external:     # no context logits on this engine: one one-token request per row
+        elif external or (context_rows is not None and len(h) + len(t) > context_rows):
             specs += [RequestSpec(h + t[:i + 1], 1, GENERATION) for i in range(len(t))]
         else:
             specs.append(RequestSpec(h + t, len(t), CONTEXT))
@@ -253,7 +260,7 @@ def executor_worker() -> Path:
 class TrtllmEngine(Engine):
     def __init__(self, engine_dir: str | Path, max_slots: int = 16, max_branches: int | None = None, max_draft_len: int = 8,
                  device_ids: tuple[int, ...] = (), kv_cache_free_gpu_memory_fraction: float = 0.4,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, context_logits_values: int = CONTEXT_LOGITS_VALUES) -> None:
         trtllm = _runtime()
         limits = read_engine_config(engine_dir)
         self.limits = limits
@@ -262,6 +269,7 @@ class TrtllmEngine(Engine):
         self.max_slots, self.max_draft_len = max_slots, max_draft_len
         self.max_branches = max_branches or limits.max_batch_size
         self.timeout_s = timeout_s
+        self.context_rows = context_logits_values // limits.vocab_size
         self.reuse = ReuseMirror(limits.tokens_per_block)
         self._trtllm = trtllm
         self._history: dict[int, list[int]] = {}
@@ -331,7 +339,8 @@ class TrtllmEngine(Engine):
                                    f"{self.max_seq_len}: shorten the request or rebuild with a larger --max-seq-len")
         busy = [i for i, t in enumerate(tokens) if t]
         external = self.limits.draft_tokens_external
-        per_slot = [forward_requests([self._history[slots[i]]], [tokens[i]], logits, external, greedy_ids) for i in busy]
+        per_slot = [forward_requests([self._history[slots[i]]], [tokens[i]], logits, external, greedy_ids,
+                                     self.context_rows) for i in busy]
         rows = self._rows([s for group in per_slot for s in group])
         out: dict[int, torch.Tensor] = {}
         for i, group in zip(busy, per_slot):
