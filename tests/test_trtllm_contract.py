@@ -156,14 +156,19 @@ def test_placement_reaches_the_executor(tmp_path, fake_runtime):
     assert not hasattr(eng._executor.config, "gather_generation_logits")    # 0.14: a build flag only
 
 
-def test_newer_executor_config_gets_generation_logits_at_runtime(tmp_path, monkeypatch):
-    """TensorRT-LLM 1.x (nanobind executorConfig.cpp) has ExecutorConfig(gather_generation_logits=False)."""
+def test_newer_executor_configs(tmp_path, monkeypatch):
+    """TensorRT-LLM 1.x (nanobind executorConfig.cpp) has ExecutorConfig(gather_generation_logits=False)
+    and KvCacheConfig(enable_partial_reuse=True); the adapter turns the first on, the second off."""
     rt = F.runtime()
-    newer = rt.ExecutorConfig
-    rt.ExecutorConfig = lambda **kw: SimpleNamespace(**vars(newer(**kw)), gather_generation_logits=False)
+    older_executor, older_kv = rt.ExecutorConfig, rt.KvCacheConfig
+    rt.ExecutorConfig = lambda **kw: SimpleNamespace(**vars(older_executor(**kw)), gather_generation_logits=False)
+    # KvCacheConfig(..., *, enable_partial_reuse=True, ...): partial-block reuse, on by default
+    rt.KvCacheConfig = lambda enable_partial_reuse=True, **kw: SimpleNamespace(
+        **vars(older_kv(**kw)), enable_partial_reuse=enable_partial_reuse)
     monkeypatch.setattr(T, "_runtime", lambda: rt)
     eng = T.TrtllmEngine(F.engine_dir(tmp_path / "e", DEMO_DRAFT))
     assert eng._executor.config.gather_generation_logits is True
+    assert eng._executor.config.kv_cache_config.enable_partial_reuse is False
 
 
 def test_kv_fraction_is_checked():

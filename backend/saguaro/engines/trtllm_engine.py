@@ -274,8 +274,13 @@ class TrtllmEngine(Engine):
         self._trtllm = trtllm
         self._history: dict[int, list[int]] = {}
         self._branches: list[list[int]] | None = None
-        kv = trtllm.KvCacheConfig(enable_block_reuse=True,
-                                  free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+        kv_args = {"enable_block_reuse": True, "free_gpu_memory_fraction": kv_cache_free_gpu_memory_fraction}
+        try:
+            # 1.x also reuses partly matching blocks by default (nanobind executorConfig.cpp); ReuseMirror
+            # bounds whole-block reuse, as 0.14 does it.
+            kv = trtllm.KvCacheConfig(**kv_args, enable_partial_reuse=False)
+        except TypeError:          # 0.14: no such argument, whole blocks only
+            kv = trtllm.KvCacheConfig(**kv_args)
         config = trtllm.ExecutorConfig(max_beam_width=1, kv_cache_config=kv, enable_chunked_context=True)
         if hasattr(config, "gather_generation_logits"):
             # 1.x asks for generation logits at runtime too (nanobind executorConfig.cpp); 0.14 only at build time.
