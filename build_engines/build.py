@@ -335,8 +335,8 @@ def plan_trtllm(opts: BuildOptions, pair: PairInfo, out: Path, max_seq_len: int)
         convert = [sys.executable, str(convert_script(opts.trtllm_examples, info.family)),
                    "--model_dir", str(Path(info.path).resolve()), "--output_dir", str(ckpt),
                    "--dtype", resolve_dtype(opts.dtype, info.dtype), "--tp_size", str(tp)]
-        # trtllm_engine.py resubmits each sequence's whole history per call (KV block reuse skips the
-        # recomputation), so any request may be as long as a sequence: max_input_len = max_seq_len - 1.
+        # trtllm_engine.py resubmits each sequence's whole history per call (KV block reuse skips its
+        # full blocks), so any request may be as long as a sequence: max_input_len = max_seq_len - 1.
         # Branches are separate requests, so the draft needs a batch of them per sequence.
         batch = opts.max_batch_size if role == "target" else max(opts.max_batch_size, opts.max_branches)
         # trtllm-build saves its timing cache unconditionally (default: model.cache in the working

@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -437,6 +438,22 @@ def test_compose_build_runs_in_a_writable_folder():
     assert any(s["working_dir"] == m or s["working_dir"].startswith(m + "/") for m in writable), \
         f"working_dir {s['working_dir']} is not on a writable mount {writable}"
     assert "--output /engines" in s["command"][-1]
+
+
+def test_compose_build_command_parses_as_build_py_arguments(tmp_path):
+    """The shell line compose runs, expanded by bash with compose's defaults, is a valid build.py call."""
+    s = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["build-engines"]
+    script = s["command"][-1].replace("$$", "$")
+    call = script[script.index("python3 /workspace/build_engines/build.py"):]
+    env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in s["environment"].items()}
+    for gpus, expect in (("", None), ("2", 2)):
+        argv = subprocess.run(["bash", "-c", call.replace("python3 /workspace/build_engines/build.py",
+                                                          "printf '%s\\n'", 1)],
+                              env={**env, "GPUS": gpus, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+        opts = B.parse_args(argv)
+        assert (opts.backend, opts.output, opts.model_repository) == ("trtllm", "/engines", "/engines/model_repository")
+        assert (opts.target, opts.tp_size, opts.gpus, opts.max_seq_len) == ("/models/demo-code-target", 1, expect, None)
 
 
 def test_compose_file():
