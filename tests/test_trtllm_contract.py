@@ -95,7 +95,7 @@ def test_read_engine_config(tmp_path):
     d = F.engine_dir(tmp_path / "e", DEMO_TARGET, tokens_per_block=32)
     assert T.read_engine_config(d) == T.EngineLimits(4096, 512, 64, 1, tokens_per_block=32)
     ext = T.read_engine_config(F.engine_dir(tmp_path / "x", DEMO_TARGET, draft_tokens_external=True, max_draft_len=6))
-    assert ext.draft_tokens_external and ext.max_draft_len == 6 and not ext.context_logits
+    assert ext.draft_tokens_external and ext.max_draft_len == 6
     cfg = json.loads((d / "config.json").read_text())
     for change, match in (({"gather_context_logits": False}, "without --gather_context_logits"),
                           ({"gather_generation_logits": False}, "without --gather_generation_logits"),
@@ -259,6 +259,7 @@ def test_draft_tokens_external_target(tmp_path, fake_runtime, prompts):
     logits rounds use one-token requests (this engine has no context logits)."""
     d = F.engine_dir(tmp_path / "x", DEMO_TARGET, tokens_per_block=TPB, draft_tokens_external=True, max_draft_len=6)
     adapter = T.TrtllmEngine(d, max_slots=2)
+    assert adapter.limits.max_draft_len == 6
     p = Pair(adapter, torch_engine(DEMO_TARGET))
     fake = adapter._executor
     prompt = prompts[5][:30]
@@ -284,6 +285,8 @@ def test_draft_tokens_external_target(tmp_path, fake_runtime, prompts):
         assert ids[:k + 1].tolist() == want[:k + 1].tolist() and (ids[k + 1:] == -1).all()
         adapter.truncate(p.slots["a"][0], start)
         p.r.truncate(ref_slot, start)
+    with pytest.raises(SaguaroError, match="num_draft_tokens=7 exceeds the target engine's max_draft_len=6"):
+        adapter.forward_greedy([p.slots["a"][0]], [[best[0]] + [5] * 7])
     n = len(fake.requests)
     p.forward(["a"], [[best[0], best[1], 7, 8]])           # sampled rounds: exact logits, row by row
     assert len(fake.requests) - n == 4

@@ -71,8 +71,7 @@ class EngineLimits:
     tp_size: int
     tokens_per_block: int = 64
     draft_tokens_external: bool = False   # target built to verify draft tokens itself
-    max_draft_len: int = 0
-    context_logits: bool = True           # built with --gather_context_logits
+    max_draft_len: int = 0                # draft tokens one request may carry (draft_tokens_external)
 
 
 def read_engine_config(engine_dir: str | Path) -> EngineLimits:
@@ -101,8 +100,7 @@ def read_engine_config(engine_dir: str | Path) -> EngineLimits:
                         max_batch_size=int(build["max_batch_size"]),
                         tp_size=int(pretrained.get("mapping", {}).get("tp_size", 1)),
                         tokens_per_block=int(plugins.get("tokens_per_block") or 64),
-                        draft_tokens_external=external, max_draft_len=int(build.get("max_draft_len") or 0),
-                        context_logits=build.get("gather_context_logits") is not False and not external)
+                        draft_tokens_external=external, max_draft_len=int(build.get("max_draft_len") or 0))
 
 
 def rank_devices(device_ids: tuple[int, ...] | list[int], tp_size: int) -> list[int] | None:
@@ -342,6 +340,9 @@ class TrtllmEngine(Engine):
             if len(self._history[s]) + len(t) > self.max_seq_len:
                 raise SaguaroError(f"slot {s}: {len(self._history[s])} + {len(t)} tokens exceed max_seq_len="
                                    f"{self.max_seq_len}: shorten the request or rebuild with a larger --max-seq-len")
+            if greedy_ids and self.limits.draft_tokens_external and len(t) - 1 > self.limits.max_draft_len:
+                raise SaguaroError(f"num_draft_tokens={len(t) - 1} exceeds the target engine's max_draft_len="
+                                   f"{self.limits.max_draft_len}: lower it, or rebuild with --max-draft-len {len(t) - 1}")
         busy = [i for i, t in enumerate(tokens) if t]
         external = self.limits.draft_tokens_external
         per_slot = [forward_requests([self._history[slots[i]]], [tokens[i]], logits, external, greedy_ids,
