@@ -439,6 +439,8 @@ def build(opts: BuildOptions) -> BuildResult:
     for name in ("tp_size", "max_batch_size", "max_draft_len", "max_branches"):
         if getattr(opts, name) < 1:
             raise SaguaroError(f"{name}={getattr(opts, name)}: must be >= 1")
+    if opts.gpus is not None and opts.gpus < 1:
+        raise SaguaroError(f"--gpus {opts.gpus}: must be >= 1, or left out to count this host's GPUs")
     log(f"validating pair: target {opts.target}, draft {opts.draft}")
     pair = validate_pair(opts.target, opts.draft, opts.num_draft_tokens, opts.max_draft_len, opts.max_seq_len)
     max_seq_len = opts.max_seq_len or min(pair.max_context, 4096)

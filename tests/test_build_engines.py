@@ -335,6 +335,8 @@ def test_placement(tp, gpus, target, draft, fraction):
 def test_placement_errors_and_parameters(tmp_path, capsys):
     with pytest.raises(SaguaroError, match="--tp-size 4 needs 4 GPUs but this host has 2"):
         B.place_engines(4, 2)
+    with pytest.raises(SaguaroError, match="--gpus 0: must be >= 1"):
+        B.build(B.BuildOptions(target=str(DEMO_T), draft=str(DEMO_D), backend="trtllm", gpus=0, dry_run=True))
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "model_repository", repo)
     cmds = dry_run_commands(capsys, ["--target", str(DEMO_T), "--draft", str(DEMO_D), "--output", str(tmp_path / "o"),
