@@ -1,11 +1,13 @@
-"""Exactness of sampled decoding, statistically (DESIGN §4).
+"""Exactness of sampled decoding, statistically (docs/design.md, "Exactness").
 
 A tiny random target/draft pair (vocabulary 8) makes the joint distribution of the first 4
 generated tokens enumerable exactly: 8^4 cells, each the product of the target's conditional
 probabilities under the request's distribution (`saguaro.sampling.probs`: temperature, top-k,
 top-p). SSD (Saguaro C = 0.3, neural and fast backups), SD and AR samples must fit it by a
-chi-square goodness-of-fit test over >= 20k samples; and the same test must reject a drafter that
-hands verification the wrong q, which shows it has the power to catch the classic bug.
+chi-square goodness-of-fit test over >= 20k samples; so must sequences whose rounds switch between
+AR, SD and SSD at random (K too), right after rejections and cache misses included, and sequences
+run by the round policy itself; and the same test must reject a drafter that hands verification
+the wrong q, which shows it has the power to catch the classic bug.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from saguaro.decoder import Decoder
 from saguaro.draft import Drafter, LocalDraft
 from saguaro.engines.torch_engine import TorchEngine
 from saguaro.sampling import probs, sample, saguaro
+from random_rounds import RandomRounds
 from tiny_models import save_random_model
 
 V = 8                 # vocabulary
@@ -70,16 +73,26 @@ def exact_distribution(hf, params: SamplingParams) -> np.ndarray:
     return (joint / joint.sum()).numpy()
 
 
-def sample_decoder(dec: Decoder, params: SamplingParams, mode: str, n: int, seed: int) -> Counter:
-    """n sequences (each its own seed), BATCH at a time; counts of their first N_TOKENS tokens."""
+def sample_decoder(dec: Decoder, params: SamplingParams, mode: str, n: int, seed: int,
+                   switches: Counter | None = None) -> Counter:
+    """n sequences (each its own seed), BATCH at a time; counts of their first N_TOKENS tokens.
+    switches, if given, counts rounds whose type differs from the sequence's previous round, by
+    what that round ended with (a rejection, a cache miss)."""
     counts: Counter = Counter()
     done = 0
     while done < n:
         ids = [dec.add(PROMPT, params.with_(seed=seed + done + i), mode=mode) for i in range(min(BATCH, n - done))]
         out: dict[int, list[int]] = {i: [] for i in ids}
+        last: dict[int, tuple[str, bool, bool, int]] = {}   # kind, rejected, missed, misses so far
         while dec.active:
             for e in dec.step():
                 out[e.seq_id].extend(e.tokens)
+                kind, misses = e.kind, e.stats.cache_misses
+                prev = last.get(e.seq_id)
+                if switches is not None and prev is not None and prev[0] != kind:
+                    switches["after a rejection"] += prev[1]
+                    switches["after a cache miss"] += prev[2]
+                last[e.seq_id] = (kind, e.accepted < e.drafted, misses > (prev[3] if prev else 0), misses)
         for toks in out.values():
             assert len(toks) == N_TOKENS
             counts[tuple(toks)] += 1
@@ -120,13 +133,15 @@ def make_decoder(engines, spec: SpecConfig) -> Decoder:
     return Decoder(target, LocalDraft(Drafter(draft, spec)), spec)
 
 
+# plain SSD (policy off): every round pre-drafts, so hits and misses are both frequent
+SSD = dict(k=K, budget=BUDGET, saguaro_c=0.3, policy=False)
 CASES = [
     # id, mode, spec, params
-    ("ssd-neural-t0.7", "ssd", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="neural"), SamplingParams(temperature=0.7)),
-    ("ssd-neural-t1.0", "ssd", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="neural"), SamplingParams(temperature=1.0)),
-    ("ssd-fast-t0.7", "ssd", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="fast"), SamplingParams(temperature=0.7)),
-    ("ssd-fast-t1.0", "ssd", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="fast"), SamplingParams(temperature=1.0)),
-    ("ssd-neural-topk-topp", "ssd", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="neural"),
+    ("ssd-neural-t0.7", "ssd", SpecConfig(**SSD, backup="neural"), SamplingParams(temperature=0.7)),
+    ("ssd-neural-t1.0", "ssd", SpecConfig(**SSD, backup="neural"), SamplingParams(temperature=1.0)),
+    ("ssd-fast-t0.7", "ssd", SpecConfig(**SSD, backup="fast"), SamplingParams(temperature=0.7)),
+    ("ssd-fast-t1.0", "ssd", SpecConfig(**SSD, backup="fast"), SamplingParams(temperature=1.0)),
+    ("ssd-neural-topk-topp", "ssd", SpecConfig(**SSD, backup="neural"),
      SamplingParams(temperature=0.9, top_k=5, top_p=0.8)),
     ("sd-t1.0", "sd", SpecConfig(k=K, budget=BUDGET), SamplingParams(temperature=1.0)),
     ("ar-t0.7", "ar", SpecConfig(k=K, budget=BUDGET), SamplingParams(temperature=0.7)),
@@ -153,6 +168,35 @@ def test_sampled_decoding_matches_autoregressive_distribution(models, engines, s
     assert p > 1e-3, f"{mode}: the sampled distribution differs from AR sampling (chi-square p = {p:.3g})"
 
 
+SMALL = 3             # fan-out budget of the switching cases: more misses to switch after
+SWITCH_CASES = [
+    # id, spec, params, policy: random round types, or the real round policy
+    ("switching-neural-t0.7", SpecConfig(k=K, budget=SMALL, saguaro_c=0.3, backup="neural"), SamplingParams(temperature=0.7), "random"),
+    ("switching-fast-t1.0", SpecConfig(k=K, budget=SMALL, saguaro_c=0.3, backup="fast"), SamplingParams(temperature=1.0), "random"),
+    ("switching-topk-topp", SpecConfig(k=K, budget=SMALL, backup="auto"), SamplingParams(temperature=0.9, top_k=5, top_p=0.8), "random"),
+    ("policy-t0.7", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3), SamplingParams(temperature=0.7), "policy"),
+]
+
+
+@pytest.mark.parametrize("seed,spec,params,policy", [((len(CASES) + 1 + i) * 10**6, *c[1:]) for i, c in enumerate(SWITCH_CASES)],
+                         ids=[c[0] for c in SWITCH_CASES])
+def test_sampled_decoding_with_switching_round_types_matches(models, engines, seed, spec, params, policy):
+    _, target_hf = models
+    joint = exact_distribution(target_hf, params.with_(max_tokens=N_TOKENS))
+    dec = make_decoder(engines, spec)
+    if policy == "random":
+        dec.policy = RandomRounds(max_k=K, seed=seed)
+    switches: Counter = Counter()
+    counts = sample_decoder(dec, params.with_(max_tokens=N_TOKENS), "ssd", SAMPLES, seed=seed, switches=switches)
+    p = chi_square_p(counts, joint)
+    kinds = Counter(k for r in dec.history for k in ("ar", "sd", "ssd") for _ in range(getattr(r, k)))
+    print(f"\n{policy} rounds, T={params.temperature}: p={p:.3g}, round types {dict(kinds)}, switches {dict(switches)}")
+    if policy == "random":   # the switches the issue names happened, often
+        assert switches["after a rejection"] > SAMPLES // 10 and switches["after a cache miss"] > SAMPLES // 100, switches
+        assert min(kinds.values()) > SAMPLES // 10, kinds
+    assert p > 1e-3, f"{policy} round types: the sampled distribution differs from AR sampling (chi-square p = {p:.3g})"
+
+
 def _choose_reporting_unreshaped_q(self, s, logits, fanout):
     """Drafter._choose with the classic bug: the token is drawn from the Saguaro-reshaped q, but
     verification is handed the plain draft distribution."""
@@ -165,7 +209,7 @@ def test_wrong_q_fails_the_same_test(models, engines, monkeypatch):
     _, target_hf = models
     params = SamplingParams(temperature=1.0, max_tokens=N_TOKENS)
     monkeypatch.setattr(Drafter, "_choose", _choose_reporting_unreshaped_q)
-    dec = make_decoder(engines, SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3, backup="neural"))
+    dec = make_decoder(engines, SpecConfig(**SSD, backup="neural"))
     counts = sample_decoder(dec, params, "ssd", SAMPLES, seed=len(CASES) * 10**6)
     p = chi_square_p(counts, exact_distribution(target_hf, params))
     print(f"\nwrong q (sampled from the reshaped q, verified with the plain one): p={p:.3g}")

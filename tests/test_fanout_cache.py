@@ -1,4 +1,4 @@
-"""Fan-out (DESIGN §1.1), its online fit, the backup rule b* (§1.4), the n-gram backup, and the
+"""Fan-out (docs/design.md, "Fan-out"), its online fit, the backup rule b* ("Backups"), the n-gram backup, and the
 speculation cache on constructed cases with the real demo draft (hits, misses, each backup)."""
 from __future__ import annotations
 
@@ -339,4 +339,36 @@ def test_first_round_is_a_target_step(draft_engine):
     assert got.hits == {} and got.specs[0].source == "neural"
     assert got.specs[0].tokens == _neural_drafts(draft_engine, [PROMPT + [7]], 3)[0]
     assert len(d.build()[0]) == 8
+    d.release_all()
+
+
+# -- rounds whose type the round policy sets: K and pre-drafting per outcome -------------------------
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, seed=5)], ids=["greedy", "sampled"])
+def test_a_hit_with_a_smaller_next_k_is_the_cached_prefix(draft_engine, params):
+    d = _drafter(draft_engine, "neural")
+    spec = _join(d, params)
+    (j, c), cached = max(d.seqs[0].cache.items(), key=lambda kv: (kv[0][0], -kv[0][1]))
+    reply = d.step(DraftRound(outcomes=[Outcome(0, j, spec.tokens[:j] + [c], next_k=2, build=True)]))
+    got = reply.specs[0]
+    assert reply.hits == {0: True} and got.tokens == cached.tokens[:2]
+    assert got.q is None if params.greedy else torch.equal(got.q, cached.q[:2])
+    d.build()      # branches off the 2-token speculation, each 2 deep
+    assert {jj for jj, _ in d.seqs[0].cache} <= {0, 1, 2} and len(d.seqs[0].cache) == 8
+    assert all(len(v.tokens) == 2 for v in d.seqs[0].cache.values())
+    d.release_all()
+
+
+def test_a_plain_target_step_drafts_nothing_and_the_next_speculation_catches_up(draft_engine):
+    d = _drafter(draft_engine, "neural")
+    spec = _join(d, SamplingParams())
+    emitted = [spec.tokens[0], 9]
+    reply = d.step(DraftRound(outcomes=[Outcome(0, 1, emitted, next_k=0, build=False)]))
+    assert reply.specs == {} and reply.hits == {}           # the cache is not looked up for an AR round
+    assert d.build() == {}                                  # nothing pre-drafted for an AR round
+    reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [11], next_k=4, build=False)]))
+    assert reply.hits == {}                                 # no cache was built: neither hit nor miss
+    history = d.seqs[0].history
+    assert reply.specs[0].source == "neural"
+    assert reply.specs[0].tokens == _neural_drafts(draft_engine, [history], 4)[0]
+    assert d.build() == {}                                  # an SD round: no build either
     d.release_all()

@@ -1,6 +1,7 @@
 """Greedy SD and SSD are token-identical to plain autoregressive decoding of the target, on every
 development prompt, alone and batched, for several K, both backups, in-process and with the draft
-in its own worker process (the real SSD overlap path)."""
+in its own worker process (the real SSD overlap path); and so are sequences whose round types the
+round policy chooses, or a stand-in that switches AR, SD and SSD, K and the target's cores at random."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import pytest
 from saguaro.config import DEMO_DRAFT, DEMO_TARGET, DEV_PROMPTS, EngineConfig, SamplingParams, SpecConfig
 from saguaro.llm import build_decoder
 from saguaro.text import load_tokenizer
+from random_rounds import RandomRounds
 
 NEW_TOKENS = 64
 PARAMS = SamplingParams(max_tokens=NEW_TOKENS)
@@ -62,3 +64,23 @@ def test_batched_autoregressive_equals_alone(prompts, ar_outputs):
         assert generate_all(dec, prompts, "ar", 8) == ar_outputs
     finally:
         dec.close()
+
+
+@pytest.mark.parametrize("batch,process,chooser", [(1, True, "policy"), (8, False, "policy"), (1, False, "random"),
+                                                   (8, True, "random")])
+def test_greedy_round_policy_equals_autoregressive(prompts, ar_outputs, batch, process, chooser):
+    # prefill_threads=2: rounds the policy gives every core really run on two threads
+    dec = build_decoder(EngineConfig(checkpoint=str(DEMO_TARGET), prefill_threads=2), DRAFT,
+                        SpecConfig(k=3, budget=8), draft_process=process)
+    if chooser == "random":
+        dec.policy = RandomRounds(max_k=SpecConfig.policy_max_k, seed=batch)
+    try:
+        outputs = generate_all(dec, prompts, "ssd", batch)
+        kinds = {k for r in dec.history for k in ("ar", "sd", "ssd") if getattr(r, k)}
+        target_slots, draft_slots = dec.target.active_slots, dec.draft_slots
+    finally:
+        dec.close()
+    mismatched = [i for i, (a, b) in enumerate(zip(outputs, ar_outputs)) if a != b]
+    assert not mismatched, f"{chooser} round types, batch={batch} differs from AR on prompts {mismatched}"
+    assert kinds == {"ar", "sd", "ssd"} or chooser == "policy", kinds
+    assert target_slots == 0 and draft_slots == 0, "a finished request kept a KV slot"

@@ -51,12 +51,15 @@ class SpecConfig:
     """How speculation is done. K may be overridden per request up to the engines' max_draft_len."""
     k: int = 3                       # draft tokens per round
     budget: int = 8                  # B: speculation-cache branches per sequence per round
-    fanout: str = "geometric"        # geometric (DESIGN §1.1) | uniform
+    fanout: str = "geometric"        # geometric (docs/design.md, "Fan-out") | uniform
     accept_rate: float | None = None  # a; None: fitted online from observed rounds
     power: float | None = None       # r in 1 - p_hit(F) = F^-r; None: fitted online
-    saguaro_c: float = 1.0           # C in (0, 1]; 1.0 = plain draft sampling (DESIGN §1.3)
+    saguaro_c: float = 1.0           # C in (0, 1]; 1.0 = plain draft sampling (docs/design.md, "Saguaro sampling")
     backup: str = "auto"             # auto (b* rule) | neural | fast
     draft_timeout_s: float = 10.0    # after this the request falls back to target-only decoding
+    policy: bool = True              # ssd requests that do not pin K: each round the fastest of AR, SD
+                                     # and SSD (docs/design.md, "The round policy"); False: SSD at K always
+    policy_max_k: int = 6            # largest K the policy tries (and the engines' max_draft_len)
 
     def validate(self, max_draft_len: int, max_branches: int) -> "SpecConfig":
         if not 1 <= self.k <= max_draft_len:
@@ -71,6 +74,8 @@ class SpecConfig:
             raise SaguaroError(f"saguaro_c={self.saguaro_c}: must be in [0, 1] (1 disables Saguaro sampling)")
         if self.accept_rate is not None and not 0.0 < self.accept_rate < 1.0:
             raise SaguaroError(f"accept_rate={self.accept_rate}: must be in (0, 1), or None to fit it online")
+        if self.policy_max_k < 1:
+            raise SaguaroError(f"policy_max_k={self.policy_max_k}: must be >= 1 (the largest K the round policy tries)")
         if self.power is not None and self.power <= 0:
             raise SaguaroError(f"power={self.power}: must be > 0, or None to fit it online")
         return self

@@ -1,17 +1,22 @@
-"""The decoding loop: AR, SD and SSD rounds for many sequences at once (DESIGN §1).
+"""The decoding loop: AR, SD and SSD rounds for many sequences at once (docs/design.md, "The round").
 
 One round, for every active sequence together:
-  1. the round goes to the drafter (last round's outcomes, joins, leaves). An SSD sequence whose
-     outcome was pre-drafted already knows its speculation from the cache keys the drafter sent
-     last round; misses and SD wait for the drafter's answer; AR and new sequences have none;
+  0. each sequence's K for this round and whether the drafter pre-drafts during it: `sd` and `ar`
+     requests and requests that pinned K by their mode, the other `ssd` requests by the round
+     policy (policy.py), which picks the fastest of AR, SD with K and SSD with K;
+  1. the round goes to the drafter (last round's outcomes with those choices, joins, leaves). A
+     sequence whose outcome was pre-drafted already knows its speculation from the cache keys the
+     drafter sent last round; misses and SD wait for the drafter's answer; AR and new sequences
+     have none;
   2. one batched target forward over [pending token, speculation] per sequence, while a drafter
-     in another process builds the next round's caches;
+     in another process builds the next round's caches (SSD); when nothing is pre-drafted the
+     target may take every core;
   3. the answer (q's for sampled verification) and the next cache keys are read, and verification
      gives (k, bonus) per sequence: k + 1 tokens are emitted.
 On a hit nothing waits for the drafter except a build that outlasts the forward. Sequences join
 and leave between rounds: a new prompt is prefilled on the target first, then its first round
 verifies an empty speculation while the drafter prefills it too. AR is a round with an empty
-speculation.
+speculation. Which round type runs never changes the output: each verifies what it speculated.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from saguaro.config import MODES, SamplingParams, SpecConfig
 from saguaro.draft import CacheKeys, DraftReply, DraftRound, Join, Outcome, PendingRound, Speculation
 from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure, SaguaroError
+from saguaro.policy import Option, Prediction, RoundCosts, RoundPolicy
 from saguaro.sampling import greedy, probs, verify_greedy, verify_sampled
 
 
@@ -48,6 +54,9 @@ class SeqStats:
     cache_hits: int = 0
     cache_misses: int = 0
     degraded: bool = False           # finished on the target alone after a draft failure
+    ar_rounds: int = 0               # rounds by type: no speculation,
+    sd_rounds: int = 0               # a speculation with nothing pre-drafted during its verify,
+    ssd_rounds: int = 0              # a speculation verified while the next one is pre-drafted
 
 
 @dataclass
@@ -56,10 +65,13 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     mode: str
-    k: int
+    request_k: int                   # K of its mode (the request's num_draft_tokens or the configured K)
+    pinned: bool                     # the request set K: it gets exactly that, every round
     slot: int
     generator: torch.Generator | None
     pending: int                     # last committed token: not yet in the target's KV
+    k: int = 0                       # this round's K (0: a plain target step)
+    build: bool = False              # the drafter pre-drafts the next speculation during this round
     first_round: bool = True         # its prompt is prefilled and an empty speculation verified
     output: list[int] = field(default_factory=list)
     spec: Speculation | None = None
@@ -77,6 +89,7 @@ class Event:
     source: str                      # what produced the verified speculation: cache | neural | fast | ar
     drafted: int                     # this round's draft tokens
     accepted: int                    # of which the target accepted
+    kind: str                        # round type: ar | sd | ssd (SeqStats)
 
 
 @dataclass
@@ -97,6 +110,14 @@ class RoundStats:
     prefill_ms: float = 0.0          # target prefill of sequences that joined this round
     joined: int = 0                  # sequences in their first round (prefill, first token)
     wall_ms: float = 0.0             # the whole round, prefill included
+    spec_wait_ms: float = 0.0        # of draft_wait_ms: before the forward (SD drafting, backups)
+    ar: int = 0                      # sequences by round type (SeqStats)
+    sd: int = 0
+    ssd: int = 0
+    ks: list[int] = field(default_factory=list)        # K verified per sequence
+    option: str = ""                 # the policy's choice ("" when no sequence was the policy's)
+    predicted_ms: float | None = None      # the policy's prediction of this round (None: exploring)
+    predicted_tokens: float | None = None  # ... and of its policy sequences' tokens
 
 
 class Decoder:
@@ -116,6 +137,8 @@ class Decoder:
         self.draft_slots = 0             # draft KV slots in use, as of the drafter's last answer
         self.caches: CacheKeys = {}      # the drafter's pre-drafted speculations for the next outcomes
         self.history: list[RoundStats] = []
+        self.policy = (RoundPolicy(max_k=min(self.max_draft_len, spec.policy_max_k), default_k=spec.k)
+                       if draft is not None and spec.policy else None)
 
     # -- requests -------------------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams = SamplingParams(), mode: str = "ssd",
@@ -143,10 +166,12 @@ class Decoder:
             generator = torch.Generator()
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         slot = self.target.allocate()
-        k = 0 if mode == "ar" else request_spec.k
-        self.seqs[seq_id] = Sequence(seq_id, list(prompt), params, mode, k, slot, generator, prompt[-1])
+        self.seqs[seq_id] = Sequence(seq_id=seq_id, prompt=list(prompt), params=params, mode=mode,
+                                     request_k=request_spec.k, pinned=k is not None, slot=slot, generator=generator,
+                                     pending=prompt[-1])
         if mode != "ar":
-            self.joins.append(Join(seq_id, list(prompt), params, mode, k, request_spec.budget, request_spec.saguaro_c))
+            self.joins.append(Join(seq_id, list(prompt), params, mode, request_spec.k, request_spec.budget,
+                                   request_spec.saguaro_c))
         return seq_id
 
     def abort(self, seq_id: int) -> None:
@@ -174,11 +199,14 @@ class Decoder:
         # plain target step, while the drafter prefills its copy and pre-drafts for its outcome.
         self._prefill(joining)
         prefill_ms = (time.perf_counter() - t_round) * 1e3
+        option, predicted = self._plan(seqs, joining)
         pending = self._start_draft_round()
-        reply, waited = None, 0.0
-        if pending and any(s.mode != "ar" and s.spec is None and not s.first_round for s in seqs):
-            reply, waited = self._await(pending.reply)      # misses and SD: drafted for this round
+        reply, spec_wait = None, 0.0
+        if pending and any(s.k and s.spec is None for s in seqs):
+            reply, spec_wait = self._await(pending.reply)  # misses and SD: drafted for this round
             pending = pending if reply is not None else None
+        # The target may take every core when the drafter has nothing to do during the forward.
+        self.target.use_all_cores(option is not None and option.wide and not joining and not any(s.build for s in seqs))
         t0 = time.perf_counter()
         starts = [self.target.length(s.slot) for s in seqs]
         # All greedy: the target sends back argmax ids, not logits (a vocabulary per position).
@@ -186,25 +214,56 @@ class Decoder:
         forward = self.target.forward_greedy if ids_only else self.target.forward
         outputs = forward([s.slot for s in seqs], [[s.pending] + self._spec_tokens(s) for s in seqs])
         verify_ms = (time.perf_counter() - t0) * 1e3
+        build_wait = 0.0
         if pending and reply is None:   # all hits: the answer (q's for sampling) came during the forward
-            reply, w = self._await(pending.reply)
-            waited += w
+            reply, build_wait = self._await(pending.reply)
         if pending and reply is not None:
             caches, w = self._await(pending.caches)       # built during the forward
-            self.caches, waited = caches or {}, waited + w
+            self.caches, build_wait = caches or {}, build_wait + w
         t0 = time.perf_counter()
         events = [self._verify(s, out, start, ids_only) for s, out, start in zip(seqs, outputs, starts)]
         self.last_verify_ms = verify_ms + (time.perf_counter() - t0) * 1e3
-        hits = sum(reply.hits.values()) if reply else 0
-        self.history.append(RoundStats(
-            len(seqs), sum(len(e.tokens) for e in events), self.last_verify_ms, waited,
-            reply.draft_ms if reply else 0.0, reply.build_ms if reply else 0.0,
-            hits, len(reply.hits) - hits if reply else 0, reply.backup if reply else "",
-            any(s.stats.degraded for s in seqs), sum(e.drafted for e in events), sum(e.accepted for e in events),
-            [len(e.tokens) for e in events], prefill_ms, len(joining)))
         self._flush_leaves()
-        self.history[-1].wall_ms = (time.perf_counter() - t_round) * 1e3
+        hits = sum(reply.hits.values()) if reply else 0
+        kinds = [e.kind for e in events]
+        stats = RoundStats(
+            batch=len(seqs), tokens=sum(len(e.tokens) for e in events), verify_ms=self.last_verify_ms,
+            draft_wait_ms=spec_wait + build_wait, draft_ms=reply.draft_ms if reply else 0.0,
+            build_ms=reply.build_ms if reply else 0.0, hits=hits, misses=len(reply.hits) - hits if reply else 0,
+            backup=reply.backup if reply else "", degraded=any(s.stats.degraded for s in seqs),
+            drafted=sum(e.drafted for e in events), accepted=sum(e.accepted for e in events),
+            emitted=[len(e.tokens) for e in events], prefill_ms=prefill_ms, joined=len(joining),
+            wall_ms=(time.perf_counter() - t_round) * 1e3, spec_wait_ms=spec_wait, ar=kinds.count("ar"),
+            sd=kinds.count("sd"), ssd=kinds.count("ssd"), ks=[e.drafted for e in events],
+            option=option.label if option else "", predicted_ms=predicted.ms if predicted else None,
+            predicted_tokens=predicted.tokens if predicted else None)
+        self.history.append(stats)
+        if option is not None and not joining and not stats.degraded:
+            self.policy.observe(RoundCosts(
+                option=option, batch=len(seqs), tokens_per_seq=1 + max(stats.ks), verify_ms=stats.verify_ms,
+                spec_wait_ms=spec_wait, build_wait_ms=build_wait, build_ms=stats.build_ms, wall_ms=stats.wall_ms,
+                hits=stats.hits, misses=stats.misses, backup=stats.backup))
         return events
+
+    def _plan(self, seqs: list[Sequence], joining: list[Sequence]) -> tuple[Option | None, Prediction | None]:
+        """Each sequence's K and pre-drafting for this round (step 0), told to the drafter with the
+        outcomes. Returns the policy's option and prediction (None when no sequence is its)."""
+        chosen = [s for s in seqs if self.policy is not None and s.mode == "ssd" and not s.pinned and not s.first_round]
+        for s in seqs:
+            speculates = s.mode != "ar" and not s.first_round
+            s.k, s.build = (s.request_k, s.mode == "ssd") if speculates else (0, False)
+        option = predicted = None
+        if chosen:
+            wide_ok = not joining and not any(s.build for s in seqs if s not in chosen)
+            option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok)
+            for s in chosen:
+                s.k, s.build = option.k, option.kind == "ssd"
+        for o in self.outcomes:
+            s = self.seqs[o.seq_id]
+            o.next_k, o.build = s.k, s.build
+            if not s.k:
+                s.spec = None           # a plain target step: a pre-drafted speculation goes unused
+        return option, predicted
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         for s in seqs:
@@ -265,6 +324,7 @@ class Decoder:
     def _verify(self, s: Sequence, out: torch.Tensor, start: int, ids_only: bool) -> Event:
         """out: the target's logits over [pending, speculation], or their argmax ids (ids_only)."""
         draft = self._spec_tokens(s)   # empty if the drafter failed after the forward: an AR step
+        kind = "ar" if not draft else "ssd" if s.build else "sd"
         if s.params.greedy:
             k, bonus = verify_greedy((out if ids_only else greedy(out)).tolist(), draft)
         else:
@@ -274,15 +334,18 @@ class Decoder:
         s.first_round = False
         st = s.stats
         st.rounds, st.drafted, st.accepted = st.rounds + 1, st.drafted + len(draft), st.accepted + k
+        setattr(st, f"{kind}_rounds", getattr(st, f"{kind}_rounds") + 1)
+        if self.policy is not None:
+            self.policy.observe_accept(s.seq_id, k, len(draft), s.spec.source if draft else "ar")
         new = self._apply_stops(s, new)
         s.output.extend(new)
         self.target.truncate(s.slot, start + 1 + k)       # keep the pending token and the accepted ones
         s.pending = bonus
-        event = Event(s.seq_id, new, s.finish_reason, st, s.spec.source if draft else "ar", len(draft), k)
+        event = Event(s.seq_id, new, s.finish_reason, st, s.spec.source if draft else "ar", len(draft), k, kind)
         if s.finish_reason is None and s.mode != "ar":
             self.outcomes.append(Outcome(s.seq_id, k, draft[:k] + [bonus]))
             # SSD: the next speculation, if the drafter pre-drafted this outcome (else it sends one)
-            tokens = self.caches.get(s.seq_id, {}).get((k, bonus)) if s.mode == "ssd" else None
+            tokens = self.caches.get(s.seq_id, {}).get((k, bonus)) if s.build else None
             s.spec = Speculation(tokens, None, "cache") if tokens else None
         if s.finish_reason is not None:
             self._finish(s)
@@ -302,6 +365,8 @@ class Decoder:
 
     def _finish(self, s: Sequence) -> None:
         self.seqs.pop(s.seq_id, None)
+        if self.policy is not None:
+            self.policy.forget(s.seq_id)
         self.target.release(s.slot)
         self.outcomes = [o for o in self.outcomes if o.seq_id != s.seq_id]
         pending_join = [j for j in self.joins if j.seq_id == s.seq_id]

@@ -1,5 +1,5 @@
 """The draft side of speculative decoding: drafting (SD), and for SSD the speculation cache built
-while the target verifies, its lookup, and the backups on a miss (DESIGN §1).
+while the target verifies, its lookup, and the backups on a miss (docs/design.md, "The round").
 
 The decoder talks to a Drafter through one message per round, `DraftRound`, answered twice:
 first a `DraftReply` (this round's speculations: cache hits, backups for misses, SD drafts), then,
@@ -48,6 +48,8 @@ class Outcome:
     seq_id: int
     accepted: int                    # k: draft tokens the target accepted
     emitted: list[int]               # d_1..d_k followed by the bonus token
+    next_k: int | None = None        # the next round's K (0: no speculation); None: the K it joined with
+    build: bool | None = None        # pre-draft during the next round; None: as its mode (ssd builds)
 
 
 @dataclass
@@ -65,7 +67,7 @@ class DraftReply:
     hits: dict[int, bool]            # SSD sequences with an outcome: was it in the cache?
     backup: str                      # the backup used for misses this round (neural | fast)
     draft_ms: float                  # time spent producing the answer (lookups, backups, SD drafting)
-    build_ms: float                  # time the previous round's cache build took
+    build_ms: float                  # time the previous round's cache build took (0: none ran)
     active_slots: int                # draft KV slots in use (0 once every request has left)
 
 
@@ -102,6 +104,7 @@ class _Seq:
     budget: int
     c: float
     generator: torch.Generator
+    builds: bool = False             # pre-drafts while this round is verified
     spec: Speculation | None = None  # being verified now
     cache: dict[tuple[int, int], Speculation] = field(default_factory=dict)
     fanout: list[int] = field(default_factory=list)
@@ -115,7 +118,8 @@ class Drafter:
         self.fit = FanoutFit(spec.accept_rate, spec.power)
         self.top_next: dict[int, int] = {}          # draft's top-1 after a token (fast backup)
         self.to_build: list[int] = []
-        self.build_ms = self.jit_ms = 0.0
+        self.build_ms = self.jit_ms = 0.0           # decaying averages, for the backup rule
+        self.last_build_ms = 0.0                    # the last build, reported with the next reply
         self.hit_rate = 0.5
 
     # -- one round ------------------------------------------------------------------------------
@@ -130,9 +134,13 @@ class Drafter:
         backup = self._backup_choice(len(rnd.outcomes), rnd.verify_ms)
         for o in rnd.outcomes:
             s = self.seqs[o.seq_id]
-            built = bool(s.fanout)         # no cache precedes a sequence's first speculation
+            built = bool(s.cache)          # no cache precedes a first speculation, or follows a round without a build
+            s.k = s.k if o.next_k is None else o.next_k
+            s.builds = s.mode == "ssd" if o.build is None else o.build
             spec = self._commit(s, o)
-            if s.mode == "ssd" and built:
+            if s.k == 0:                   # a plain target step: nothing to draft
+                continue
+            if built:
                 hits[o.seq_id] = spec is not None
                 if spec is None and backup == "fast":
                     spec = self._fast(s)
@@ -146,10 +154,12 @@ class Drafter:
             self.jit_ms = _ema(self.jit_ms, (time.perf_counter() - t) * 1e3)
         for seq_id, spec in specs.items():
             self.seqs[seq_id].spec = spec
-        self.to_build = [i for i in specs if self.seqs[i].mode == "ssd"]
+        self.to_build = [i for i in specs if self.seqs[i].builds]
         if hits:
             self.hit_rate = _ema(self.hit_rate, sum(hits.values()) / len(hits), 0.05)
-        return DraftReply(specs, hits, backup, (time.perf_counter() - t0) * 1e3, self.build_ms, self.engine.active_slots)
+        build_ms, self.last_build_ms = self.last_build_ms, 0.0
+        return DraftReply(specs=specs, hits=hits, backup=backup, draft_ms=(time.perf_counter() - t0) * 1e3,
+                          build_ms=build_ms, active_slots=self.engine.active_slots)
 
     def build(self) -> CacheKeys:
         """Pre-draft the likely next speculations for every SSD sequence answered last step."""
@@ -159,7 +169,8 @@ class Drafter:
         seqs = {i: self.seqs[i] for i in self.to_build}
         self._build_caches(list(seqs.values()))
         self.to_build = []
-        self.build_ms = _ema(self.build_ms, (time.perf_counter() - t) * 1e3)
+        self.last_build_ms = (time.perf_counter() - t) * 1e3
+        self.build_ms = _ema(self.build_ms, self.last_build_ms)
         return {i: {key: spec.tokens for key, spec in s.cache.items()} for i, s in seqs.items()}
 
     def answer(self, rnd: DraftRound) -> Iterator:
@@ -188,20 +199,20 @@ class Drafter:
 
     def _commit(self, s: _Seq, o: Outcome) -> Speculation | None:
         """Record the verified tokens, roll the draft KV back to them, update the fits, and
-        return the cached speculation for this outcome if there is one."""
+        return the cached speculation for this outcome if there is one (its first s.k tokens)."""
         bonus = o.emitted[-1]
         if s.spec is not None and s.spec.source != "fast":    # n-gram rounds say nothing about a
-            self.fit.observe_accept(o.accepted, s.k)
-        if s.fanout:
+            self.fit.observe_accept(o.accepted, len(s.spec.tokens))
+        if s.cache:
             self.fit.observe_cache(s.fanout[o.accepted], (o.accepted, bonus) in s.cache)
         if s.fast_guess:
-            self.fit.observe_fast(matched_prefix(s.fast_guess, o.emitted), s.k)
+            self.fit.observe_fast(matched_prefix(s.fast_guess, o.emitted), len(s.fast_guess))
         s.history.extend(o.emitted)
         self.engine.truncate(s.slot, len(s.history) - 1)
         s.fast_guess = ngram_proposal(s.history, s.k, self.top_next)
         hit = s.cache.get((o.accepted, bonus))
-        s.cache = {}
-        return Speculation(hit.tokens, hit.q, "cache") if hit else None
+        s.cache, s.spec = {}, None
+        return Speculation(hit.tokens[: s.k], None if hit.q is None else hit.q[: s.k], "cache") if hit else None
 
     def _fast(self, s: _Seq) -> Speculation:
         tokens = s.fast_guess
@@ -242,7 +253,7 @@ class Drafter:
             logits = self.engine.forward([seqs[i].slot for i in live], [feed[i] for i in live])
             for i, lg in zip(live, logits):
                 s = seqs[i]
-                tok, q = self._choose(s, lg[-1:], s.fanout[depth] if s.fanout else 0)
+                tok, q = self._choose(s, lg[-1:], _at(s.fanout, depth))
                 tokens[i].append(int(tok[0]))
                 if q is not None:
                     qs[i].append(q[0])
@@ -250,8 +261,9 @@ class Drafter:
         return {i: Speculation(t, torch.stack(q) if q else None, "neural") for i, t, q in zip(seq_ids, tokens, qs)}
 
     def _build_caches(self, seqs: list[_Seq]) -> None:
-        """Glue forward over [t*, s_1..s_K], then K batched tree-attention steps over every branch
-        (j, c): c a likely bonus token after j accepted draft tokens (DESIGN §1, 'Building the cache')."""
+        """Glue forward over [t*, s_1..s_n] (s: the speculation being verified, n <= K tokens), then K
+        batched tree-attention steps over every branch (j, c): c a likely bonus token after j
+        accepted draft tokens (docs/design.md, "The round")."""
         eng = self.engine
         for s in seqs:   # drop what JIT drafting left past the committed tokens: the glue redoes it
             eng.truncate(s.slot, len(s.history) - 1)
@@ -259,18 +271,19 @@ class Drafter:
         parents, visible, first, owners = [], [], [], []
         fanouts = {}   # one fit per build, shared by sequences with the same (budget, K)
         for s, lg in zip(seqs, glue):
-            dist = lg[-(s.k + 1):]                      # L_0..L_K
+            n = len(s.spec.tokens)
+            dist = lg[-(n + 1):]                        # L_0..L_n
             top1 = greedy(dist).tolist()
             for tok, nxt in zip([s.history[-1]] + s.spec.tokens, top1):
                 self.top_next[tok] = nxt
-            key = (s.budget, s.k)
+            key = (s.budget, n)
             if key not in fanouts:
-                fanouts[key] = self.fit.fanout(s.budget, s.k, self.spec.fanout)
+                fanouts[key] = self.fit.fanout(s.budget, n, self.spec.fanout)
             s.fanout = fanouts[key]
             for j, f in enumerate(s.fanout):
                 if f == 0:
                     continue
-                banned = s.spec.tokens[j] if j < s.k else -1   # a rejected token is never the bonus
+                banned = s.spec.tokens[j] if j < n else -1     # a rejected token is never the bonus
                 cands = [c for c in dist[j].topk(min(f + 1, dist.shape[-1])).indices.tolist() if c != banned][:f]
                 for c in cands:
                     parents.append(s.slot)
@@ -294,7 +307,7 @@ class Drafter:
                 rows = rows_of.get(id(s))
                 if not rows or depth >= s.k:
                     continue
-                tok, q = self._choose(s, logits[rows], s.fanout[depth])
+                tok, q = self._choose(s, logits[rows], _at(s.fanout, depth))
                 drafted[rows, depth] = tok
                 if q is not None:
                     qs[rows, depth] = q
@@ -303,6 +316,11 @@ class Drafter:
         for n, (s, j, c) in enumerate(owners):
             q = None if s.params.greedy else qs[n, : s.k]
             s.cache[(j, c)] = Speculation(drafted_l[n][: s.k], q, "cache")
+
+
+def _at(fanout: list[int], depth: int) -> int:
+    """F for Saguaro sampling at a depth: the fan-out the next build will give that accepted length."""
+    return fanout[depth] if depth < len(fanout) else 0
 
 
 def _ema(old: float, new: float, w: float = 0.1) -> float:

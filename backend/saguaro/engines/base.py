@@ -68,6 +68,10 @@ class Engine(ABC):
         """Slots currently allocated (0 when every request has released what it held)."""
         raise NotImplementedError
 
+    def use_all_cores(self, on: bool) -> None:
+        """Forwards from now on may use every core (the drafter is idle during them), or only the
+        engine's configured threads. Engines without a thread count of their own ignore it."""
+
     def close(self) -> None:
         """Free what the engine holds outside this process (TensorRT-LLM executor, connections)."""
 

@@ -46,6 +46,7 @@ class TorchEngine(SlotTable, Engine):
         self.vocab_size, self.max_slots, self.max_seq_len = a.vocab_size, cfg.max_slots, cfg.max_seq_len
         self.max_draft_len = cfg.max_draft_len
         self.wide_prefill = cfg.device == "cpu" and 0 < cfg.threads < cfg.prefill_threads
+        self.all_cores = False           # every forward on prefill_threads (use_all_cores)
         self.max_branches = cfg.max_branches if branches else 0
         # Room past max_seq_len: one padded verify batch, plus branch scratch on draft engines.
         capacity = cfg.max_seq_len + cfg.max_draft_len + 1 + (cfg.max_draft_len + 1) * self.max_branches
@@ -76,17 +77,20 @@ class TorchEngine(SlotTable, Engine):
             view = self._single_slot_view(slots[0], starts[0], width)
         else:
             view = self._gather_view(torch.tensor(slots, device=self.device), pos, end)
-        wide = not logits and self.wide_prefill
+        wide = (not logits or self.all_cores) and self.wide_prefill
         self._use_threads(self.cfg.prefill_threads if wide else self.cfg.threads)
         try:
             out = self.model(tok.to(self.device), self.cos[pos], self.sin[pos], view,
                              logits_from=0 if logits else width)
         finally:
-            if wide:
+            if wide and not self.all_cores:     # a prefill; rounds on every core keep them (no switch per round)
                 self._use_threads(self.cfg.threads)
         for s, start, n in zip(slots, starts, counts):
             self.lengths[s] = start + n
         return [out[i, :n] for i, n in enumerate(counts)] if logits else []
+
+    def use_all_cores(self, on: bool) -> None:
+        self.all_cores = on
 
     def _use_threads(self, n: int) -> None:
         # Per call, not once: engines sharing a process (the benchmark's side-by-side modes, SD's
