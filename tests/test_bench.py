@@ -1,5 +1,7 @@
-"""The benchmark command end to end on a tiny run: every mode reports, SSD's greedy output equals AR's."""
+"""The benchmark command end to end on a tiny run: every mode reports, SSD's greedy output equals
+AR's, the round policy's mix and prediction are reported; the grid runs every cell and judges it."""
 import json
+from pathlib import Path
 
 from saguaro import bench
 
@@ -15,10 +17,48 @@ def test_bench_side_by_side_report(tmp_path, capsys):
         assert [len(o) for o in m["outputs"]] == [12, 12]
     assert modes["sd"]["outputs"] == modes["ar"]["outputs"] == modes["ssd"]["outputs"]
     assert modes["sd"]["draft_dtype"] in ("float32", "bfloat16")
-    assert 0.0 <= modes["ssd"]["cache_hit_rate"] <= 1.0
     out = capsys.readouterr().out
     assert "greedy outputs identical to AR: ssd 2/2" in out
     ssd = modes["ssd"]   # the bound: the same rounds with nothing but the verify
     assert ssd["verify_bound_tokens_per_s"] >= ssd["decode_tokens_per_s"]
     assert "ssd decode bound with drafting fully hidden" in out
+    # the policy's mix of round types over the decode sequence-rounds, and its K histogram
+    assert set(ssd["round_mix"]) == {"ar", "sd", "ssd"} and abs(sum(ssd["round_mix"].values()) - 1) < 1e-9
+    assert all(1 <= int(k) <= 6 for k in ssd["k_histogram"]) and ssd["options"]
+    assert "ssd policy mix (decode sequence-rounds): AR" in out
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def _report(ar, sd, ssd, temperature="0.0", same=True, predicted=100.0, measured=95.0):
+    outputs = [[1, 2]] if same else [[1, 3]]
+    mode = lambda tps, out=[[1, 2]], **kw: {"tokens_per_s": tps, "outputs": out, "predicted_tokens_per_s": None,
+                                            "measured_tokens_per_s": None, "round_mix": None, **kw}
+    return {"settings": {"temperature": temperature},
+            "modes": {"ar": mode(ar), "sd": mode(sd), "ssd": mode(ssd, outputs, predicted_tokens_per_s=predicted,
+                                                                measured_tokens_per_s=measured,
+                                                                round_mix={"ar": 0.5, "sd": 0.2, "ssd": 0.3})}}
+
+
+def test_grid_row_judges_a_cell_against_the_bar():
+    row = bench.grid_row(_report(400.0, 450.0, 440.0), bar=0.97)
+    assert row["ssd/max(ar,sd)"] == round(440 / 450, 3) and row["meets_bar"] and row["identical"]
+    assert row["pred/meas"] == round(100 / 95, 3) and row["within_10%"]
+    row = bench.grid_row(_report(400.0, 450.0, 440.0, same=False, predicted=120.0), bar=1.05)
+    assert not row["meets_bar"] and not row["identical"] and not row["within_10%"]
+    assert "identical" not in bench.grid_row(_report(1.0, 1.0, 1.0, temperature="0.7"), bar=0.97)
+
+
+def test_grid_runs_every_cell_side_by_side(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_cell(args):
+        seen.append((args.temperature, args.batch_size, Path(args.prompts).name, args.modes, args.out.name))
+        return _report(1.0, 1.0, 1.0, temperature=str(args.temperature))
+
+    monkeypatch.setattr(bench, "run_cell", fake_cell)
+    cells = bench.main(["--grid", "--out", str(tmp_path), "--limit", "2"])
+    assert sorted((t, b, p) for t, b, p, _, _ in seen) == sorted(
+        (t, b, "dev.jsonl" if p == "dev" else "heldout.jsonl") for t, b, p in bench.GRID)
+    assert all(modes == "ar,sd,ssd" for *_, modes, _ in seen) and len(seen) == 8
+    assert "greedy-b1-dev" in cells and cells["greedy-b1-dev"]["bar"] == 1.05
+    assert json.loads((tmp_path / "grid.json").read_text()).keys() == cells.keys()

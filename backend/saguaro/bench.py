@@ -2,13 +2,16 @@
 
     python -m saguaro.bench --prompts prompts/dev.jsonl --max-new-tokens 128 --batch-size 1 \
         --temperature 0 --modes ar,sd,ssd,hf --out runs/bench
+    python -m saguaro.bench --grid --out runs/grid     # {greedy, T=0.7} x {batch 1, 4} x {dev, held-out}
 
-Same models, prompts, K and new-token count for every mode. AR and SD run with the thread count
+Same models, prompts and new-token count for every mode. AR and SD run with the thread count
 (and SD with the K and draft dtype) that makes them fastest here (--threads/--sd-k auto measures
-it); SSD puts the draft worker on its own core and the target on one thread (prompt prefill uses
-every core). The modes take turns prompt batch by prompt batch, so drift on a shared machine
-falls on all of them alike. Prints one summary line per mode and the SSD speedup model's
-prediction (DESIGN §1.2) beside the measurement; writes report.json and a plot.
+it). SSD is the default decoding mode as served: the round policy picks AR, SD or SSD each round;
+its draft worker has its own core, and its target one thread in rounds that pre-draft and every
+core in the others (prompt prefill uses every core). The modes take turns prompt batch by prompt
+batch, so drift on a shared machine falls on all of them alike. Prints one summary line per mode,
+the policy's mix of round types, K and B, and its predicted tokens/s beside the measured
+(docs/design.md, "The speedup model"); writes report.json and a plot.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,6 +32,8 @@ from saguaro.decoder import Decoder, RoundStats
 from saguaro.engines.torch_engine import resolve_dtype
 from saguaro.llm import build_decoder
 from saguaro.text import encode_prompt, load_tokenizer
+
+HELDOUT_PROMPTS = DEV_PROMPTS.with_name("heldout.jsonl")   # prompts/build_heldout.py: third-party code
 
 
 @dataclass
@@ -47,8 +53,13 @@ class ModeResult:
     exposed_draft_ms: float = 0.0       # per round: time the loop waited on the drafter
     backup_ms: float | None = None      # SSD: drafter answer time in rounds with a miss
     decode_tokens_per_s: float | None = None   # after each prompt's first token (its round excluded)
-    predicted_tokens_per_s: float | None = None  # SSD: the speedup model's decode rate
     verify_bound_tokens_per_s: float | None = None  # decode rate if rounds cost the verify alone
+    round_mix: dict[str, float] | None = None   # SSD (the policy): share of decode sequence-rounds by type
+    k_histogram: dict[int, int] | None = None   # K of the speculating sequence-rounds
+    budget_histogram: dict[int, int] | None = None  # fan-out budget B of the pre-drafting ones
+    options: dict[str, int] | None = None       # the policy's choices, by option
+    predicted_tokens_per_s: float | None = None  # the policy's prediction over the rounds it predicted
+    measured_tokens_per_s: float | None = None   # ... and what those same rounds measured
 
 
 def load_prompts(path: Path, limit: int | None) -> list[str]:
@@ -106,7 +117,7 @@ def run_side_by_side(runs: list[Run], ids: list[list[int]], batch: int, label: s
 
 
 def summarize(mode: str, tps: float, outputs, rounds: list[RoundStats], sums: dict, threads: int, k: int,
-              draft_dtype: str | None) -> ModeResult:
+              draft_dtype: str | None, budget: int) -> ModeResult:
     r = ModeResult(mode, tps, outputs, threads, k, draft_dtype, rounds=len(rounds))
     if not rounds:
         return r
@@ -127,25 +138,25 @@ def summarize(mode: str, tps: float, outputs, rounds: list[RoundStats], sums: di
         r.draft_ms = mean([x.build_ms for x in rounds if x.build_ms])
         looked_up = sum(x.hits + x.misses for x in rounds)
         r.cache_hit_rate = sum(x.hits for x in rounds) / looked_up if looked_up else None
-        r.predicted_tokens_per_s, r.backup_ms = predict_ssd(rounds)
+        missed = [x.draft_ms for x in rounds if x.misses]
+        r.backup_ms = mean(missed) if missed else None
+        policy_mix(r, decode, budget)
     return r
 
 
-def predict_ssd(rounds: list[RoundStats]) -> tuple[float | None, float | None]:
-    """DESIGN §1.2 with measured inputs: a round whose every sequence hit costs max(verify, build);
-    any other costs verify + the drafter's answer time (the backup); each emits what it emitted."""
-    hit = [x for x in rounds if x.hits == x.batch and x.misses == 0]
-    miss = [x for x in rounds if x.misses > 0]
-    if not hit and not miss:
-        return None, None
-    p = len(hit) / (len(hit) + len(miss))
-    mean = lambda xs, f: statistics.fmean(f(x) for x in xs) if xs else 0.0
-    v = mean(hit + miss, lambda x: x.verify_ms)
-    t_build = mean(hit, lambda x: x.build_ms)
-    t_backup = mean(miss, lambda x: x.draft_ms)
-    tokens = p * mean(hit, lambda x: x.tokens) + (1 - p) * mean(miss, lambda x: x.tokens)
-    ms = p * max(v, t_build) + (1 - p) * (v + t_backup)
-    return 1000.0 * tokens / ms, (t_backup if miss else None)
+def policy_mix(r: ModeResult, decode: list[RoundStats], budget: int) -> None:
+    """The policy's mix of round types, K and B over the decode rounds, and its predicted tokens/s
+    against the measured over the rounds it predicted (not those trying an unmeasured option)."""
+    kinds = {kind: sum(getattr(x, kind) for x in decode) for kind in ("ar", "sd", "ssd")}
+    total = sum(kinds.values()) or 1
+    r.round_mix = {kind: n / total for kind, n in kinds.items()}
+    r.k_histogram = dict(sorted(Counter(k for x in decode for k in x.ks if k).items()))
+    r.budget_histogram = {budget: kinds["ssd"]} if kinds["ssd"] else {}
+    r.options = dict(Counter(x.option for x in decode if x.option).most_common())
+    predicted = [x for x in decode if x.predicted_ms]
+    if predicted:
+        r.predicted_tokens_per_s = 1000.0 * sum(x.predicted_tokens for x in predicted) / sum(x.predicted_ms for x in predicted)
+        r.measured_tokens_per_s = 1000.0 * sum(x.tokens for x in predicted) / sum(x.wall_ms for x in predicted)
 
 
 def fastest(candidates: list[tuple], trial) -> tuple:
@@ -219,7 +230,7 @@ def plot(results: dict[str, ModeResult], path: Path) -> None:
     tps = [results[m].tokens_per_s for m in modes]
     bars = a1.bar(modes, tps, color=["#888", "#4a90d9", "#2a9d4a", "#c77"][: len(modes)])
     if "ssd" in results and results["ssd"].predicted_tokens_per_s:
-        a1.axhline(results["ssd"].predicted_tokens_per_s, ls="--", c="#2a9d4a", lw=1, label="SSD speedup model (decode phase; bars include prefill)")
+        a1.axhline(results["ssd"].predicted_tokens_per_s, ls="--", c="#2a9d4a", lw=1, label="ssd: the policy's prediction (decode rounds; bars include prefill)")
         a1.legend(loc="lower right")
     base = results["ar"].tokens_per_s if "ar" in results else None
     for b, v in zip(bars, tps):
@@ -238,7 +249,7 @@ def plot(results: dict[str, ModeResult], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m saguaro.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=Path, default=DEV_PROMPTS, help="jsonl with a 'prompt' field")
     ap.add_argument("--limit", type=int, default=None, help="use the first N prompts")
@@ -259,17 +270,30 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", default="auto", help="AR/SD threads: a number, or auto (the faster of 1 and 2)")
     ap.add_argument("--budget", type=int, default=SpecConfig.budget, help="speculation-cache branches per sequence")
     ap.add_argument("--fanout", default=SpecConfig.fanout, choices=["geometric", "uniform"])
-    ap.add_argument("--saguaro-c", type=float, default=None, help="Saguaro C (default 1.0 greedy, 0.3 sampling)")
+    ap.add_argument("--saguaro-c", type=float, default=SpecConfig.saguaro_c, help="Saguaro C (1: off)")
     ap.add_argument("--backup", default=SpecConfig.backup, choices=["auto", "neural", "fast"])
-    args = ap.parse_args(argv)
+    ap.add_argument("--no-policy", action="store_true", help="ssd pre-drafts every round at --k (no round policy)")
+    ap.add_argument("--grid", action="store_true", help="every cell of {greedy, T=0.7} x {batch 1, 4} x "
+                    "{--prompts, --heldout-prompts}, each a side-by-side run; --temperature and --batch-size are ignored")
+    ap.add_argument("--heldout-prompts", type=Path, default=HELDOUT_PROMPTS, help="the grid's second prompt set")
+    return ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    return run_grid(args) if args.grid else run_cell(args)
+
+
+def run_cell(args: argparse.Namespace) -> dict:
+    """One side-by-side run of the modes: summary lines, report.json and a plot under args.out."""
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     tok = load_tokenizer(args.target)
     ids = [encode_prompt(tok, p) for p in load_prompts(args.prompts, args.limit)]
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed if args.temperature > 0 else None)
-    c = args.saguaro_c if args.saguaro_c is not None else (1.0 if params.greedy else 0.3)
-    spec = SpecConfig(k=args.k, budget=args.budget, fanout=args.fanout, saguaro_c=c, backup=args.backup)
+    c = args.saguaro_c
+    spec = SpecConfig(k=args.k, budget=args.budget, fanout=args.fanout, saguaro_c=c, backup=args.backup,
+                      policy=not args.no_policy)
     slots = max(16, args.batch_size)
     tcfg = EngineConfig(checkpoint=args.target, max_slots=slots, dtype=args.target_dtype)
     dcfg = EngineConfig(checkpoint=args.draft, max_slots=slots, dtype=args.draft_dtype)
@@ -320,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in runs:
         threads, k, draft_dtype = configs[r.mode]
         results[r.mode] = summarize(r.mode, r.tokens_per_s, r.outputs, list(r.dec.history), r.sums, threads,
-                                    0 if r.mode == "ar" else k, draft_dtype)
+                                    0 if r.mode == "ar" else k, draft_dtype, args.budget)
     if "hf" in modes:
         threads = results["sd"].threads if "sd" in results else threads_options[-1]
         tps, outs = run_hf(args.target, args.draft, ids, params, args.k, threads)
@@ -332,10 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results.values():
         print(summary_line(r, ar_tps))
     ssd = results.get("ssd")
-    if ssd and ssd.predicted_tokens_per_s:
-        print(f"ssd decode phase (after each prompt's first token): measured {ssd.decode_tokens_per_s:.1f} tok/s, speedup model "
-              f"(DESIGN §1.2, from its measured hit rate, lengths and round times) {ssd.predicted_tokens_per_s:.1f} tok/s: "
-              f"measured/predicted = {ssd.decode_tokens_per_s / ssd.predicted_tokens_per_s:.2f}")
+    if ssd and ssd.round_mix:
+        print(policy_lines(ssd))
     if ssd and ssd.verify_bound_tokens_per_s and "sd" in results:
         # SSD can at best hide drafting: its rounds still cost a verify on the target's one core.
         print(f"ssd decode bound with drafting fully hidden (tokens per round / verify time, target on "
@@ -359,6 +381,59 @@ def main(argv: list[str] | None = None) -> dict:
     plot(results, args.out / "bench.png")
     print(f"wrote {args.out / 'report.json'} and {args.out / 'bench.png'}")
     return report
+
+
+def policy_lines(r: ModeResult) -> str:
+    mix = "  ".join(f"{kind.upper()} {share:.0%}" for kind, share in r.round_mix.items())
+    hist = lambda h: " ".join(f"{k}:{n}" for k, n in h.items()) or "-"
+    options = " ".join(f"{o}:{n}" for o, n in list(r.options.items())[:6])
+    lines = [f"ssd policy mix (decode sequence-rounds): {mix}  K histogram {hist(r.k_histogram)}  "
+             f"B histogram {hist(r.budget_histogram)}  top options {options or '-'}"]
+    if r.predicted_tokens_per_s:
+        lines.append(f"ssd policy (docs/design.md, the speedup model on measured costs): predicted "
+                     f"{r.predicted_tokens_per_s:.1f} tok/s, measured {r.measured_tokens_per_s:.1f} tok/s over the same "
+                     f"rounds: measured/predicted = {r.measured_tokens_per_s / r.predicted_tokens_per_s:.2f}")
+    return "\n".join(lines)
+
+
+GRID = [(temperature, batch, prompts) for temperature in (0.0, 0.7) for batch in (1, 4) for prompts in ("dev", "heldout")]
+
+
+def run_grid(args: argparse.Namespace) -> dict:
+    """Every cell of GRID as its own side-by-side run (ar, sd, ssd), then one line per cell with the
+    issue's bars: ssd >= 0.97x max(ar, sd) everywhere, >= 1.05x on greedy batch 1 dev prompts,
+    greedy outputs identical to AR, and the policy's prediction within 10% of the measurement."""
+    cells = {}
+    for temperature, batch, prompts in GRID:
+        name = f"{'greedy' if temperature == 0 else f'T{temperature}'}-b{batch}-{prompts}"
+        print(f"\n=== {name}", flush=True)
+        cell = argparse.Namespace(**{**vars(args), "temperature": temperature, "batch_size": batch, "grid": False,
+                                     "prompts": args.prompts if prompts == "dev" else args.heldout_prompts,
+                                     "modes": "ar,sd,ssd", "out": args.out / name})
+        cells[name] = grid_row(run_cell(cell), bar=1.05 if (temperature, batch, prompts) == (0.0, 1, "dev") else 0.97)
+    print("\ngrid (tokens/s end to end; pred/meas: the policy's predicted over measured tokens/s):")
+    for name, row in cells.items():
+        print(f"{name:>20}: " + "  ".join(f"{k}={v}" for k, v in row.items()))
+    (args.out / "grid.json").write_text(json.dumps(cells, indent=1))
+    print(f"wrote {args.out / 'grid.json'}")
+    return cells
+
+
+def grid_row(report: dict, bar: float) -> dict:
+    m = report["modes"]
+    best = max(m["ar"]["tokens_per_s"], m["sd"]["tokens_per_s"])
+    ratio = m["ssd"]["tokens_per_s"] / best
+    row = {"ar": round(m["ar"]["tokens_per_s"], 1), "sd": round(m["sd"]["tokens_per_s"], 1),
+           "ssd": round(m["ssd"]["tokens_per_s"], 1), "ssd/max(ar,sd)": round(ratio, 3), "bar": bar,
+           "meets_bar": ratio >= bar}
+    if report["settings"]["temperature"] == "0.0":
+        row["identical"] = all(m[x]["outputs"] == m["ar"]["outputs"] for x in ("sd", "ssd"))
+    predicted, measured = m["ssd"]["predicted_tokens_per_s"], m["ssd"]["measured_tokens_per_s"]
+    if predicted:
+        row["pred/meas"] = round(predicted / measured, 3)
+        row["within_10%"] = abs(predicted / measured - 1) <= 0.10
+    row["mix"] = {k: round(v, 2) for k, v in (m["ssd"]["round_mix"] or {}).items()}
+    return row
 
 
 if __name__ == "__main__":
