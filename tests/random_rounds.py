@@ -7,8 +7,8 @@ from saguaro.policy import Option, RoundPolicy
 class RandomRounds(RoundPolicy):
     """The round policy with its choice replaced by a seeded draw: each round AR (1/4), SD (1/4) or
     SSD (1/2, so that lookups in a cache built the round before are frequent), K uniform in
-    1..max_k, the target on every core or on its own threads at random, so sequences switch round
-    type at every point: after rejections, hits and misses alike."""
+    1..max_k, either backup, the target on every core or on its own threads at random, so sequences
+    switch round type at every point: after rejections, hits and misses alike."""
 
     def __init__(self, max_k: int, seed: int):
         super().__init__(max_k=max_k, default_k=max_k, seed=seed)
@@ -17,4 +17,5 @@ class RandomRounds(RoundPolicy):
     def choose(self, seq_ids, batch, wide_ok):
         kind = self.rng.choice(("ar", "sd", "ssd", "ssd"))
         wide = kind != "ssd" and wide_ok and self.rng.random() < 0.5
-        return Option(kind, 0 if kind == "ar" else self.rng.randint(1, self.max_k), wide), None
+        backup = self.rng.choice(("neural", "fast")) if kind == "ssd" else ""
+        return Option(kind, 0 if kind == "ar" else self.rng.randint(1, self.max_k), wide, backup), None

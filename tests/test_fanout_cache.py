@@ -94,7 +94,7 @@ def test_expected_tokens():
     assert expected_tokens(1.0, 4) == 5
 
 
-# -- b* rule (DESIGN §1.4) -------------------------------------------------------------------------
+# -- b* rule (docs/design.md, "Backups") -----------------------------------------------------------
 def test_backup_threshold_on_known_numbers():
     # p_hit = 0.9, E_hit = 3, E_miss,neural = 3, E_miss,fast = 1.2
     # A_n = .9*3 + .1*3 = 3.0 ; A_f = .9*3 + .1*1.2 = 2.82 ; delta = 0.18

@@ -35,55 +35,63 @@ def test_costs_borrow_the_nearest_batch():
 
 
 class Machine:
-    """Round costs of a 2-core host like this one (ms), acceptance a per draft token, hit rate p."""
+    """Round costs of a 2-core host like this one (ms) for a batch of sequences: acceptance a per
+    draft token (a_fast for the n-gram backup's), cache hit rate p per sequence."""
 
-    def __init__(self, a: float, p: float = 0.7, draft_step: float = 0.8, seed: int = 0):
-        self.a, self.p, self.draft_step = a, p, draft_step
+    def __init__(self, a: float, p: float = 0.7, draft_step: float = 0.8, a_fast: float = 0.2, seed: int = 0):
+        self.a, self.p, self.draft_step, self.a_fast = a, p, draft_step, a_fast
         self.rng = random.Random(seed)
 
-    def verify(self, o: Option) -> float:
-        one_core = 2.4 + 0.35 * o.k
+    def verify(self, o: Option, b: int) -> float:
+        one_core = (2.4 + 0.35 * o.k) * (1 + 0.15 * (b - 1))
         return one_core / 1.5 if o.wide else one_core
 
-    def build(self, k: int) -> float:
-        return 0.5 + 0.9 * k
+    def build(self, k: int, b: int) -> float:
+        return (0.5 + 0.9 * k) * (1 + 0.2 * (b - 1))
 
-    def expected_rate(self, o: Option) -> float:
+    def jit(self, k: int, b: int) -> float:
+        return 0.2 + self.draft_step * k * (1 + 0.1 * (b - 1))
+
+    def miss_wait(self, o: Option, b: int) -> float:
+        return self.jit(o.k, b) if o.backup == "neural" else 0.05
+
+    def expected_rate(self, o: Option, b: int = 1) -> float:
         """tokens/s of an option over many rounds (the model, with the machine's true numbers)."""
-        e = expected_tokens(self.a, o.k)
-        other = 0.3
+        e, other = expected_tokens(self.a, o.k), 0.3
         if o.kind == "ar":
-            return 1000 / (self.verify(o) + other)
+            return 1000 * b / (self.verify(o, b) + other)
         if o.kind == "sd":
-            return 1000 * e / (0.2 + self.draft_step * o.k + self.verify(o) + other)
-        ms = max(self.verify(o), self.build(o.k)) + (1 - self.p) * (0.2 + self.draft_step * o.k) + other
-        return 1000 * e / ms
+            return 1000 * b * e / (self.jit(o.k, b) + self.verify(o, b) + other)
+        e_miss = e if o.backup == "neural" else expected_tokens(self.a_fast, o.k)
+        ms = max(self.verify(o, b), self.build(o.k, b)) + (1 - self.p ** b) * self.miss_wait(o, b) + other
+        return 1000 * b * (self.p * e + (1 - self.p) * e_miss) / ms
 
-    def run(self, policy: RoundPolicy, o: Option, seq_id: int = 0) -> RoundCosts:
-        """One round of option o for one sequence; tells the policy what it saw."""
-        accepted = 0
-        while accepted < o.k and self.rng.random() < self.a:
-            accepted += 1
-        policy.observe_accept(seq_id, accepted, o.k, "neural")
-        hit = o.kind == "ssd" and self.rng.random() < self.p
-        spec_wait = {"ar": 0.0, "sd": 0.2 + self.draft_step * o.k,
-                     "ssd": 0.0 if hit else 0.2 + self.draft_step * o.k}[o.kind]
-        verify = self.verify(o)
-        build_wait = max(0.0, self.build(o.k) - verify) if o.kind == "ssd" else 0.0
-        r = RoundCosts(option=o, batch=1, tokens_per_seq=o.k + 1, verify_ms=verify, spec_wait_ms=spec_wait,
-                       build_wait_ms=build_wait, build_ms=self.build(o.k) if o.kind == "ssd" else 0.0,
-                       wall_ms=spec_wait + verify + build_wait + 0.3, hits=int(hit), misses=int(o.kind == "ssd" and not hit),
-                       backup="neural")
-        policy.observe(r)
-        return r
+    def run(self, policy: RoundPolicy, o: Option, b: int = 1) -> None:
+        """One round of option o for sequences 0..b-1; tells the policy what it saw."""
+        hits = [o.kind == "ssd" and self.rng.random() < self.p for _ in range(b)]
+        for seq_id, hit in enumerate(hits):
+            fast = o.kind == "ssd" and not hit and o.backup == "fast"
+            a = self.a_fast if fast else self.a
+            accepted = 0
+            while accepted < o.k and self.rng.random() < a:
+                accepted += 1
+            policy.observe_accept(seq_id, accepted, o.k, "fast" if fast else "neural")
+        misses = b - sum(hits) if o.kind == "ssd" else 0
+        spec_wait = {"ar": 0.0, "sd": self.jit(o.k, b), "ssd": self.miss_wait(o, b) if misses else 0.0}[o.kind]
+        verify = self.verify(o, b)
+        build = self.build(o.k, b) if o.kind == "ssd" else 0.0
+        build_wait = max(0.0, build - verify)
+        policy.observe(RoundCosts(option=o, batch=b, tokens_per_seq=o.k + 1, verify_ms=verify, spec_wait_ms=spec_wait,
+                                  build_wait_ms=build_wait, build_ms=build, wall_ms=spec_wait + verify + build_wait + 0.3,
+                                  hits=sum(hits), misses=misses, backup=o.backup))
 
 
-def drive(policy: RoundPolicy, machine: Machine, rounds: int) -> Counter:
+def drive(policy: RoundPolicy, machine: Machine, rounds: int, b: int = 1) -> Counter:
     chosen: Counter = Counter()
     for _ in range(rounds):
-        o, _ = policy.choose([0], 1, wide_ok=True)
+        o, _ = policy.choose(list(range(b)), b, wide_ok=True)
         chosen[o] += 1
-        machine.run(policy, o)
+        machine.run(policy, o, b)
     return chosen
 
 
@@ -139,8 +147,9 @@ def test_unmeasured_options_are_tried_first_and_wide_only_when_allowed():
             break
         tried.append(o)
         machine.run(policy, o)
-    # SSD twice (its build is reported with the next round), then SD and AR on every core
-    assert tried == [Option("ssd", 3, False)] * 2 + [Option("sd", 3, True), Option("ar", 0, True)]
+    # SD (SSD's backup and first speculation cost what SD's drafting does), SSD twice (its build is
+    # reported with the next round), AR on every core
+    assert tried == [Option("sd", 3, True)] + [Option("ssd", 3, False, "neural")] * 2 + [Option("ar", 0, True)]
     assert all(policy.predict(o, [0], 1) is not None for o in policy.options)
     for _ in range(50):
         o, _ = policy.choose([0], 1, wide_ok=False)
@@ -153,8 +162,25 @@ def test_acceptance_is_per_sequence_with_the_global_rate_as_prior():
     for _ in range(50):
         policy.observe_accept(1, 4, 4, "neural")     # all accepted
         policy.observe_accept(2, 0, 4, "neural")     # first token rejected
-    assert policy.acceptance(1) > 0.85 > 0.15 > policy.acceptance(2)
+    assert policy.acceptance(1) > 0.85 and policy.acceptance(2) < 0.15
     # a new sequence starts from the global rate per draft token: 200 of 250 accepted
     assert policy.acceptance(3) == pytest.approx(0.8, abs=0.01)
     policy.forget(1)
     assert policy.acceptance(1) == policy.acceptance(3)
+
+
+def test_the_backup_rule_falls_out_of_the_model():
+    """Neural backup for one sequence, the n-gram backup for many: with b sequences a round avoids
+    the neural backup's wait only when all b hit (p^b), while the fast one costs tokens, not time."""
+    machine = Machine(a=0.9, p=0.8, draft_step=0.5, a_fast=0.2)   # neural wins 1.06x at b=1, fast 1.11x at b=12
+    for b, want in ((1, "neural"), (12, "fast")):
+        ssd = [o for o in RoundPolicy(max_k=6, default_k=3).options if o.kind == "ssd"]
+        best = max(ssd, key=lambda o: machine.expected_rate(o, b))
+        assert best.backup == want, (b, best)           # the machine is set up so the rule matters
+        policy = RoundPolicy(max_k=6, default_k=3)
+        policy.options = ssd + [Option("sd", 3, True)]  # SSD, and SD to measure the drafting a neural backup does
+        policy.first = [Option("sd", 3, True), Option("ssd", 3, False, "neural"), Option("ssd", 3, False, "fast")]
+        drive(policy, machine, 600, b)
+        seqs = list(range(b))
+        chosen = max(ssd, key=lambda o: policy.predict(o, seqs, b).tokens_per_s)
+        assert chosen.backup == want, (b, chosen)

@@ -1,6 +1,6 @@
-"""The fast backup speculator (DESIGN §1.4): prompt lookup over the sequence so far, then the
-draft's cached top-1 successor of the last token. Near-zero latency, deterministic proposals
-(so q is one-hot and verification stays exact)."""
+"""The fast backup speculator (docs/design.md, "Backups"): prompt lookup over the sequence so
+far, then the draft's cached top-1 successor of the last token. Near-zero latency, deterministic
+proposals (so q is one-hot and verification stays exact)."""
 from __future__ import annotations
 
 

@@ -156,7 +156,8 @@ def policy_mix(r: ModeResult, decode: list[RoundStats], budget: int) -> None:
     predicted = [x for x in decode if x.predicted_ms]
     if predicted:
         r.predicted_tokens_per_s = 1000.0 * sum(x.predicted_tokens for x in predicted) / sum(x.predicted_ms for x in predicted)
-        r.measured_tokens_per_s = 1000.0 * sum(x.tokens for x in predicted) / sum(x.wall_ms for x in predicted)
+        r.measured_tokens_per_s = (1000.0 * sum(x.tokens for x in predicted)
+                                   / sum(x.wall_ms + x.gap_ms for x in predicted))
 
 
 def fastest(candidates: list[tuple], trial) -> tuple:

@@ -34,6 +34,8 @@ from saguaro.errors import DraftFailure, SaguaroError
 from saguaro.policy import Option, Prediction, RoundCosts, RoundPolicy
 from saguaro.sampling import greedy, probs, verify_greedy, verify_sampled
 
+MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
+
 
 class DraftClient(Protocol):
     vocab_size: int
@@ -110,6 +112,8 @@ class RoundStats:
     prefill_ms: float = 0.0          # target prefill of sequences that joined this round
     joined: int = 0                  # sequences in their first round (prefill, first token)
     wall_ms: float = 0.0             # the whole round, prefill included
+    gap_ms: float = 0.0              # since the previous round ended: the caller's own work per round
+                                     # (streaming, admission), at most MAX_GAP_MS (longer: the loop was idle)
     spec_wait_ms: float = 0.0        # of draft_wait_ms: before the forward (SD drafting, backups)
     ar: int = 0                      # sequences by round type (SeqStats)
     sd: int = 0
@@ -134,10 +138,12 @@ class Decoder:
         self.outcomes: list[Outcome] = []
         self.leaves: list[int] = []
         self.last_verify_ms = 0.0
+        self.last_round_end = 0.0        # perf_counter() when the last round ended
         self.draft_slots = 0             # draft KV slots in use, as of the drafter's last answer
         self.caches: CacheKeys = {}      # the drafter's pre-drafted speculations for the next outcomes
         self.history: list[RoundStats] = []
-        self.policy = (RoundPolicy(max_k=min(self.max_draft_len, spec.policy_max_k), default_k=spec.k)
+        backups = ("neural", "fast") if spec.backup == "auto" else (spec.backup,)
+        self.policy = (RoundPolicy(max_k=min(self.max_draft_len, spec.policy_max_k), default_k=spec.k, backups=backups)
                        if draft is not None and spec.policy else None)
 
     # -- requests -------------------------------------------------------------------------------
@@ -191,6 +197,8 @@ class Decoder:
         if not self.seqs:
             return []
         t_round = time.perf_counter()
+        gap_ms = (t_round - self.last_round_end) * 1e3
+        gap_ms = gap_ms if gap_ms <= MAX_GAP_MS else 0.0
         seqs = list(self.seqs.values())
         joining = [s for s in seqs if s.first_round]
         # New prompts are prefilled before the drafter hears of this round (it is idle between
@@ -200,7 +208,7 @@ class Decoder:
         self._prefill(joining)
         prefill_ms = (time.perf_counter() - t_round) * 1e3
         option, predicted = self._plan(seqs, joining)
-        pending = self._start_draft_round()
+        pending = self._start_draft_round(option.backup if option else "")
         reply, spec_wait = None, 0.0
         if pending and any(s.k and s.spec is None for s in seqs):
             reply, spec_wait = self._await(pending.reply)  # misses and SD: drafted for this round
@@ -233,7 +241,7 @@ class Decoder:
             backup=reply.backup if reply else "", degraded=any(s.stats.degraded for s in seqs),
             drafted=sum(e.drafted for e in events), accepted=sum(e.accepted for e in events),
             emitted=[len(e.tokens) for e in events], prefill_ms=prefill_ms, joined=len(joining),
-            wall_ms=(time.perf_counter() - t_round) * 1e3, spec_wait_ms=spec_wait, ar=kinds.count("ar"),
+            wall_ms=(time.perf_counter() - t_round) * 1e3, gap_ms=gap_ms, spec_wait_ms=spec_wait, ar=kinds.count("ar"),
             sd=kinds.count("sd"), ssd=kinds.count("ssd"), ks=[e.drafted for e in events],
             option=option.label if option else "", predicted_ms=predicted.ms if predicted else None,
             predicted_tokens=predicted.tokens if predicted else None)
@@ -241,8 +249,9 @@ class Decoder:
         if option is not None and not joining and not stats.degraded:
             self.policy.observe(RoundCosts(
                 option=option, batch=len(seqs), tokens_per_seq=1 + max(stats.ks), verify_ms=stats.verify_ms,
-                spec_wait_ms=spec_wait, build_wait_ms=build_wait, build_ms=stats.build_ms, wall_ms=stats.wall_ms,
+                spec_wait_ms=spec_wait, build_wait_ms=build_wait, build_ms=stats.build_ms, wall_ms=stats.wall_ms + gap_ms,
                 hits=stats.hits, misses=stats.misses, backup=stats.backup))
+        self.last_round_end = time.perf_counter()
         return events
 
     def _plan(self, seqs: list[Sequence], joining: list[Sequence]) -> tuple[Option | None, Prediction | None]:
@@ -273,10 +282,11 @@ class Decoder:
     def _spec_tokens(self, s: Sequence) -> list[int]:
         return s.spec.tokens[: s.k] if s.spec is not None and s.k else []
 
-    def _start_draft_round(self) -> PendingRound | None:
+    def _start_draft_round(self, backup: str = "") -> PendingRound | None:
         if self.draft is None or not (self.joins or self.outcomes or self.leaves):
             return None
-        rnd = DraftRound(self.joins, self.outcomes, self.leaves, self.last_verify_ms)
+        rnd = DraftRound(joins=self.joins, outcomes=self.outcomes, leaves=self.leaves, verify_ms=self.last_verify_ms,
+                         backup=backup)
         self.joins, self.outcomes, self.leaves = [], [], []
         try:
             return self.draft.start(rnd)

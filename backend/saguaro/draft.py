@@ -58,6 +58,7 @@ class DraftRound:
     outcomes: list[Outcome] = field(default_factory=list)
     leaves: list[int] = field(default_factory=list)
     verify_ms: float = 0.0           # the target's last round, for the backup rule
+    backup: str = ""                 # what misses get this round (neural | fast); "": the backup rule
     inject_fault: bool = False       # test switch: the drafter raises instead of answering
 
 
@@ -131,7 +132,7 @@ class Drafter:
             self._join(j)
         # A new sequence's first round verifies no speculation: its drafting starts from the outcome.
         specs, hits, jit = {}, {}, []
-        backup = self._backup_choice(len(rnd.outcomes), rnd.verify_ms)
+        backup = rnd.backup or self._backup_choice(len(rnd.outcomes), rnd.verify_ms)
         for o in rnd.outcomes:
             s = self.seqs[o.seq_id]
             built = bool(s.cache)          # no cache precedes a first speculation, or follows a round without a build

@@ -1,4 +1,4 @@
-"""How to spend the speculation budget (DESIGN §1.1) and which backup to use (§1.4).
+"""How to spend the speculation budget (docs/design.md, "Fan-out") and which backup to use ("Backups").
 
 The acceptance rate a and the power-law exponent r (1 - p_hit(F) = F^-r) are fitted online from
 observed rounds, with exponential forgetting so the fit follows the text being generated.

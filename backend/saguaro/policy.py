@@ -1,10 +1,13 @@
 """The round policy: before every round, the option with the highest predicted tokens per second
-among a plain target step (AR), SD with K and SSD with K (docs/design.md, "The round policy").
+among a plain target step (AR), SD with K and SSD with K and a backup (docs/design.md, "The round
+policy").
 
 The prediction is the speedup model ("The speedup model") fed with what this machine and these
 sequences show online: the target's verify time against tokens, batch and cores; the drafter's
 JIT drafting, cache-build and backup times; acceptance per sequence (decaying, with the global rate
-as its prior) and the cache hit rate per K. Options nobody has measured yet are tried first; after
+as its prior), the fast backup's acceptance and the cache hit rate per K. The backup rule of the
+paper (neural for small batches, fast for large) falls out: a miss stalls the round with
+probability 1 - p_hit^batch, which the neural backup pays in time and the fast one in tokens. Options nobody has measured yet are tried first; after
 that one round in EXPLORE goes to a neighbour of the best (K +- 1, the best of each other kind),
 so estimates stay fresh and a change in the text (a repetitive span) is noticed.
 
@@ -28,10 +31,11 @@ class Option:
     kind: str                 # ar | sd | ssd
     k: int                    # draft tokens verified (0 for ar)
     wide: bool                # the target's forward may use every core (the drafter is idle during it)
+    backup: str = ""          # ssd: what a cache miss gets, neural | fast
 
     @property
     def label(self) -> str:
-        return f"{self.kind}{self.k or ''}{'' if self.kind == 'ssd' else ('/wide' if self.wide else '/narrow')}"
+        return f"{self.kind}{self.k or ''}/{self.backup or ('wide' if self.wide else 'narrow')}"
 
 
 @dataclass
@@ -69,17 +73,18 @@ class Line:
 
     def __init__(self):
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.mx = self.my = self.slope = 0.0      # the fit, refreshed by each observation
 
     def observe(self, x: float, y: float) -> None:
         d = DECAY
         self.w, self.sx, self.sy = self.w * d + 1, self.sx * d + x, self.sy * d + y
         self.sxx, self.sxy = self.sxx * d + x * x, self.sxy * d + x * y
+        self.mx, self.my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - self.mx * self.mx
+        self.slope = max(0.0, (self.sxy / self.w - self.mx * self.my) / var) if var > 1e-6 else 0.0
 
     def predict(self, x: float) -> float:
-        mx, my = self.sx / self.w, self.sy / self.w
-        var = self.sxx / self.w - mx * mx
-        slope = max(0.0, (self.sxy / self.w - mx * my) / var) if var > 1e-6 else 0.0
-        return max(0.0, my + slope * (x - mx))
+        return max(0.0, self.my + self.slope * (x - self.mx))
 
 
 class Costs:
@@ -92,11 +97,15 @@ class Costs:
     def observe(self, batch: int, x: float, ms: float) -> None:
         self.lines.setdefault(batch, Line()).observe(x, ms)
 
-    def predict(self, batch: int, x: float) -> float | None:
+    def at(self, batch: int) -> Line | None:
         if not self.lines:
             return None
-        nearest = min(self.lines, key=lambda b: (abs(b - batch), b))
-        return self.lines[nearest].predict(x)
+        line = self.lines.get(batch)
+        return line if line is not None else self.lines[min(self.lines, key=lambda b: (abs(b - batch), b))]
+
+    def predict(self, batch: int, x: float) -> float | None:
+        line = self.at(batch)
+        return None if line is None else line.predict(x)
 
 
 @dataclass
@@ -109,28 +118,29 @@ class RoundCosts:
     spec_wait_ms: float       # waited before the forward: SD drafting, backups after misses
     build_wait_ms: float      # waited after the forward for the next caches
     build_ms: float           # the drafter's cache build that ran during the previous round
-    wall_ms: float
+    wall_ms: float            # the round and the caller's work since the round before
     hits: int
     misses: int
     backup: str
 
 
 class RoundPolicy:
-    def __init__(self, max_k: int, default_k: int, seed: int = 0):
+    def __init__(self, max_k: int, default_k: int, backups: tuple[str, ...] = ("neural", "fast"), seed: int = 0):
         ks = range(1, max_k + 1)
         self.options = ([Option("ar", 0, w) for w in (True, False)] + [Option("sd", k, w) for k in ks for w in (True, False)]
-                        + [Option("ssd", k, False) for k in ks])
-        self.first = [Option("ssd", default_k, False), Option("sd", default_k, True), Option("ar", 0, True),
+                        + [Option("ssd", k, False, b) for k in ks for b in backups])
+        self.first = [Option("sd", default_k, True), Option("ssd", default_k, False, backups[0]), Option("ar", 0, True),
                       Option("ar", 0, False), Option("sd", default_k, False)]   # tried first, in this order
         self.verify = {True: Costs(), False: Costs()}     # by wide
-        self.jit, self.build, self.miss = Costs(), Costs(), Costs()   # by K
+        self.jit, self.build = Costs(), Costs()           # by K
+        self.miss = {"neural": Costs(), "fast": Costs()}  # the wait for a backup after a miss, by K
         self.other: dict[str, Costs] = {"ar": Costs(), "sd": Costs(), "ssd": Costs()}   # wall minus the above
         self.accept, self.accept_fast = Rate(), Rate()
         self.seq_accept: dict[int, Rate] = {}
         self.hits: dict[int, Rate] = {}                    # by K
         self.all_hits = Rate()
-        self.backup = "neural"
         self.last_build: tuple[int, int, float] | None = None   # (batch, K, ms seen) of the build now running
+        self.measured = False                               # every option has a prediction
         self.rng = random.Random(seed)
 
     # -- choosing ---------------------------------------------------------------------------------
@@ -140,40 +150,78 @@ class RoundPolicy:
         for rate in (self.accept, self.accept_fast, self.all_hits, *self.hits.values(), *self.seq_accept.values()):
             rate.tick()
         options = [o for o in self.options if wide_ok or not o.wide]
-        for o in self.first:
-            if o in options and self.predict(o, seq_ids, batch) is None:
-                return o, None
-        scored = {o: self.predict(o, seq_ids, batch) for o in options}
-        best = max(options, key=lambda o: scored[o].tokens_per_s)
+        now = self._inputs(seq_ids, batch)
+        if not self.measured:
+            unmeasured = [o for o in self.first if self._predict(o, now) is None]
+            for o in unmeasured:
+                if o in options:
+                    return o, None
+            self.measured = not unmeasured
+        predictions = [self._predict(o, now) for o in options]
+        rates = [x.tokens / x.ms for x in predictions]
+        best = max(range(len(options)), key=rates.__getitem__)
         if self.rng.random() < EXPLORE:
-            near = [o for o in options if o != best and (
-                (o.kind == best.kind and abs(o.k - best.k) == 1 and o.wide == best.wide)
-                or o == max((x for x in options if x.kind == o.kind), key=lambda x: scored[x].tokens_per_s))]
-            best = self.rng.choice(near) if near else best
-        return best, scored[best]
+            best = self._neighbour(options, rates, best)
+        # chosen by the rate it keeps up; predicted as this round will run, after the round before
+        return options[best], self._predict(options[best], now, cached=self.last_build is not None)
+
+    def _neighbour(self, options: list[Option], rates: list[float], best: int) -> int:
+        """A random option next to the best: its kind with K +- 1, the other backup or the other
+        cores, or the best option of another kind."""
+        b = options[best]
+        top = {kind: max((i for i, o in enumerate(options) if o.kind == kind), key=rates.__getitem__, default=None)
+               for kind in ("ar", "sd", "ssd")}
+        near = [i for i, o in enumerate(options) if i != best and (
+            (o.kind == b.kind and abs(o.k - b.k) + (o.backup != b.backup) + (o.wide != b.wide) == 1)
+            or i == top[o.kind])]
+        return self.rng.choice(near) if near else best
 
     def predict(self, o: Option, seq_ids: list[int], batch: int) -> Prediction | None:
-        """The speedup model (docs/design.md) with this machine's measured costs; None until
-        every cost it needs has been measured once."""
-        b = batch
-        verify = self.verify[o.wide].predict(b, o.k + 1)
-        other = self.other[o.kind].predict(b, 0)
+        """The speedup model (docs/design.md) with this machine's measured costs, for the
+        sequences seq_ids in a round of `batch`; None until every cost it needs was measured."""
+        return self._predict(o, self._inputs(seq_ids, batch))
+
+    def _inputs(self, seq_ids: list[int], batch: int) -> dict:
+        """What one round's predictions read, looked up once: the cost lines at this batch size,
+        and per K the expected tokens of these sequences (Σ_s E(a_s, K)), of the fast backup, and
+        the hit rate."""
+        a = [self.acceptance(i) for i in seq_ids]
+        a_fast = self.accept_fast.value(0.3)
+        ks = range(1, max(o.k for o in self.options) + 1)
+        return {"n": len(a), "verify": {w: c.at(batch) for w, c in self.verify.items()},
+                "other": {kind: c.at(batch) for kind, c in self.other.items()}, "jit": self.jit.at(batch),
+                "build": self.build.at(batch), "miss": {x: c.at(batch) for x, c in self.miss.items()},
+                "tokens": {k: sum(expected_tokens(x, k) for x in a) for k in ks}, "hit": {k: self.hit_rate(k) for k in ks},
+                "fast_tokens": {k: len(a) * expected_tokens(a_fast, k) for k in ks}}
+
+    def _predict(self, o: Option, now: dict, cached: bool | None = None) -> Prediction | None:
+        """cached: whether the round before pre-drafted (None: the steady state of the option,
+        SSD after SSD, SD after SD). The first SSD round after another kind has no cache to look
+        in (its speculations are drafted as SD's); an SD round after an SSD round uses its hits."""
+        verify, other = now["verify"][o.wide], now["other"][o.kind]
         if verify is None or other is None:
             return None
+        v, rest = verify.predict(o.k + 1), other.predict(0)
         if o.kind == "ar":
-            return Prediction(tokens=float(len(seq_ids)), ms=verify + other)
-        a = [self.acceptance(i) for i in seq_ids]
-        if o.kind == "sd":
-            jit = self.jit.predict(b, o.k)
-            return None if jit is None else Prediction(sum(expected_tokens(x, o.k) for x in a), jit + verify + other)
-        build, miss = self.build.predict(b, o.k), self.miss.predict(b, o.k)
-        if build is None or miss is None:
+            return Prediction(tokens=float(now["n"]), ms=v + rest)
+        jit = now["jit"]
+        if jit is None:
             return None
-        p = self.hit_rate(o.k)
-        a_miss = [self.accept_fast.value(0.3)] * len(a) if self.backup == "fast" else a
-        tokens = sum(p * expected_tokens(x, o.k) + (1 - p) * expected_tokens(y, o.k) for x, y in zip(a, a_miss))
+        if o.kind == "sd":
+            waits = 1 - now["hit"][o.k] ** now["n"] if cached else 1.0
+            return Prediction(now["tokens"][o.k], waits * jit.predict(o.k) + v + rest)
+        # a neural backup drafts K tokens as SD does; the n-gram backup costs next to nothing
+        build, miss = now["build"], now["miss"][o.backup] or (jit if o.backup == "neural" else None)
+        if build is None:
+            return None
+        if cached is False:
+            return Prediction(now["tokens"][o.k], jit.predict(o.k) + max(v, build.predict(o.k)) + rest)
+        p = now["hit"][o.k]
+        missed = now["tokens" if o.backup == "neural" else "fast_tokens"][o.k]
+        tokens = p * now["tokens"][o.k] + (1 - p) * missed
         # a hit hides the build behind the verify; any miss in the batch makes the round wait for a backup
-        return Prediction(tokens, max(verify, build) + (1 - p ** len(a)) * miss + other)
+        wait = miss.predict(o.k) if miss is not None else 0.0
+        return Prediction(tokens, max(v, build.predict(o.k)) + (1 - p ** now["n"]) * wait + rest)
 
     def acceptance(self, seq_id: int) -> float:
         prior = self.accept.value(0.5, 2.0)
@@ -206,16 +254,16 @@ class RoundPolicy:
         exposed = r.verify_ms + r.build_wait_ms if r.build_wait_ms > 0.1 else 0.0
         self.last_build = (b, o.k, exposed) if o.kind == "ssd" else None
         self.verify[o.wide].observe(b, r.tokens_per_seq, r.verify_ms)
-        if o.kind == "sd":
+        if o.kind == "sd" and not r.hits + r.misses:     # (after an SSD round the hits needed no drafting)
             self.jit.observe(b, o.k, r.spec_wait_ms)
         if o.kind == "ssd":
             if r.hits + r.misses:
                 self.hits.setdefault(o.k, Rate()).observe(r.hits, r.hits + r.misses)
                 self.all_hits.observe(r.hits, r.hits + r.misses)
             if r.misses:
-                self.backup = r.backup
-            if r.misses or not r.hits:     # a backup (or a first speculation) was waited for
-                self.miss.observe(b, o.k, r.spec_wait_ms)
+                self.miss[r.backup].observe(b, o.k, r.spec_wait_ms)
+            elif not r.hits:               # no cache to look in (the round before built none): drafted as SD
+                self.jit.observe(b, o.k, r.spec_wait_ms)
         rest = r.wall_ms - r.verify_ms - r.spec_wait_ms - r.build_wait_ms
         self.other[o.kind].observe(b, 0, max(0.0, rest))
 

@@ -1,4 +1,5 @@
-"""Distributions, Saguaro reshaping and exact verification (DESIGN §1, §1.3).
+"""Distributions, Saguaro reshaping and exact verification (docs/design.md, "The round",
+"Saguaro sampling").
 
 The one rule that keeps speculative sampling exact: the q handed to `verify` must be the very
 distribution each draft token was drawn from. Every drafter in this package samples through
@@ -39,8 +40,9 @@ def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def saguaro(q: torch.Tensor, fanout: int, c: float) -> torch.Tensor:
-    """sigma_{F,C}: scale the top-F tokens' mass by C and renormalize (DESIGN §1.3). Lower q on the
-    tokens the cache will hold raises the residual there, so bonus tokens land in the cache."""
+    """sigma_{F,C}: scale the top-F tokens' mass by C and renormalize (docs/design.md, "Saguaro
+    sampling"). Lower q on the tokens the cache will hold raises the residual there, so bonus
+    tokens land in the cache."""
     if c >= 1.0 or fanout <= 0:
         return q
     top = q.topk(min(fanout, q.shape[-1]), dim=-1).indices
