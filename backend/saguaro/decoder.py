@@ -136,6 +136,7 @@ class Decoder:
         self.ids = itertools.count()
         self.joins: list[Join] = []
         self.outcomes: list[Outcome] = []
+        self.held: dict[int, list[Outcome]] = {}   # outcomes not yet told: rounds since with nothing to draft
         self.leaves: list[int] = []
         self.last_verify_ms = 0.0
         self.last_round_end = 0.0        # perf_counter() when the last round ended
@@ -267,11 +268,18 @@ class Decoder:
             option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok)
             for s in chosen:
                 s.k, s.build = option.k, option.kind == "ssd"
+        # A sequence's outcomes wait until it drafts again: the drafter stays idle (and off the
+        # target's cores) through plain target steps, then catches up on all of them in order.
+        told = []
         for o in self.outcomes:
             s = self.seqs[o.seq_id]
             o.next_k, o.build = s.k, s.build
-            if not s.k:
+            self.held.setdefault(o.seq_id, []).append(o)
+            if s.k or s.build:
+                told += self.held.pop(o.seq_id)
+            else:
                 s.spec = None           # a plain target step: a pre-drafted speculation goes unused
+        self.outcomes = told
         return option, predicted
 
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -324,7 +332,7 @@ class Decoder:
         for s in self.seqs.values():
             if s.mode != "ar":
                 s.mode, s.k, s.spec, s.stats.degraded = "ar", 0, None, True
-        self.joins, self.outcomes, self.leaves = [], [], []
+        self.joins, self.outcomes, self.leaves, self.held = [], [], [], {}
         try:
             self.draft.reset()
         except Exception:   # a drafter that cannot even reset is replaced by its client or stays unused
@@ -379,6 +387,7 @@ class Decoder:
             self.policy.forget(s.seq_id)
         self.target.release(s.slot)
         self.outcomes = [o for o in self.outcomes if o.seq_id != s.seq_id]
+        self.held.pop(s.seq_id, None)
         pending_join = [j for j in self.joins if j.seq_id == s.seq_id]
         if pending_join:            # the drafter never saw it
             self.joins.remove(pending_join[0])
