@@ -103,8 +103,7 @@ def test_policy_settles_on_the_fastest_option_and_predicts_its_rate(a, p):
     favourite = chosen.most_common(1)[0][0]
     best_rate = max(machine.expected_rate(o) for o in policy.options)
     assert machine.expected_rate(favourite) >= 0.95 * best_rate, (favourite, chosen)
-    near_best = sum(n for o, n in chosen.items() if machine.expected_rate(o) >= 0.95 * best_rate)
-    assert near_best >= 0.8 * 400, chosen
+    assert achieved(machine, chosen) >= 0.93 * best_rate, chosen     # exploring included
     predicted = policy.predict(favourite, [0], 1).tokens_per_s
     assert predicted == pytest.approx(machine.expected_rate(favourite), rel=0.1)
 
@@ -115,14 +114,21 @@ def test_low_acceptance_means_plain_target_steps_on_every_core():
     assert chosen.most_common(1)[0][0] == Option("ar", 0, True)
 
 
-def test_policy_keeps_exploring_a_small_share():
+def achieved(machine: Machine, chosen: Counter) -> float:
+    """The tokens/s the chosen options keep up on the machine, in the proportions chosen."""
+    rounds = sum(chosen.values())
+    return rounds / sum(n / machine.expected_rate(o) for o, n in chosen.items())
+
+
+def test_policy_keeps_exploring_cheaply():
     policy = RoundPolicy(max_k=6, default_k=3)
     machine = Machine(a=0.6)
     drive(policy, machine, 300)
     chosen = drive(policy, machine, 2000)
     others = 2000 - chosen.most_common(1)[0][1]
-    assert 0.3 * EXPLORE * 2000 <= others <= 3 * EXPLORE * 2000, chosen
-    assert len(chosen) >= 3
+    assert others >= 0.5 * EXPLORE * 2000 and len(chosen) >= 5, chosen   # it keeps trying others
+    best_rate = max(machine.expected_rate(o) for o in policy.options)
+    assert achieved(machine, chosen) >= 0.97 * best_rate, chosen       # and that costs < 3%
 
 
 def test_policy_notices_when_speculation_starts_and_stops_paying():

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from saguaro.fanout import expected_tokens
 
 EXPLORE = 1 / 24          # share of rounds that try a neighbour of the best option
+RERANK = 8                # every RERANK-th round scores every option; the others its last SHORTLIST best
+SHORTLIST = 4
 DECAY = 0.97              # per observation of a cost, per round of a rate: a horizon of ~30
 SEQ_PRIOR = 4.0           # weight of the global acceptance rate in a sequence's own estimate
 
@@ -141,6 +143,8 @@ class RoundPolicy:
         self.all_hits = Rate()
         self.last_build: tuple[int, int, float] | None = None   # (batch, K, ms seen) of the build now running
         self.measured = False                               # every option has a prediction
+        self.shortlist: list[Option] = []                   # the best options of the last full ranking
+        self.rounds = 0
         self.rng = random.Random(seed)
 
     # -- choosing ---------------------------------------------------------------------------------
@@ -157,13 +161,21 @@ class RoundPolicy:
                 if o in options:
                     return o, None
             self.measured = not unmeasured
-        predictions = [self._predict(o, now) for o in options]
+        # Every option is scored every RERANK rounds and when exploring (costs change slowly; a
+        # full ranking costs ~0.1 ms of Python), the shortlist in the rounds between.
+        self.rounds += 1
+        explore = self.rng.random() < EXPLORE
+        shortlist = [o for o in self.shortlist if wide_ok or not o.wide]
+        if explore or self.rounds % RERANK == 0 or not shortlist:
+            shortlist = options
+        predictions = [self._predict(o, now) for o in shortlist]
         rates = [x.tokens / x.ms for x in predictions]
-        best = max(range(len(options)), key=rates.__getitem__)
-        if self.rng.random() < EXPLORE:
-            best = self._neighbour(options, rates, best)
+        order = sorted(range(len(shortlist)), key=rates.__getitem__, reverse=True)
+        if shortlist is options:
+            self.shortlist = [options[i] for i in order[:SHORTLIST]]
+        best = self._neighbour(shortlist, rates, order[0]) if explore else order[0]
         # chosen by the rate it keeps up; predicted as this round will run, after the round before
-        return options[best], self._predict(options[best], now, cached=self.last_build is not None)
+        return shortlist[best], self._predict(shortlist[best], now, cached=self.last_build is not None)
 
     def _neighbour(self, options: list[Option], rates: list[float], best: int) -> int:
         """A random option next to the best: its kind with K +- 1, the other backup or the other
