@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 from saguaro.fanout import expected_tokens
 
-EXPLORE = 1 / 24          # share of rounds that try a neighbour of the best option
+EXPLORE = 1 / 48          # share of rounds that try a neighbour of the best option
 RERANK = 8                # every RERANK-th round scores every option; the others its last SHORTLIST best
 SHORTLIST = 4
-DECAY = 0.97              # per observation of a cost, per round of a rate: a horizon of ~30
+RATE_DECAY = 0.97         # per round, of acceptance and hit rates: a horizon of ~30 rounds
+COST_DECAY = 0.9          # per observation, of a cost: the last ~10 (an estimate the load made stale
+                          # must recover from the few rounds exploring gives it)
 SEQ_PRIOR = 4.0           # weight of the global acceptance rate in a sequence's own estimate
 
 
@@ -62,8 +64,8 @@ class Rate:
         self.trials += trials
 
     def tick(self) -> None:
-        self.successes *= DECAY
-        self.trials *= DECAY
+        self.successes *= RATE_DECAY
+        self.trials *= RATE_DECAY
 
     def value(self, prior: float, weight: float = 1.0) -> float:
         return (self.successes + prior * weight) / (self.trials + weight)
@@ -78,7 +80,7 @@ class Line:
         self.mx = self.my = self.slope = 0.0      # the fit, refreshed by each observation
 
     def observe(self, x: float, y: float) -> None:
-        d = DECAY
+        d = COST_DECAY
         self.w, self.sx, self.sy = self.w * d + 1, self.sx * d + x, self.sy * d + y
         self.sxx, self.sxy = self.sxx * d + x * x, self.sxy * d + x * y
         self.mx, self.my = self.sx / self.w, self.sy / self.w
@@ -179,13 +181,15 @@ class RoundPolicy:
 
     def _neighbour(self, options: list[Option], rates: list[float], best: int) -> int:
         """A random option next to the best: its kind with K +- 1, the other backup or the other
-        cores, or the best option of another kind."""
+        cores, or the best option of another kind on either cores (so that a cost the machine's
+        load once made look bad is measured again)."""
         b = options[best]
-        top = {kind: max((i for i, o in enumerate(options) if o.kind == kind), key=rates.__getitem__, default=None)
-               for kind in ("ar", "sd", "ssd")}
+        top = {(kind, wide): max((i for i, o in enumerate(options) if (o.kind, o.wide) == (kind, wide)),
+                                 key=rates.__getitem__, default=None)
+               for kind in ("ar", "sd", "ssd") for wide in (True, False)}
         near = [i for i, o in enumerate(options) if i != best and (
             (o.kind == b.kind and abs(o.k - b.k) + (o.backup != b.backup) + (o.wide != b.wide) == 1)
-            or i == top[o.kind])]
+            or i == top[o.kind, o.wide])]
         return self.rng.choice(near) if near else best
 
     def predict(self, o: Option, seq_ids: list[int], batch: int) -> Prediction | None:
