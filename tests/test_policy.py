@@ -154,9 +154,10 @@ def test_unmeasured_options_are_tried_first_and_wide_only_when_allowed():
             break
         tried.append(o)
         machine.run(policy, o)
-    # SD (SSD's backup and first speculation cost what SD's drafting does), SSD twice (its build is
-    # reported with the next round), AR on every core
-    assert tried == [Option("sd", 3, True)] + [Option("ssd", 3, False, "neural")] * 2 + [Option("ar", 0, True)]
+    # SD on either cores (SSD's backup and first speculation cost what SD's drafting does), SSD
+    # twice (its build is reported with the next round), AR on every core
+    assert tried == ([Option("sd", 3, True), Option("sd", 3, False)] + [Option("ssd", 3, False, "neural")] * 2
+                     + [Option("ar", 0, True)])
     assert all(policy.predict(o, [0], 1) is not None for o in policy.options)
     for _ in range(50):
         o, _ = policy.choose([0], 1, wide_ok=False)
@@ -205,3 +206,14 @@ def test_a_cost_the_load_made_stale_is_measured_again():
     machine.load = 1.0
     drive(policy, machine, 600)
     assert drive(policy, machine, 100).most_common(1)[0][0] == Option("ar", 0, True)
+
+
+def test_rounds_that_cannot_use_every_core_measure_what_they_can():
+    """A batch that always holds a sequence pinned to SSD never allows the target every core: the
+    policy measures and chooses among the options on the target's own threads."""
+    policy, machine = RoundPolicy(max_k=4, default_k=3), Machine(a=0.3)
+    for _ in range(200):
+        o, _ = policy.choose([0], 1, wide_ok=False)
+        assert not o.wide
+        machine.run(policy, o)
+    assert policy.predict(Option("ar", 0, False), [0], 1) is not None

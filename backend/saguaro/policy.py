@@ -133,8 +133,8 @@ class RoundPolicy:
         ks = range(1, max_k + 1)
         self.options = ([Option("ar", 0, w) for w in (True, False)] + [Option("sd", k, w) for k in ks for w in (True, False)]
                         + [Option("ssd", k, False, b) for k in ks for b in backups])
-        self.first = [Option("sd", default_k, True), Option("ssd", default_k, False, backups[0]), Option("ar", 0, True),
-                      Option("ar", 0, False), Option("sd", default_k, False)]   # tried first, in this order
+        self.first = [Option("sd", default_k, True), Option("sd", default_k, False), Option("ssd", default_k, False, backups[0]),
+                      Option("ar", 0, True), Option("ar", 0, False)]   # tried first, in this order
         self.verify = {True: Costs(), False: Costs()}     # by wide
         self.jit, self.build = Costs(), Costs()           # by K
         self.miss = {"neural": Costs(), "fast": Costs()}  # the wait for a backup after a miss, by K
@@ -171,7 +171,7 @@ class RoundPolicy:
         if explore or self.rounds % RERANK == 0 or not shortlist:
             shortlist = options
         predictions = [self._predict(o, now) for o in shortlist]
-        rates = [x.tokens / x.ms for x in predictions]
+        rates = [x.tokens / max(x.ms, 1e-6) if x is not None else -1.0 for x in predictions]  # None: not measured
         order = sorted(range(len(shortlist)), key=rates.__getitem__, reverse=True)
         if shortlist is options:
             self.shortlist = [options[i] for i in order[:SHORTLIST]]
