@@ -4,14 +4,11 @@ Python-backend stubs (pb_utils is passed in, so the rest of the package never ne
 from __future__ import annotations
 
 import json
-import os
-import re
-import tempfile
 import queue
+import re
 import threading
 import time
 import traceback
-from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -19,8 +16,10 @@ import numpy as np
 
 from saguaro.config import EngineConfig
 from saguaro.decoder import Decoder, RoundStats
-from saguaro.errors import SaguaroError
-from saguaro.remote import WireClient, decode, encode, serve_wire
+from saguaro.errors import PeerUnavailable, SaguaroError, Unavailable
+from saguaro.ipc import SocketServer, WireClient, connect, listen
+from saguaro.private_dir import runtime_dir, same_secret, server_secret
+from saguaro.messages import decode, encode
 
 
 def model_params(args: Mapping[str, str]) -> dict[str, str]:
@@ -81,14 +80,24 @@ class Outbox:
 
     def __init__(self):
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="saguaro-responses", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name="saguaro-responses", daemon=True)
+        self.thread.start()
 
     def send(self, sender, make_response: Callable[[], Any] | None, flags: int) -> None:
         self.queue.put((sender, make_response, flags))
 
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Sends what is queued (final responses above all: a request without one is never
+        released, and holds up the server's shutdown), then stops."""
+        self.queue.put(None)
+        self.thread.join(timeout_s)
+
     def _run(self) -> None:
         while True:
-            sender, make_response, flags = self.queue.get()
+            item = self.queue.get()
+            if item is None:
+                return
+            sender, make_response, flags = item
             try:
                 if make_response is None:
                     sender.send(flags=flags)
@@ -98,67 +107,50 @@ class Outbox:
                 traceback.print_exc()
 
 
+def error_code(exc: BaseException) -> str:
+    """The Triton error code for an exception: bad input (SaguaroError) INVALID_ARG, a retryable
+    condition (Unavailable: engine restarting, server full, shutting down) UNAVAILABLE, anything
+    else INTERNAL."""
+    return "INVALID_ARG" if isinstance(exc, SaguaroError) else "UNAVAILABLE" if isinstance(exc, Unavailable) else "INTERNAL"
+
+
+def error_message(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, (SaguaroError, Unavailable)) else f"{type(exc).__name__}: {exc}"
+
+
 def error_response(pb_utils: Any, exc: BaseException) -> Any:
-    """An error InferenceResponse: bad input (SaguaroError) is INVALID_ARG, anything else INTERNAL."""
-    if isinstance(exc, SaguaroError):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+    """An error InferenceResponse, coded by error_code()."""
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(error_message(exc), getattr(pb_utils.TritonError, error_code(exc))))
 
 
-def socket_path(model: str) -> str:
-    """Where an engine model listens: one path per tritonserver (the parent of every stub)."""
-    return os.path.join(tempfile.gettempdir(), f"saguaro-{os.getppid()}-{model}.sock")
+def engine_socket(model: str) -> Path:
+    """Where an engine model listens: in this tritonserver's private folder (saguaro.ipc)."""
+    return runtime_dir() / f"{model}.sock"
 
 
-def serve_socket(model: str, handle: Callable[[object], Iterator]) -> Listener:
-    """Answer saguaro.remote messages on the model's Unix socket from daemon threads: the per-round
-    path between `ssd` and the engine models, off BLS (a round trip costs ~0.1 ms, not ~1 ms)."""
-    path = socket_path(model)
-    if os.path.exists(path):
-        os.unlink(path)
-    listener = Listener(path, family="AF_UNIX")
-    lock = threading.Lock()
-
-    def serialized(msg) -> Iterator:   # one engine, however many connections
-        with lock:
-            yield from handle(msg)
-
-    def accept() -> None:
-        while True:
-            try:
-                conn = listener.accept()
-            except OSError:
-                return                  # closed at finalize
-            threading.Thread(target=serve_wire, args=(conn, serialized), daemon=True).start()
-
-    threading.Thread(target=accept, name=f"saguaro-{model}-socket", daemon=True).start()
-    return listener
+def serve_socket(model: str, handle: Callable[[object], Iterator]) -> SocketServer:
+    """Answer saguaro.messages on the model's authenticated Unix socket: the per-round path between
+    `ssd` and the engine models, off BLS (a round trip costs ~0.1 ms, not ~1 ms)."""
+    return listen(engine_socket(model), server_secret(runtime_dir()), handle, model)
 
 
-def socket_call(model: str, timeout_s: float, connect_timeout_s: float = 120.0) -> WireClient:
-    """call(msg) -> answers from an engine model's socket (it may still be loading: retry)."""
-    def connect():
-        deadline = time.monotonic() + connect_timeout_s
-        while True:
-            try:
-                return Client(socket_path(model), family="AF_UNIX")
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise SaguaroError(f"model {model!r} is not listening on {socket_path(model)}: is it loaded?") from None
-                time.sleep(0.2)
-
-    client = WireClient(connect(), timeout_s)
-    # after a failure, a fresh connection: the old one may still carry the late answers
-    client.on_broken = lambda: setattr(client, "conn", connect())
-    return client
+def socket_call(model: str, timeout_s: float, hello=None) -> WireClient:
+    """call(msg) -> answers from an engine model's socket; reconnects in the background when the
+    model's process is replaced, sending `hello` first (see WireClient)."""
+    path, secret = engine_socket(model), server_secret(runtime_dir())
+    return WireClient(lambda: connect(path, secret), timeout_s, peer=model, hello=hello)
 
 
 def bls_call(pb_utils, model: str, decoupled: bool, timeout_s: float | None = None) -> Callable[[object], Iterator]:
-    """call(msg) -> the answers of one of our engine models (messages: saguaro.remote). The request
-    is sent at once; a decoupled model's answers are read as they arrive."""
+    """call(msg) -> the answers of one of our engine models (messages: saguaro.messages), with the
+    server's secret. The request is sent at once; a decoupled model's answers are read as they arrive."""
+    auth = np.array([server_secret(runtime_dir())], dtype=np.object_)
+
     def call(msg) -> Iterator:
-        req = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor("request", encode(msg))],
-                                        requested_output_names=["response"],
+        req = pb_utils.InferenceRequest(model_name=model, requested_output_names=["response"],
+                                        inputs=[pb_utils.Tensor("request", np.array([encode(msg)], dtype=np.object_)),
+                                                pb_utils.Tensor("auth", auth)],
                                         **({"timeout": int(timeout_s * 1e6)} if timeout_s else {}))
         return _answers(pb_utils, model, req.exec(decoupled=True) if decoupled else [req.exec()])
     return call
@@ -167,10 +159,25 @@ def bls_call(pb_utils, model: str, decoupled: bool, timeout_s: float | None = No
 def _answers(pb_utils, model: str, responses) -> Iterator:
     for r in responses:
         if r.has_error():
-            raise RuntimeError(f"{model}: {r.error().message()}")
+            raise PeerUnavailable(f"{model}: {r.error().message()}")
         out = pb_utils.get_output_tensor_by_name(r, "response")
         if out is not None:
-            yield decode(out.as_numpy())
+            yield decode(out.as_numpy().reshape(-1)[0])
+
+
+def bls_message(pb_utils, request, secret: bytes):
+    """The message of a BLS request to an engine model, after its `auth` is checked against the
+    server's secret: only `ssd` holds it, so clients that reach the model get an error, and
+    nothing they send is decoded."""
+    auth = pb_utils.get_input_tensor_by_name(request, "auth")
+    sent = auth.as_numpy().reshape(-1)[0] if auth is not None and auth.as_numpy().size == 1 else b""
+    if not same_secret(sent, secret):
+        raise SaguaroError("this model answers only the server's own `ssd` model; send requests to `ensemble` or `ssd`")
+    return decode(pb_utils.get_input_tensor_by_name(request, "request").as_numpy().reshape(-1)[0])
+
+
+def message_response(pb_utils, answer):
+    return response(pb_utils, {"response": np.array([encode(answer)], dtype=np.object_)})
 
 
 class Metrics:
@@ -196,7 +203,9 @@ class Metrics:
             slots := fam("saguaro_kv_slots_in_use", "KV-cache slots held, by engine", G),
             hist := fam("saguaro_accepted_length", "Tokens emitted per sequence per round (bonus included)",
                         pb_utils.MetricFamily.HISTOGRAM),
+            by_type := fam("saguaro_sequence_rounds_total", "Sequence-rounds by type (the round policy's choices)", C),
         ]
+        self.by_type = {t: by_type.Metric(labels={"type": t}) for t in ("ar", "sd", "ssd")}
         self.rounds, self.drafted, self.accepted = rounds.Metric(), drafted.Metric(), accepted.Metric()
         self.hits = hits.Metric()
         self.misses = {b: misses.Metric(labels={"backup": b}) for b in ("neural", "fast")}
@@ -222,6 +231,8 @@ class Metrics:
             add(self.verify, r.verify_ms / 1e3)
             add(self.wait, r.draft_wait_ms / 1e3)
             add(self.build, r.build_ms / 1e3)
+            for t in ("ar", "sd", "ssd"):
+                add(self.by_type[t], getattr(r, t))
             self.observed += r.emitted
         now = time.monotonic()
         if decoder.active == 0 or now - self.flushed_at > self.FLUSH_S:

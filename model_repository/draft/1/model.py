@@ -1,13 +1,16 @@
-"""Draft engine instance: a saguaro.remote.DraftServer, reached by `ssd` on this model's Unix
-socket (default) or through BLS (logic: saguaro/draft.py). A round's answers stream back: the
-speculations at once, then the next caches once built, while `ssd` runs the target."""
+"""Draft engine instance: a saguaro.remote.DraftServer, reached by `ssd` on this model's
+authenticated Unix socket (default) or through BLS with the server's secret (logic:
+saguaro/draft.py). A round's answers stream back: the speculations at once, then the next caches
+once built, while `ssd` runs the target."""
 import triton_python_backend_utils as pb_utils
 
 from saguaro.config import SpecConfig
 from saguaro.draft import Drafter
 from saguaro.engines import create_engine, pin_to_core
-from saguaro.remote import DraftServer, decode, encode
-from saguaro.triton_glue import cpu_core, engine_config, error_response, model_params, response, serve_socket
+from saguaro.private_dir import runtime_dir, server_secret
+from saguaro.remote import DraftServer
+from saguaro.triton_glue import (bls_message, cpu_core, engine_config, error_response, message_response, model_params,
+                                 serve_socket)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -16,6 +19,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_params(args)
         pin_to_core(cpu_core(params))
+        self.secret = server_secret(runtime_dir())
         optional = lambda key: float(params[key]) if params.get(key, "").strip() else None
         cfg = engine_config(params, args)
         spec = SpecConfig(fanout=params.get("fanout", "geometric"), backup=params.get("backup", "auto"),
@@ -28,9 +32,9 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                msg = decode(pb_utils.get_input_tensor_by_name(request, "request").as_numpy())
+                msg = bls_message(pb_utils, request, self.secret)
                 for answer in self.server.handle(msg):
-                    sender.send(response(pb_utils, {"response": encode(answer)}))
+                    sender.send(message_response(pb_utils, answer))
                 sender.send(flags=FINAL)
             except Exception as e:
                 sender.send(error_response(pb_utils, e), flags=FINAL)
