@@ -4,8 +4,8 @@ It serves a copy of the project's model repository in which the test-only switch
 `allow_fault_injection` of the `ssd` model is on (so a request can make the draft fail), with
 `models/` linked beside it so the repository's relative checkpoint paths resolve. It starts with
 explicit model control and no model loaded: each test module loads what it needs
-(`triton.load("ensemble")` loads its steps; `target` and `draft`, reached through BLS, are loaded
-by `load_serving`). It stops, with its stub processes, at session end.
+(the `serving` fixture loads SERVING_MODELS: `ensemble` relays to `ssd`, which reaches `target` and
+`draft`). It stops, with its stub processes, at session end.
 """
 from __future__ import annotations
 

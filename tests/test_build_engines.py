@@ -474,9 +474,19 @@ def test_compose_file():
     assert t["ports"] == ["8000:8000", "8001:8001", "8002:8002"] == s["triton-cpu"]["ports"]
     assert t["shm_size"]
     assert {".:/workspace:ro", "${ENGINES_DIR:-./engines}:/engines"} <= set(t["volumes"])
-    assert "--model-repository=/engines/model_repository" in t["command"]
+    # the image's tritonserver under saguaro.serve (which reloads dead models and restarts the server)
+    serve_line = t["command"][-1].splitlines()[-1]
+    assert serve_line.startswith("exec python3 -m saguaro.serve ") and "import aiohttp" in t["command"][-1]
+    from saguaro.serve import parse_args
+    args = parse_args(shlex.split(serve_line)[4:])
+    assert (str(args.model_repository), str(args.tritonserver), args.host) == (
+        "/engines/model_repository", "tritonserver", "0.0.0.0")
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
     for name in ("triton", "triton-cpu"):
-        assert "localhost:8000/v2/health/ready" in " ".join(s[name]["healthcheck"]["test"])
+        check = " ".join(s[name]["healthcheck"]["test"])
+        assert "localhost:8000/v2/models/{m}/ready" in check, "unhealthy when a model is not ready"
+        assert all(f"'{m}'" in check for m in ("ensemble", "ssd", "target", "draft"))
+        assert s[name]["restart"] == "unless-stopped"
     perf = s["perf"]
     assert perf["profiles"] == ["perf"] and perf["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3-sdk"
     assert "clients/perf/sweep.py --url" in perf["command"][-1] and perf["environment"]["PERF_URL"] == "${PERF_URL:-triton:8001}"

@@ -57,8 +57,9 @@ def assert_totals(gen: Generation, mode: str = "ssd") -> None:
     assert 0 <= t["accepted_tokens"] <= t["drafted_tokens"] and 0 <= t["cache_hits"] <= t["rounds"]
     if mode == "ar":
         assert t["drafted_tokens"] == 0 and t["cache_hits"] == 0
-    else:
+    elif mode == "sd":
         assert t["drafted_tokens"] > 0
+    # ssd: the round policy may run AR rounds when they are faster (test_serving pins K to see drafting)
 
 
 def test_all_clients_return_the_same_greedy_text(server: Any, shapes: dict[str, list[int]], reference: Any,

@@ -15,18 +15,20 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException
 
 from saguaro.config import DEV_PROMPTS
 
 PROMPTS = [json.loads(line)["prompt"] for line in DEV_PROMPTS.read_text().splitlines()[:8]]
 DTYPES = {"text_input": "BYTES", "decoding_mode": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32",
-          "top_p": "FP32", "top_k": "INT32", "num_draft_tokens": "INT32", "inject_draft_fault": "BOOL", "seed": "UINT64"}
+          "top_p": "FP32", "top_k": "INT32", "num_draft_tokens": "INT32", "inject_draft_fault": "BOOL", "seed": "UINT64",
+          "end_id": "INT32", "stop_words": "BYTES"}
 
 
 def grpc_inputs(fields: dict, dtypes: dict | None = None) -> list:
     inputs = []
     for name, value in fields.items():
+        if value is None:            # left out
+            continue
         arr = value if isinstance(value, np.ndarray) else np.array(
             [value.encode() if isinstance(value, str) else value],
             dtype={"BYTES": object, "INT32": np.int32, "BOOL": bool, "FP32": np.float32, "UINT64": np.uint64}[DTYPES[name]])
@@ -88,7 +90,9 @@ def wait_slots_free(server, timeout_s: float = 30) -> dict[str, float]:
 @pytest.mark.parametrize("model", ["ensemble", "ssd"])
 @pytest.mark.parametrize("mode", ["ssd", "sd", "ar"])
 def test_grpc_streaming_equals_library_greedy(serving, reference, model, mode):
-    out = stream(serving, model, {"text_input": PROMPTS[0], "max_tokens": 48, "stream": True, "decoding_mode": mode})
+    # K pinned: an unpinned ssd request lets the round policy pick AR rounds when they are faster
+    pin = {} if mode == "ar" else {"num_draft_tokens": 3}
+    out = stream(serving, model, {"text_input": PROMPTS[0], "max_tokens": 48, "stream": True, "decoding_mode": mode, **pin})
     assert out["error"] is None
     assert len(out["pieces"]) > 1, "not streamed"
     assert out["text"] == reference(PROMPTS[0], 48)
@@ -155,6 +159,14 @@ BAD_INPUTS = [
     ({"max_tokens": np.array([8.5], dtype=np.float32)}, "max_tokens"),          # wrong dtype
     ({"max_tokens": np.array([8, 9], dtype=np.int32)}, "max_tokens"),           # wrong shape
     ({"text_input": np.array([b"\xff\xfe bad"], dtype=object)}, "UTF-8"),
+    ({"text_input": None}, "text_input: missing"),
+    ({"text_input": "x" * 10_000_000}, "bytes, above this server's limit"),     # refused before tokenizing
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": 1e-45}, "temperature"),
+    ({"end_id": 10**6}, "end_id"),
+    ({"end_id": -1}, "end_id"),
+    ({"stop_words": np.array([b"\xff\xfe"], dtype=object)}, "stop_words"),
 ]
 
 
@@ -177,10 +189,46 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(serving, refe
     assert good["text"] == reference(PROMPTS[3], 8)
 
 
-def test_cancelled_stream_frees_its_slots_in_both_engines(serving):
-    out = stream(serving, "ssd", {"text_input": PROMPTS[4], "max_tokens": 240, "stream": True}, cancel_after=2)
+def http_generate(server, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/generate", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.parametrize("body,named", [
+    ({"max_tokens": 8}, "text_input"),                                   # no prompt: an error, not a 200
+    ({"text_input": "def f():", "max_tokens": 2**40}, "wrap"),           # INT32 in JSON wraps to 0
+    ({"text_input": "def f():", "max_tokens": 8, "temperature": 1e-45}, "temperature"),
+])
+def test_http_generate_bad_input_is_an_error_status_naming_the_field(serving, body, named):
+    code, text = http_generate(serving, json.dumps(body).encode())
+    assert code >= 400 and named in text, (code, text)
+
+
+def test_a_huge_prompt_is_refused_at_once_and_does_not_stall_other_streams(serving, reference):
+    results = {}
+    t = threading.Thread(target=lambda: results.update(stream(serving, "ensemble", {
+        "text_input": PROMPTS[2], "max_tokens": 64, "stream": True})))
+    t.start()
+    t0 = time.monotonic()        # (over HTTP, tritonserver 2.51 itself dies on a 10 MB body: see test_http_front)
+    huge = stream(serving, "ensemble", {"text_input": "y" * 10_000_000, "max_tokens": 8, "stream": True})
+    assert "bytes, above this server's limit" in huge["error"]
+    assert time.monotonic() - t0 < 5.0
+    t.join(60)
+    assert results["error"] is None and results["text"] == reference(PROMPTS[2], 64)
+
+
+@pytest.mark.parametrize("model", ["ensemble", "ssd"])
+def test_cancelled_stream_frees_its_slots_in_both_engines_at_once(serving, model):
+    before = metrics(serving).get("saguaro_accepted_length_sum", 0.0)
+    out = stream(serving, model, {"text_input": PROMPTS[4], "max_tokens": 256, "stream": True}, cancel_after=2)
     assert out["error"] is None and len(out["pieces"]) == 2
-    m = wait_slots_free(serving)
+    m = wait_slots_free(serving, timeout_s=2)
+    # freed at once: the server did not go on decoding the 256 tokens nobody reads
+    assert m["saguaro_accepted_length_sum"] - before < 200
     assert m['saguaro_kv_slots_in_use{engine="target"}'] == 0 and m['saguaro_kv_slots_in_use{engine="draft"}'] == 0
     assert m["saguaro_active_sequences"] == 0
 
@@ -191,14 +239,15 @@ def test_draft_failure_degrades_to_exact_target_only_output(serving, reference):
     assert out["error"] is None
     assert out["text"] == reference(PROMPTS[5], 40)
     assert metrics(serving)["saguaro_degraded_rounds_total"] > before
-    after = stream(serving, "ensemble", {"text_input": PROMPTS[5], "max_tokens": 16, "stream": True})   # the draft serves again
+    after = stream(serving, "ensemble", {"text_input": PROMPTS[5], "max_tokens": 16, "stream": True,   # the draft serves again
+                                         "num_draft_tokens": 3})
     assert after["totals"]["drafted_tokens"] > 0 and after["text"] == reference(PROMPTS[5], 16)
     wait_slots_free(serving)
 
 
 def test_metrics_count_rounds_tokens_and_cache(serving):
     before = metrics(serving)
-    stream(serving, "ensemble", {"text_input": PROMPTS[6], "max_tokens": 32, "stream": True})
+    stream(serving, "ensemble", {"text_input": PROMPTS[6], "max_tokens": 32, "stream": True, "num_draft_tokens": 3})
     after = metrics(serving)
     for name in ("saguaro_rounds_total", "saguaro_drafted_tokens_total", "saguaro_accepted_tokens_total",
                  "saguaro_cache_hits_total", "saguaro_verify_seconds_total", "saguaro_draft_build_seconds_total",

@@ -1,6 +1,7 @@
 """All configuration in one typed place. Defaults serve the vendored demo pair on this CPU."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ DEMO_DRAFT = PROJECT_ROOT / "models" / "demo-code-draft"
 DEV_PROMPTS = PROJECT_ROOT / "prompts" / "dev.jsonl"
 
 MODES = ("ar", "sd", "ssd")
+MIN_TEMPERATURE = 1e-3               # smallest temperature > 0 a request may ask for
 BACKUPS = ("auto", "neural", "fast")
 FANOUTS = ("geometric", "uniform")
 
@@ -99,8 +101,9 @@ class SamplingParams:
     def validate(self) -> "SamplingParams":
         if self.max_tokens <= 0:
             raise SaguaroError(f"max_tokens={self.max_tokens}: must be >= 1")
-        if self.temperature < 0:
-            raise SaguaroError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise SaguaroError(f"temperature={self.temperature}: must be 0 (greedy) or a finite number >= "
+                               f"{MIN_TEMPERATURE} (below it the scaled logits overflow)")
         if not 0.0 < self.top_p <= 1.0:
             raise SaguaroError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.top_k < 0:

@@ -193,6 +193,11 @@ class Decoder:
     def active(self) -> int:
         return len(self.seqs)
 
+    @property
+    def free_slots(self) -> int:
+        """Sequences that may still join (target KV slots not in use)."""
+        return self.target.max_slots - self.target.active_slots
+
     # -- one round ------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         if not self.seqs:

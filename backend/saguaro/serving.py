@@ -6,6 +6,7 @@ Triton and in tests.
 """
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -17,8 +18,8 @@ import numpy as np
 
 from saguaro.config import MODES, SamplingParams
 from saguaro.decoder import Decoder, RoundStats, SeqStats
-from saguaro.errors import SaguaroError
-from saguaro.text import StreamWindow, decode_text_input, encode_prompt, window_text
+from saguaro.errors import PeerUnavailable, SaguaroError, ServerBusy, Unavailable
+from saguaro.text import BYTES_PER_TOKEN, StreamWindow, decode_text_input, encode_prompt, window_text
 
 # -- requests ---------------------------------------------------------------------------------------
 
@@ -28,6 +29,9 @@ _SCALARS: dict[str, tuple[str, Callable]] = {
     "seed": ("iu", int), "end_id": ("iu", int), "num_draft_tokens": ("iu", int), "fanout_budget": ("iu", int),
     "saguaro_c": ("f", float), "stream": ("b", bool), "inject_draft_fault": ("b", bool),
 }
+
+
+MAX_STOP_WORDS, MAX_STOP_WORD_BYTES = 32, 256
 
 
 @dataclass
@@ -67,18 +71,18 @@ def _kind_names(kinds: str) -> list[str]:
     return [{"i": "INT32/INT64", "u": "UINT32/UINT64", "f": "FP32", "b": "BOOL"}[k] for k in kinds]
 
 
-def _string(inputs: dict[str, np.ndarray], name: str) -> str | None:
+def _string(inputs: dict[str, np.ndarray], name: str, max_bytes: int | None = None) -> str | None:
     value = inputs.get(name)
     if value is None:
         return None
     if value.dtype.kind not in "OSU" or value.size != 1:
         raise SaguaroError(f"{name}: expected one BYTES string, got {value.dtype} shape {list(value.shape)}")
-    return decode_text_input(value.reshape(-1)[0], name)
+    return decode_text_input(value.reshape(-1)[0], name, max_bytes)
 
 
 def parse_request(inputs: dict[str, np.ndarray], tokenizer, limits: ServeLimits) -> Request:
     """A request from its input tensors; SaguaroError naming the field for anything wrong."""
-    text = _string(inputs, "text_input")
+    text = _string(inputs, "text_input", max_bytes=limits.max_input_len * BYTES_PER_TOKEN)
     if text is not None:
         prompt = encode_prompt(tokenizer, text)
     elif inputs.get("input_ids") is not None:
@@ -97,16 +101,22 @@ def parse_request(inputs: dict[str, np.ndarray], tokenizer, limits: ServeLimits)
         raise SaguaroError(f"input_ids: token ids must be in [0, {vocab})")
     v = {name: _scalar(inputs, name) for name in _SCALARS}
     max_tokens = limits.default_max_tokens if v["max_tokens"] is None else v["max_tokens"]
-    if max_tokens > limits.max_tokens:
-        raise SaguaroError(f"max_tokens={max_tokens}: above this server's limit {limits.max_tokens}; ask for fewer")
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise SaguaroError(f"max_tokens={max_tokens}: must be in [1, {limits.max_tokens}] (this server's limit); "
+                           f"it is INT32, so JSON numbers of 2^31 or more wrap before they reach the server")
+    if v["end_id"] is not None and vocab and not 0 <= v["end_id"] < vocab:
+        raise SaguaroError(f"end_id={v['end_id']}: must be a token id in [0, {vocab})")
     if v["fanout_budget"] is not None and not 1 <= v["fanout_budget"] <= limits.max_budget:
         raise SaguaroError(f"fanout_budget={v['fanout_budget']}: must be in [1, {limits.max_budget}]")
     mode = (_string(inputs, "decoding_mode") or "ssd").strip().lower()
     if mode not in MODES:
         raise SaguaroError(f"decoding_mode={mode!r}: use one of {', '.join(MODES)}")
     stop_words = inputs.get("stop_words")
-    stops = tuple(tuple(tokenizer.encode(s.decode() if isinstance(s, bytes) else str(s)).ids)
-                  for s in (stop_words.reshape(-1) if stop_words is not None else []) if s)
+    if stop_words is not None and (stop_words.dtype.kind not in "OSU" or stop_words.size > MAX_STOP_WORDS):
+        raise SaguaroError(f"stop_words: expected at most {MAX_STOP_WORDS} BYTES strings, got {stop_words.dtype} "
+                           f"shape {list(stop_words.shape)}")
+    stops = tuple(tuple(tokenizer.encode(decode_text_input(s, "stop_words", MAX_STOP_WORD_BYTES)).ids)
+                  for s in (stop_words.reshape(-1) if stop_words is not None else []) if len(s))
     params = SamplingParams(
         max_tokens=max_tokens, temperature=v["temperature"] or 0.0, top_k=v["top_k"] or 0,
         top_p=1.0 if v["top_p"] is None else v["top_p"], seed=v["seed"], end_id=v["end_id"], stop=stops).validate()
@@ -120,7 +130,8 @@ def totals(stats: SeqStats, generated: int) -> dict[str, np.ndarray]:
     """Per-request speculative totals, sent with the final response."""
     i32 = lambda x: np.array([x], dtype=np.int32)
     return {"generated_tokens": i32(generated), "rounds": i32(stats.rounds), "accepted_tokens": i32(stats.accepted),
-            "drafted_tokens": i32(stats.drafted), "cache_hits": i32(stats.cache_hits)}
+            "drafted_tokens": i32(stats.drafted), "cache_hits": i32(stats.cache_hits),
+            "ar_rounds": i32(stats.ar_rounds), "sd_rounds": i32(stats.sd_rounds), "ssd_rounds": i32(stats.ssd_rounds)}
 
 
 class Channel:
@@ -171,43 +182,84 @@ class Channel:
 
 
 class ServingLoop:
-    """Owns a Decoder on one thread: requests join between rounds, every round serves all of them.
-    Triton's execute() only submits; cancellation is polled between rounds."""
+    """Owns a Decoder on one thread: requests wait in a bounded queue for a KV slot, join between
+    rounds, and every round serves all of them. Triton's execute() only submits; cancellation is
+    polled between rounds, for waiting requests too.
+
+    A lost target engine (PeerUnavailable: its process died or stopped answering) ends every
+    request in flight with a retryable error, and the next request builds a new Decoder: the
+    restarted target holds nothing of the old one. A lost draft only makes rounds plain target
+    steps (Decoder) until it is back."""
 
     def __init__(self, make_decoder: Callable[[], Decoder],
-                 on_change: Callable[[Decoder, RoundStats | None], None] = lambda d, r: None):
-        """on_change(decoder, round) after every round (round stats) and cancellation (None)."""
-        self.make_decoder, self.on_change = make_decoder, on_change
-        self.inbox: queue.Queue[tuple[Request, Channel]] = queue.Queue()
+                 on_change: Callable[[Decoder, RoundStats | None], None] = lambda d, r: None, max_queue: int = 64):
+        """on_change(decoder, round) after every round (round stats) and cancellation (None);
+        max_queue: requests that may wait for a slot, beyond it they get ServerBusy."""
+        self.make_decoder, self.on_change, self.max_queue = make_decoder, on_change, max_queue
+        self.inbox: queue.SimpleQueue[tuple[Request, Channel]] = queue.SimpleQueue()
+        self.waiting: collections.deque[tuple[Request, Channel]] = collections.deque()
         self.channels: dict[int, Channel] = {}
         self.decoder: Decoder | None = None
-        self.stopping = False
+        self.accepting, self.cut, self.stopping = True, False, False
         self.thread = threading.Thread(target=self._run, name="saguaro-rounds", daemon=True)
         self.thread.start()
 
     def submit(self, request: Request, channel: Channel) -> None:
+        if not self.accepting:
+            channel.error(Unavailable("the server is shutting down; retry the request on a running server"))
+            return
         self.inbox.put((request, channel))
 
-    def stop(self) -> None:
+    @property
+    def busy(self) -> bool:
+        return bool(self.channels or self.waiting or not self.inbox.empty())
+
+    def drain(self, grace_s: float = 1.0) -> None:
+        """Stop admitting (new requests get a retryable error), let requests in flight finish for
+        up to grace_s, then end the rest with a retryable error and free what they held. Returns
+        once none is left."""
+        self.accepting = False
+        deadline = time.monotonic() + grace_s
+        while self.busy and time.monotonic() < deadline and self.thread.is_alive():
+            time.sleep(0.02)
+        self.cut = True                  # the loop thread ends the rest, between rounds
+        deadline = time.monotonic() + 2.0
+        while self.busy and time.monotonic() < deadline and self.thread.is_alive():
+            time.sleep(0.02)
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        """drain(), then stop the loop and close the decoder."""
+        self.drain(grace_s)
         self.stopping = True
-        self.thread.join(10)
-        if self.decoder is not None and not self.thread.is_alive():   # never under a running round
-            self.decoder.close()
+        self.thread.join(5)
+        if not self.thread.is_alive():   # never under a running round
+            while not self.inbox.empty():
+                self.waiting.append(self.inbox.get_nowait())
+            self._fail_all(Unavailable("the server shut down before the request finished; retry it"))
+            if self.decoder is not None:
+                self.decoder.close()
 
     def _run(self) -> None:
         while not self.stopping:
             try:
+                if self.cut and self.busy:
+                    while not self.inbox.empty():
+                        self.waiting.append(self.inbox.get_nowait())
+                    self._fail_all(Unavailable("the server is shutting down; retry the request on a running server"))
                 self._admit(block=not self.channels)
                 self._drop_cancelled()
                 if self.decoder is not None and self.decoder.active:
                     self._round()
+            except PeerUnavailable as e:   # the target's process is gone, and its KV caches with it
+                self._fail_all(Unavailable(f"the target engine was lost mid-request ({e}); retry the request"))
+                self.decoder = None
             except Exception as e:  # a bug in a round must not take the server down
                 traceback.print_exc()
                 self._fail_all(e)
 
     def _admit(self, block: bool) -> None:
         try:
-            items = [self.inbox.get(timeout=0.1)] if block else []
+            items = [self.inbox.get(timeout=0.1)] if block and not self.waiting else []
         except queue.Empty:
             return
         while True:
@@ -216,6 +268,13 @@ class ServingLoop:
             except queue.Empty:
                 break
         for req, ch in items:
+            if len(self.waiting) >= self.max_queue:
+                ch.error(ServerBusy(f"all KV slots are in use and {self.max_queue} requests are waiting "
+                                    f"(max_queued_requests); retry later"))
+            else:
+                self.waiting.append((req, ch))
+        while self.waiting and (self.decoder is None or self.decoder.free_slots > 0):
+            req, ch = self.waiting.popleft()
             try:
                 if self.decoder is None:
                     self.decoder = self.make_decoder()
@@ -232,6 +291,8 @@ class ServingLoop:
                 self.decoder.abort(seq_id)
                 del self.channels[seq_id]
                 self.on_change(self.decoder, None)
+        if self.waiting:                 # cancelled() answers True once (it sends the final response)
+            self.waiting = collections.deque((r, ch) for r, ch in self.waiting if not ch.cancelled())
 
     def _round(self) -> None:
         events = self.decoder.step()
@@ -253,3 +314,7 @@ class ServingLoop:
             if self.decoder is not None:
                 self.decoder.abort(seq_id)
         self.channels.clear()
+        while self.waiting:
+            self.waiting.popleft()[1].error(exc)
+        if self.decoder is not None:
+            self.on_change(self.decoder, None)

@@ -29,6 +29,7 @@ from saguaro.errors import SaguaroError
 
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 CONTEXT_IDS = 5         # ids of already-shown context kept before the new ids (as vLLM does)
+BYTES_PER_TOKEN = 32    # a prompt longer than max_input_len x this many bytes is refused untokenized
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
@@ -40,8 +41,12 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def decode_text_input(value: bytes | str, field: str = "text_input") -> str:
-    """A request's text field as str; SaguaroError naming `field` when empty or not UTF-8."""
+def decode_text_input(value: bytes | str, field: str = "text_input", max_bytes: int | None = None) -> str:
+    """A request's text field as str; SaguaroError naming `field` when empty, longer than
+    max_bytes (checked before any decoding or tokenizing), or not UTF-8."""
+    if max_bytes is not None and len(value) > max_bytes:
+        raise SaguaroError(f"{field}: {len(value)} bytes, above this server's limit of {max_bytes} "
+                           f"(max_input_len tokens x {BYTES_PER_TOKEN} bytes); shorten it")
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")

@@ -16,6 +16,7 @@ import atexit
 import collections
 import ctypes
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from saguaro.errors import SaguaroError
+from saguaro.private_dir import remove_runtime_dir, server_folder
+from saguaro.supervisor import StubSupervisor
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]                     # backend/ (holds saguaro/)
 DEFAULT_MODEL_REPOSITORY = PACKAGE_ROOT.parent / "model_repository"
@@ -58,6 +61,16 @@ def find_install() -> TritonInstall:
             raise SaguaroError(f"tritonserver: {path} is missing (broken nvidia-pytriton install); {SETUP_HINT}")
     _install_stub(root, install.backends / "python" / "triton_python_backend_stub")
     return install
+
+
+def system_install(binary: Path) -> TritonInstall:
+    """A tritonserver installed the usual way: <prefix>/bin/tritonserver, <prefix>/backends."""
+    binary = Path(shutil.which(str(binary)) or binary).resolve()
+    backends = binary.parents[1] / "backends"
+    if not binary.is_file() or not (backends / "python").is_dir():
+        raise SaguaroError(f"--tritonserver: {binary} is not a tritonserver with a Python backend beside it "
+                           f"({backends / 'python'} missing)")
+    return TritonInstall(binary, backends, binary.parents[1] / "lib")
 
 
 def _install_stub(root: Path, dst: Path) -> None:
@@ -136,59 +149,62 @@ _NOISE = re.compile(r"CudaDriverHelper has not been initialized")  # printed on 
 class TritonServer:
     """One tritonserver process on a model repository. Use as a context manager, or start()/stop().
 
-    `models` given: explicit model control, only those models are loaded (the rest of the repository
-    may be incomplete). Ports of 0 are replaced by free ones. Server output goes to `log_path` if
+    The server always runs with explicit model control: `models` None loads every model in the
+    repository, a list only those (the rest of the repository may be incomplete). `supervise`
+    reloads a model whose stub process died (saguaro.supervisor). `binary`: a tritonserver other
+    than the nvidia-pytriton wheel's (e.g. /opt/tritonserver/bin/tritonserver in NVIDIA's images). Ports of 0 are replaced by free ones. Server output goes to `log_path` if
     given, to this process's stderr if `echo`, and the last lines are kept for error messages.
     """
 
     def __init__(self, model_repository: str | Path = DEFAULT_MODEL_REPOSITORY, *, host: str = "127.0.0.1",
                  http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  models: Optional[Sequence[str]] = None, log_verbose: int = 0, log_path: Optional[Path] = None,
-                 echo: bool = False, extra_args: Sequence[str] = ()) -> None:
+                 echo: bool = False, extra_args: Sequence[str] = (), supervise: bool = True,
+                 binary: Optional[Path] = None, exit_timeout_s: int = 2, http_host: Optional[str] = None) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.host = host
+        self.http_host = host if http_host is None else http_host   # saguaro.serve: loopback, behind its HTTP front
         self.http_port, self.grpc_port, self.metrics_port = (
             p or free_port(host) for p in (http_port, grpc_port, metrics_port))
         self.models = list(models) if models is not None else None
         self.log_verbose, self.log_path, self.echo = log_verbose, log_path, echo
         self.extra_args = list(extra_args)
+        self.supervise, self.binary, self.exit_timeout_s = supervise, binary, exit_timeout_s
+        self.supervisor: Optional[StubSupervisor] = None
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self._log: collections.deque[str] = collections.deque(maxlen=400)
         self._reader: Optional[threading.Thread] = None
 
     # Addresses in the forms clients take: tritonclient wants "host:port" for HTTP and gRPC.
-    @property
-    def _client_host(self) -> str:
-        return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-
-    def _hostport(self, port: int) -> str:
-        h = self._client_host
+    @staticmethod
+    def _hostport(host: str, port: int) -> str:
+        h = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
         return f"[{h}]:{port}" if ":" in h else f"{h}:{port}"
 
     @property
     def http_url(self) -> str:
-        return self._hostport(self.http_port)
+        return self._hostport(self.http_host, self.http_port)
 
     @property
     def grpc_url(self) -> str:
-        return self._hostport(self.grpc_port)
+        return self._hostport(self.host, self.grpc_port)
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self._hostport(self.metrics_port)}/metrics"
+        return f"http://{self._hostport(self.host, self.metrics_port)}/metrics"
 
     def command(self, install: TritonInstall) -> list[str]:
         h = self.host
         cmd = [str(install.binary), f"--model-repository={self.model_repository}",
                f"--backend-directory={install.backends}", f"--cache-directory={install.backends.parent / 'caches'}",
-               f"--http-address={h}", f"--http-port={self.http_port}",
+               f"--http-address={self.http_host}", f"--http-port={self.http_port}",
                f"--grpc-address={h}", f"--grpc-port={self.grpc_port}",
                f"--metrics-address={h}", f"--metrics-port={self.metrics_port}",
                "--allow-gpu-metrics=false", f"--log-verbose={self.log_verbose}",
-               # In-flight requests get this long to finish on SIGTERM before the server exits anyway.
-               "--exit-timeout-secs=5"]
-        if self.models is not None:
-            cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
+               # In-flight requests get this long to finish on SIGTERM before the models are
+               # unloaded (the orchestrator then ends the rest with a retryable error).
+               f"--exit-timeout-secs={self.exit_timeout_s}", "--model-control-mode=explicit"]
+        cmd += [f"--load-model={m}" for m in (self.models if self.models is not None else ["*"])]
         return cmd + self.extra_args
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
@@ -197,13 +213,14 @@ class TritonServer:
             raise SaguaroError("tritonserver: already started")
         if not self.model_repository.is_dir():
             raise SaguaroError(f"--model-repository: {self.model_repository} is not a folder")
-        for flag, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
-                           ("--metrics-port", self.metrics_port)):
-            if port_in_use(self.host, port):
-                raise SaguaroError(f"{flag}: port {port} on {self.host} is already in use (another tritonserver?); "
+        for flag, host, port in (("--http-port", self.http_host, self.http_port), ("--grpc-port", self.host, self.grpc_port),
+                                 ("--metrics-port", self.host, self.metrics_port)):
+            if port_in_use(host, port):
+                raise SaguaroError(f"{flag}: port {port} on {host} is already in use (another tritonserver?); "
                                    f"stop that process or pick another port")
-        install = find_install()
-        self.proc = subprocess.Popen(self.command(install), env=server_env(install), stdin=subprocess.DEVNULL,
+        install = find_install() if self.binary is None else system_install(self.binary)
+        env = server_env(install) if self.binary is None else dict(os.environ)
+        self.proc = subprocess.Popen(self.command(install), env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         atexit.register(self.stop)
         self._reader = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
@@ -213,6 +230,9 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        if self.supervise:
+            log = (lambda line: print(f"saguaro: {line}", file=sys.stderr, flush=True)) if self.echo else self._log.append
+            self.supervisor = StubSupervisor(self.http_url, self.proc.pid, log=log).start()
         return self
 
     def _read_log(self) -> None:
@@ -298,9 +318,14 @@ class TritonServer:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM to the server (it unloads models and ends its stubs), then SIGKILL to its group."""
-        proc, self.proc = self.proc, None
-        if proc is None:
+        if self.proc is None:
             return
+        if self.supervisor is not None:        # stubs that exit now are not to be restarted
+            self.supervisor.stop()
+            self.supervisor = None
+        if self.proc.poll() is None:
+            self.drain()
+        proc, self.proc = self.proc, None
         atexit.unregister(self.stop)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -313,8 +338,26 @@ class TritonServer:
         except (ProcessLookupError, PermissionError):
             pass
         proc.wait()
+        remove_runtime_dir(proc.pid)           # its secret and sockets
         if self._reader:
             self._reader.join(timeout=2)
+
+    def drain(self, timeout_s: float = 5.0) -> None:
+        """Asks `ssd` (when loaded) to stop admitting and end the requests in flight with a
+        retryable error, while the server still delivers their responses: after SIGTERM,
+        tritonserver 2.51 loses the responses of decoupled requests in flight and never exits."""
+        try:
+            secret = (server_folder(self.proc.pid) / "secret").read_text()
+        except OSError:
+            return                             # no model ever started
+        if not self.model_ready("ssd"):
+            return
+        req = urllib.request.Request(f"http://{self.http_url}/v2/models/ssd/generate", method="POST",
+                                     data=json.dumps({"drain": True, "auth": secret}).encode())
+        try:
+            urllib.request.urlopen(req, timeout=timeout_s).close()
+        except (urllib.error.URLError, OSError):
+            pass                               # stopping goes on regardless
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.proc is None else self

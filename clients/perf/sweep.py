@@ -286,8 +286,8 @@ def advantage_line(rows: list[Row], base: str = "sd") -> str:
     why = ""
     hit = by[("ssd", c)].hit_rate
     if hit is not None:
-        # DESIGN.md §1.4: with b sequences per round a round stalls on the backup unless all hit.
-        why = (f" Expected cause (DESIGN.md §1.4): a batched round avoids the backup only when every sequence"
+        # docs/design.md, "Backups": with b sequences per round a round stalls on the backup unless all hit.
+        why = (f" Expected cause (docs/design.md, section Backups): a batched round avoids the backup only when every sequence"
                f" hits, about p_hit^b = {hit:.2f}^{c} = {hit ** c:.2f} at b ≈ {c}; the pre-drafting fan-out"
                f" also competes with verification for the same cores as the batch grows.")
         if base == "ar":

@@ -3,7 +3,7 @@ import triton_python_backend_utils as pb_utils
 
 from saguaro.triton_glue import error_response
 
-OUTPUTS = ["text_output", "generated_tokens", "rounds", "accepted_tokens", "drafted_tokens", "cache_hits"]
+OUTPUTS = ["text_output", "generated_tokens", "rounds", "accepted_tokens", "drafted_tokens", "cache_hits", "ar_rounds", "sd_rounds", "ssd_rounds"]
 
 
 class TritonPythonModel:

@@ -1,0 +1,113 @@
+"""The public HTTP port of `saguaro.serve`: a guard in front of tritonserver's HTTP endpoint.
+
+tritonserver 2.51 answers a malformed JSON body with 500, and crashes on a body nested deep enough
+(100 KB of brackets: its JSON parser recurses; fixed upstream after 2.51, not in the binary we can
+install) or on a 10 MB generate body. The front reads every request body first and answers what Triton must not see itself,
+in Triton's {"error": "..."} shape: a body over max_body_bytes (413), JSON that does not parse or
+nests deeper than MAX_DEPTH (400). Everything else passes through unchanged, the response streamed
+back as it comes (generate_stream's server-sent events included). Triton listens on a loopback
+port only the front uses.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+from aiohttp import ClientSession, ClientTimeout, web
+
+MAX_DEPTH = 64                   # JSON nesting a request may have (Triton's own requests use 4-5)
+MAX_BODY_BYTES = 4 << 20         # tritonserver 2.51 dies (SIGSEGV) on a 10 MB generate body; prompts are far smaller
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
+              "proxy-authenticate", "host", "content-length"}
+
+
+def check_json(body: bytes, header_length: str | None) -> str | None:
+    """What is wrong with a request body for Triton's HTTP endpoint, or None. With the binary
+    tensor extension only the JSON header (its length in Inference-Header-Content-Length) is JSON."""
+    if not body:
+        return None
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            return "Inference-Header-Content-Length: not a length within the body"
+        body = body[:int(header_length)]
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        return f"request body: JSON nested deeper than {MAX_DEPTH} levels"
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"request body: malformed JSON ({e})"
+    stack = [(value, 1)]
+    while stack:                  # iterative: depth is what we are guarding against
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"request body: JSON nested deeper than {MAX_DEPTH} levels"
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return None
+
+
+class HttpFront:
+    """Listens on host:port and passes checked requests on to Triton at upstream ("host:port")."""
+
+    def __init__(self, host: str, port: int, upstream: str, max_body_bytes: int = MAX_BODY_BYTES):
+        self.host, self.port, self.upstream, self.max_body_bytes = host, port, upstream, max_body_bytes
+        self.loop = asyncio.new_event_loop()
+        self.runner: web.AppRunner | None = None
+        self.thread = threading.Thread(target=self.loop.run_forever, name="saguaro-http-front", daemon=True)
+
+    def start(self) -> "HttpFront":
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        return self
+
+    async def _start(self) -> None:
+        self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10), auto_decompress=False)
+        app = web.Application(client_max_size=self.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, self.host, self.port, reuse_address=True).start()
+
+    def stop(self) -> None:
+        if self.runner is None:
+            return
+        async def _stop():
+            await self.runner.cleanup()
+            await self.session.close()
+        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if (request.content_length or 0) > self.max_body_bytes:
+            return _error(413, f"request body: {request.content_length} bytes, above the limit of {self.max_body_bytes}")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"request body: above the limit of {self.max_body_bytes} bytes")
+        problem = check_json(body, request.headers.get("Inference-Header-Content-Length")) \
+            if request.method in ("POST", "PUT") else None
+        if problem:
+            return _error(400, problem)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        try:
+            upstream = await self.session.request(request.method, f"http://{self.upstream}{request.rel_url}",
+                                                  data=body or None, headers=headers)
+        except OSError:
+            return _error(503, "the server is restarting; retry")
+        async with upstream:
+            out = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
+            if upstream.content_length is not None:
+                out.content_length = upstream.content_length
+            await out.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)

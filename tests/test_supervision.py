@@ -1,0 +1,173 @@
+"""Processes dying under load, on a real tritonserver: a killed engine stub is found and reloaded
+(its model reports not ready meanwhile), requests in flight end with a retryable error or, when
+only the draft died, finish exactly on the target alone; service and speculation come back with
+no manual step; `saguaro.serve` starts a killed tritonserver again and stops within 5 s on SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import conftest
+from conftest import SERVING_MODELS
+from saguaro.supervisor import stub_processes
+from saguaro.triton_server import TritonServer, free_port
+from test_serving import PROMPTS, metrics, stream, wait_slots_free
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from soak import server_pid, wait_ready  # noqa: E402
+
+RECOVERY_S = 30
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("supervised")
+    with TritonServer(conftest.test_repository(root), http_port=0, grpc_port=0, metrics_port=0, models=list(SERVING_MODELS),
+                      log_path=root / "server.log") as srv:
+        yield srv
+
+
+def ready(server, model: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def kill_stub(server, model: str) -> None:
+    pid = next(p for p, m in stub_processes(server.proc.pid).items() if m == model)
+    os.kill(pid, signal.SIGKILL)
+
+
+def streams_in_background(server, n: int, max_tokens: int) -> tuple[list[dict], list[threading.Thread]]:
+    results: list[dict] = [{} for _ in range(n)]
+
+    def run(i):
+        results[i] = stream(server, "ssd", {"text_input": PROMPTS[i], "max_tokens": max_tokens, "stream": True},
+                            timeout_s=RECOVERY_S)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return results, threads
+
+
+def watch_not_ready(server, model: str, stop: threading.Event, seen: list) -> threading.Thread:
+    def run():
+        while not stop.is_set():
+            if not ready(server, model):
+                seen.append(time.monotonic())
+            time.sleep(0.05)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def serve_again(server, reference, t0: float) -> dict:
+    while True:
+        out = stream(server, "ensemble", {"text_input": PROMPTS[7], "max_tokens": 24, "stream": True})
+        if out["error"] is None:
+            assert out["text"] == reference(PROMPTS[7], 24)
+            return out
+        assert "retry" in out["error"] or "unavailable" in out["error"].lower(), out["error"]
+        assert time.monotonic() - t0 < RECOVERY_S, f"not serving {RECOVERY_S} s after the kill: {out['error']}"
+        time.sleep(0.5)
+
+
+def decoding(server, n: int) -> None:
+    """Waits until n sequences are being decoded."""
+    deadline = time.monotonic() + 30
+    while metrics(server).get("saguaro_active_sequences", 0) < n:
+        assert time.monotonic() < deadline, "the requests never started"
+        time.sleep(0.02)
+
+
+def test_killed_target_fails_in_flight_requests_retryably_and_comes_back(server, reference):
+    results, threads = streams_in_background(server, 3, 250)
+    decoding(server, 3)
+    stop, not_ready = threading.Event(), []
+    watcher = watch_not_ready(server, "target", stop, not_ready)
+    kill_stub(server, "target")
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(RECOVERY_S)
+    assert all(not t.is_alive() for t in threads), "a request in flight was left hanging"
+    for r in results:
+        assert r["error"] is not None and "retry" in r["error"] and "target" in r["error"], r
+    serve_again(server, reference, t0)
+    assert time.monotonic() - t0 < RECOVERY_S
+    stop.set()
+    watcher.join()
+    assert not_ready, "the target model never reported not ready while it was restarted"
+    assert ready(server, "target")
+    wait_slots_free(server)
+
+
+def test_killed_draft_degrades_exactly_and_speculation_comes_back(server, reference):
+    results, threads = streams_in_background(server, 3, 120)
+    decoding(server, 3)
+    kill_stub(server, "draft")
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(RECOVERY_S)
+    for i, r in enumerate(results):
+        assert r["error"] is None, r["error"]
+        assert r["text"] == reference(PROMPTS[i], 120)      # finished on the target alone, exactly
+    while True:
+        out = serve_again(server, reference, t0)
+        if out["totals"]["drafted_tokens"] > 0:
+            break
+        assert time.monotonic() - t0 < RECOVERY_S, "speculation did not come back"
+        time.sleep(0.5)
+    wait_slots_free(server)
+
+
+def test_serve_restarts_a_killed_tritonserver_and_stops_within_5_s(tmp_path, reference):
+    ports = [free_port() for _ in range(3)]
+    http_url = f"127.0.0.1:{ports[0]}"
+    proc = subprocess.Popen([sys.executable, "-m", "saguaro.serve", "--model-repository", str(conftest.test_repository(tmp_path)),
+                             "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+
+    class Srv:                     # what stream() needs
+        grpc_url = f"127.0.0.1:{ports[1]}"
+
+    try:
+        assert wait_ready(http_url, 300), "".join(lines)
+        first = server_pid(proc.pid)
+        os.kill(first, signal.SIGKILL)
+        t0 = time.monotonic()
+        time.sleep(1)
+        assert wait_ready(http_url, 120), "".join(lines)
+        assert server_pid(proc.pid) != first
+        out = stream(Srv, "ensemble", {"text_input": PROMPTS[2], "max_tokens": 16, "stream": True})
+        assert out["error"] is None and out["text"] == reference(PROMPTS[2], 16)
+        assert time.monotonic() - t0 < 90
+        # SIGTERM under load: every client gets its text or a clear error, the server is gone within 5 s
+        results, threads = streams_in_background(Srv, 4, 240)
+        time.sleep(1.0)
+        second = server_pid(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        proc.wait(10)
+        assert time.monotonic() - t0 < 5.0, "".join(lines[-30:])
+        for t in threads:
+            t.join(30)
+        for r in results:
+            assert r.get("error") is None or "shut" in r["error"] or "unavailable" in r["error"].lower() \
+                or "Socket closed" in r["error"], r
+        assert not Path(f"/proc/{second}").exists()
+        assert not any(stub_processes(second))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
