@@ -181,7 +181,10 @@ class Soak:
     def worker(self, i: int) -> None:
         rng = random.Random(self.args.seed * 1000 + i)
         while not self.stop.is_set():
+            errors = sum(self.stats.errors.values())
             self.request(rng)
+            if sum(self.stats.errors.values()) > errors:
+                time.sleep(0.5)    # back off after an error, as a client would (the server may be down)
 
 
 # -- the server under test ----------------------------------------------------------------------
