@@ -320,7 +320,7 @@ def test_fanout_larger_than_the_vocabulary(tmp_path):
     assert sorted(c for j, c in s.cache if j == 0) == sorted(set(range(v)) - {spec.tokens[0]})
     assert sorted(c for j, c in s.cache if j == 1) == list(range(v))
     d.release_all()
-    spec_cfg = SpecConfig(k=1, budget=20, accept_rate=0.5, power=0.8)
+    spec_cfg = SpecConfig(k=1, budget=20, accept_rate=0.5, power=0.8, policy=False)   # SSD every round
     dec = Decoder(TorchEngine(cfg), LocalDraft(Drafter(eng, spec_cfg)), spec_cfg)
     out = dec.generate([[1, 2]], SamplingParams(max_tokens=6, temperature=1.0, seed=0), mode="ssd")
     assert len(out[0]) == 6
