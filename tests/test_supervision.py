@@ -144,6 +144,10 @@ def test_serve_restarts_a_killed_tritonserver_and_stops_within_5_s(tmp_path, ref
 
     try:
         assert wait_ready(http_url, 300), "".join(lines)
+        deadline = time.monotonic() + 60           # serve has finished starting (a crash before that
+        while not any("saguaro: serving" in line for line in lines):   # is a failed start: serve exits 2)
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
         first = server_pid(proc.pid)
         os.kill(first, signal.SIGKILL)
         t0 = time.monotonic()
