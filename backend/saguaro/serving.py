@@ -233,9 +233,7 @@ class ServingLoop:
         self.stopping = True
         self.thread.join(5)
         if not self.thread.is_alive():   # never under a running round
-            while not self.inbox.empty():
-                self.waiting.append(self.inbox.get_nowait())
-            self._fail_all(Unavailable("the server shut down before the request finished; retry it"))
+            self._fail_everything(Unavailable("the server shut down before the request finished; retry it"))
             if self.decoder is not None:
                 self.decoder.close()
 
@@ -243,9 +241,7 @@ class ServingLoop:
         while not self.stopping:
             try:
                 if self.cut and self.busy:
-                    while not self.inbox.empty():
-                        self.waiting.append(self.inbox.get_nowait())
-                    self._fail_all(Unavailable("the server is shutting down; retry the request on a running server"))
+                    self._fail_everything(Unavailable("the server is shutting down; retry the request on a running server"))
                 self._admit(block=not self.channels)
                 self._drop_cancelled()
                 if self.decoder is not None and self.decoder.active:
@@ -307,6 +303,12 @@ class ServingLoop:
             if e.finish_reason is not None:
                 ch.on_finish(e.stats)
                 del self.channels[e.seq_id]
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        """_fail_all, the requests not yet taken from the inbox included."""
+        while not self.inbox.empty():
+            self.waiting.append(self.inbox.get_nowait())
+        self._fail_all(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         for seq_id, ch in list(self.channels.items()):

@@ -165,13 +165,17 @@ def _answers(pb_utils, model: str, responses) -> Iterator:
             yield decode(out.as_numpy().reshape(-1)[0])
 
 
+def carries_secret(auth: np.ndarray | None, secret: bytes) -> bool:
+    """Whether a request's `auth` input (one BYTES value) is the server's secret."""
+    return auth is not None and auth.size == 1 and same_secret(auth.reshape(-1)[0], secret)
+
+
 def bls_message(pb_utils, request, secret: bytes):
     """The message of a BLS request to an engine model, after its `auth` is checked against the
     server's secret: only `ssd` holds it, so clients that reach the model get an error, and
     nothing they send is decoded."""
     auth = pb_utils.get_input_tensor_by_name(request, "auth")
-    sent = auth.as_numpy().reshape(-1)[0] if auth is not None and auth.as_numpy().size == 1 else b""
-    if not same_secret(sent, secret):
+    if not carries_secret(None if auth is None else auth.as_numpy(), secret):
         raise SaguaroError("this model answers only the server's own `ssd` model; send requests to `ensemble` or `ssd`")
     return decode(pb_utils.get_input_tensor_by_name(request, "request").as_numpy().reshape(-1)[0])
 

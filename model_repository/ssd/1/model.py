@@ -12,11 +12,11 @@ from saguaro.decoder import Decoder
 from saguaro.errors import PeerUnavailable, SaguaroError
 from saguaro.messages import ResetDraft
 from saguaro.pair import validate_pair
-from saguaro.private_dir import runtime_dir, same_secret, server_secret
+from saguaro.private_dir import runtime_dir, server_secret
 from saguaro.remote import RemoteDraft, RemoteEngine
 from saguaro.serving import Channel, ServeLimits, ServingLoop, parse_request
 from saguaro.text import load_tokenizer
-from saguaro.triton_glue import (Metrics, Outbox, bls_call, error_code, error_message, error_response, inputs_of,
+from saguaro.triton_glue import (Metrics, Outbox, bls_call, carries_secret, error_code, error_message, error_response, inputs_of,
                                  model_params, resolve_repo_path,
                                  response, sibling_params, socket_call)
 
@@ -141,10 +141,8 @@ class TritonPythonModel:
         secret, may send."""
         ids = [int(inputs[k].reshape(-1)[0]) if k in inputs else None for k in ("relay_id", "cancel_relay_id")]
         drain = bool(inputs["drain"].reshape(-1)[0]) if "drain" in inputs else False
-        if ids != [None, None] or drain:
-            auth = inputs.get("auth")
-            if auth is None or auth.size != 1 or not same_secret(auth.reshape(-1)[0], self.secret):
-                raise SaguaroError("relay_id, cancel_relay_id, drain: only the server's own parts may send these")
+        if (ids != [None, None] or drain) and not carries_secret(inputs.get("auth"), self.secret):
+            raise SaguaroError("relay_id, cancel_relay_id, drain: only the server's own parts may send these")
         return ids[0], ids[1], drain
 
     def _drain(self, sender):
