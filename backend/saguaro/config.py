@@ -93,6 +93,14 @@ class SamplingParams:
     seed: int | None = None
     end_id: int | None = None        # stop after emitting this token
     stop: tuple[tuple[int, ...], ...] = field(default_factory=tuple)  # stop token sequences
+    # What changes the target's distribution (NVIDIA's names; applied alike in plain decoding and
+    # inside verification, so greedy stays identical to AR and sampling stays exact):
+    repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0    # 0: off
+    frequency_penalty: float = 0.0   # 0: off
+    min_tokens: int = 0              # end_id (and stop sequences) banned before this many tokens
+    bad_words: tuple[tuple[int, ...], ...] = field(default_factory=tuple)  # token sequences never produced
+    return_log_probs: bool = False   # Event.log_probs: each emitted token's log-probability under the target
 
     @property
     def greedy(self) -> bool:

@@ -92,6 +92,7 @@ class Event:
     drafted: int                     # this round's draft tokens
     accepted: int                    # of which the target accepted
     kind: str                        # round type: ar | sd | ssd (SeqStats)
+    log_probs: list[float] | None = None  # per token, when the request asked (return_log_probs)
 
 
 @dataclass
