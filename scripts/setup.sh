@@ -14,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv"
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import saguaro, torch, tritonclient, pytriton, transformers" 2>/dev/null; then
+if ! .venv/bin/python -c "import saguaro, torch, tritonclient, pytriton, transformers, jinja2, openai" 2>/dev/null; then
     echo "[setup] installing Python packages into .venv (torch 2.13.0 CPU, Triton 2.51 server and client)"
     .venv/bin/pip install -q --upgrade pip
     # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.

@@ -265,12 +265,13 @@ def main(argv=None) -> int:
 
     serve = None
     if args.url is None:
-        ports = [free_port() for _ in range(3)]
+        ports = [free_port() for _ in range(4)]
         args.url, http_url = f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[0]}"
         args.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
         log = open(os.environ.get("SOAK_SERVER_LOG", os.devnull), "w")
         serve = subprocess.Popen([sys.executable, "-m", "saguaro.serve", "--http-port", str(ports[0]), "--grpc-port",
-                                  str(ports[1]), "--metrics-port", str(ports[2])], stdout=log, stderr=log)
+                                  str(ports[1]), "--metrics-port", str(ports[2]), "--openai-port", str(ports[3])],
+                                 stdout=log, stderr=log)
         print(f"soak: starting saguaro.serve (pid {serve.pid}) on {http_url}", flush=True)
         if not wait_ready(http_url, 600):
             print("soak: the server did not become ready", flush=True)

@@ -471,7 +471,7 @@ def test_compose_file():
     assert "build_engines/build.py --backend trtllm" in build_cmd and "--model-repository" in build_cmd
     t = s["triton"]
     assert t["depends_on"] == {"build-engines": {"condition": "service_completed_successfully"}}
-    assert t["ports"] == ["8000:8000", "8001:8001", "8002:8002"] == s["triton-cpu"]["ports"]
+    assert t["ports"] == ["8000:8000", "8001:8001", "8002:8002", "9000:9000"] == s["triton-cpu"]["ports"]
     assert t["shm_size"]
     assert {".:/workspace:ro", "${ENGINES_DIR:-./engines}:/engines"} <= set(t["volumes"])
     # the image's tritonserver under saguaro.serve (which reloads dead models and restarts the server)
@@ -481,7 +481,7 @@ def test_compose_file():
     args = parse_args(shlex.split(serve_line)[4:])
     assert (str(args.model_repository), str(args.tritonserver), args.host) == (
         "/engines/model_repository", "tritonserver", "0.0.0.0")
-    assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
+    assert (args.http_port, args.grpc_port, args.metrics_port, args.openai_port) == (8000, 8001, 8002, 9000)
     for name in ("triton", "triton-cpu"):
         check = " ".join(s[name]["healthcheck"]["test"])
         assert "localhost:8000/v2/models/{m}/ready" in check, "unhealthy when a model is not ready"

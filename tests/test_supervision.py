@@ -131,10 +131,11 @@ def test_killed_draft_degrades_exactly_and_speculation_comes_back(server, refere
 
 
 def test_serve_restarts_a_killed_tritonserver_and_stops_within_5_s(tmp_path, reference):
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
     http_url = f"127.0.0.1:{ports[0]}"
     proc = subprocess.Popen([sys.executable, "-m", "saguaro.serve", "--model-repository", str(conftest.test_repository(tmp_path)),
-                             "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                             "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+                             "--openai-port", str(ports[3])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()

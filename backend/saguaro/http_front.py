@@ -47,25 +47,35 @@ def check_json(body: bytes, header_length: str | None) -> str | None:
     return None
 
 
-class HttpFront:
-    """Listens on host:port and passes checked requests on to Triton at upstream ("host:port")."""
+class BackgroundApp:
+    """An aiohttp application on host:port, served from a thread of its own with its own event loop
+    (saguaro.serve's main thread supervises tritonserver), and a client session (`self.session`)
+    for Triton at upstream ("host:port"). Subclasses add their routes in `routes`."""
+
+    thread_name = "saguaro-http"
+    cancel_on_disconnect = False      # cancel a request's handler when its client goes away
+    auto_decompress = False           # decode compressed upstream bodies (a proxy passes them on as they are)
 
     def __init__(self, host: str, port: int, upstream: str, max_body_bytes: int = MAX_BODY_BYTES):
         self.host, self.port, self.upstream, self.max_body_bytes = host, port, upstream, max_body_bytes
         self.loop = asyncio.new_event_loop()
         self.runner: web.AppRunner | None = None
-        self.thread = threading.Thread(target=self.loop.run_forever, name="saguaro-http-front", daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=self.thread_name, daemon=True)
 
-    def start(self) -> "HttpFront":
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    def start(self) -> "BackgroundApp":
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
         return self
 
     async def _start(self) -> None:
-        self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10), auto_decompress=False)
+        self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10),
+                                     auto_decompress=self.auto_decompress)
         app = web.Application(client_max_size=self.max_body_bytes)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None)
+        self.routes(app)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=self.cancel_on_disconnect)
         await self.runner.setup()
         await web.TCPSite(self.runner, self.host, self.port, reuse_address=True).start()
 
@@ -79,6 +89,15 @@ class HttpFront:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.runner = None
+
+
+class HttpFront(BackgroundApp):
+    """Listens on host:port and passes checked requests on to Triton at upstream ("host:port")."""
+
+    thread_name = "saguaro-http-front"
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_route("*", "/{tail:.*}", self._handle)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if (request.content_length or 0) > self.max_body_bytes:

@@ -2,7 +2,8 @@
 
 Starts the server in the foreground, waits until every model is loaded, prints the endpoints, and
 stops it (with its Python-backend processes) on Ctrl-C or SIGTERM. HTTP clients reach it through
-saguaro.http_front, which turns away request bodies Triton 2.51 would crash on. While it runs, a model whose
+saguaro.http_front, which turns away request bodies Triton 2.51 would crash on; OpenAI clients through
+saguaro.openai_front on --openai-port (both on --host, both stopped with the server). While it runs, a model whose
 stub process dies is reloaded (saguaro.supervisor), and a tritonserver that exits is started again,
 with backoff (1 s, doubling to 30 s; back to 1 s after a minute of running).
 """
@@ -17,6 +18,7 @@ from typing import Optional, Sequence
 
 from saguaro.errors import SaguaroError
 from saguaro.http_front import HttpFront
+from saguaro.openai_front import OpenAIFront, repository_tokenizer_dir
 from saguaro.triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer, free_port, port_in_use
 
 
@@ -28,6 +30,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--openai-port", type=int, default=9000,
+                   help="OpenAI-compatible endpoints (/v1/completions, /v1/chat/completions, /v1/models) for "
+                        "the ensemble (default 9000; 0: off)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver verbose log level (0 = off)")
     p.add_argument("--log-file", type=Path, default=None, help="also append the server log to this file")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all models to load")
@@ -50,15 +55,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background start may inherit it ignored
         signal.signal(sig, _interrupt)
-    server, front, delay, started = None, None, BACKOFF_S[0], 0
+    server, front, openai_front, delay, started = None, None, None, BACKOFF_S[0], 0
     # HTTP clients reach Triton through the front (it turns away bodies Triton would crash on or
     # answer 500 to); Triton's own HTTP port is on loopback, one port for every restart.
     upstream_port = free_port("127.0.0.1")
     try:
-        if port_in_use(args.host, args.http_port):
-            print(f"saguaro: --http-port: port {args.http_port} on {args.host} is already in use; stop that process "
-                  f"or pick another port", file=sys.stderr)
-            return 2
+        for flag, port in (("--http-port", args.http_port), ("--openai-port", args.openai_port)):
+            if port and port_in_use(args.host, port):
+                print(f"saguaro: {flag}: port {port} on {args.host} is already in use; stop that process "
+                      f"or pick another port", file=sys.stderr)
+                return 2
+        if args.openai_port:
+            try:
+                openai_front = OpenAIFront(args.host, args.openai_port, f"127.0.0.1:{upstream_port}",
+                                           repository_tokenizer_dir(args.model_repository)).start()
+            except SaguaroError as e:
+                print(f"saguaro: {e}", file=sys.stderr)
+                return 2
         front = HttpFront(args.host, args.http_port, f"127.0.0.1:{upstream_port}").start()
         while True:
             server = TritonServer(args.model_repository, host=args.host, http_host="127.0.0.1",
@@ -80,6 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"(e.g. POST /v2/models/ensemble/generate)\n"
                       f"  gRPC     {server.grpc_url}\n"
                       f"  metrics  {server.metrics_url}\n"
+                      + (f"  OpenAI   http://{TritonServer._hostport(args.host, args.openai_port)}/v1   "
+                         f"(model \"ensemble\": /v1/completions, /v1/chat/completions)\n" if openai_front else "") +
                       f"Ctrl-C to stop.", flush=True)
                 while server.proc is not None and server.proc.poll() is None:
                     time.sleep(0.2)
@@ -100,8 +115,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if server is not None:
             print("saguaro: stopping tritonserver", file=sys.stderr, flush=True)
             server.stop()
-        if front is not None:
-            front.stop()
+        for app in (front, openai_front):
+            if app is not None:
+                app.stop()
     return 0
 
 
