@@ -1,10 +1,12 @@
 """Shared pieces of the client examples: arguments, request tensors, readiness check, results.
 
-The `ensemble` takes `text_input` (BYTES), `max_tokens` (INT32), `stream` (BOOL) and optionally
-`temperature`, `top_k`, `top_p`, `seed`, `end_id`, `num_draft_tokens`, `decoding_mode` ("ssd",
-"sd", "ar"); it returns `text_output` (one piece per streamed response) and, on the final
-response, the request's totals `generated_tokens`, `rounds`, `accepted_tokens`,
-`drafted_tokens`, `cache_hits`.
+The `ensemble` takes NVIDIA's TensorRT-LLM ensemble tensors, shaped [batch, 1] (its metadata says
+so; check_ready reads the shapes): `text_input` (BYTES), `max_tokens` (INT32), `stream` (BOOL) and
+optionally `temperature`, `top_k`, `top_p`, `seed`, `end_id`, `exclude_input_in_output`, ... plus
+our `num_draft_tokens`, `decoding_mode` ("ssd", "sd", "ar"); it returns `text_output` (one piece
+per streamed response) and, on the final response, the request's totals `generated_tokens`,
+`rounds`, `accepted_tokens`, `drafted_tokens`, `cache_hits`. The examples print the completion
+alone: unstreamed, they send exclude_input_in_output (NVIDIA's default puts the prompt first).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ INPUT_TYPES: dict[str, tuple[str, Any]] = {
     "top_p": ("FP32", np.float32),
     "seed": ("UINT64", np.uint64),
     "end_id": ("INT32", np.int32),
+    "exclude_input_in_output": ("BOOL", np.bool_),
     "num_draft_tokens": ("INT32", np.int32),
     "decoding_mode": ("BYTES", np.object_),
 }
@@ -57,11 +60,16 @@ class GenerateRequest:
     decoding_mode: str | None = None  # None: the server's default ("ssd")
 
     def fields(self) -> dict[str, Any]:
-        """Input name -> value for every input that is set (the JSON body of HTTP generate)."""
+        """Input name -> value for every input that is set (the JSON body of HTTP generate).
+
+        The server follows TensorRT-LLM: it samples only when top_k or top_p is set (temperature
+        alone is greedy), so a temperature comes with top_p 1 (the whole distribution) unless
+        top_k or top_p is given; an unstreamed request asks for the completion without the prompt."""
+        top_p = 1.0 if self.temperature and self.top_k is None and self.top_p is None else self.top_p
         values = {"text_input": self.prompt, "max_tokens": self.max_tokens, "stream": self.stream,
-                  "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed,
-                  "end_id": self.end_id, "num_draft_tokens": self.num_draft_tokens,
-                  "decoding_mode": self.decoding_mode}
+                  "temperature": self.temperature, "top_k": self.top_k, "top_p": top_p, "seed": self.seed,
+                  "end_id": self.end_id, "exclude_input_in_output": None if self.stream else True,
+                  "num_draft_tokens": self.num_draft_tokens, "decoding_mode": self.decoding_mode}
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -99,7 +107,8 @@ def add_common_args(p: argparse.ArgumentParser, default_url: str) -> None:
     src.add_argument("--prompts", type=Path, help="jsonl file with a `prompt` field per line")
     p.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts of --prompts")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 or unset: greedy; otherwise sampled (with top_p 1 unless --top-k/--top-p)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)

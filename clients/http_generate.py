@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,7 +53,7 @@ def generate(url: str, req: GenerateRequest, model: str = "ensemble", timeout_s:
     """Non-streaming: the whole text and the totals in one reply."""
     base = url if url.startswith("http") else f"http://{url}"
     start = time.perf_counter()
-    with _post(f"{base}/v2/models/{model}/generate", {**req.fields(), "stream": False}, timeout_s) as resp:
+    with _post(f"{base}/v2/models/{model}/generate", replace(req, stream=False).fields(), timeout_s) as resp:
         reply = json.load(resp)
     text = reply.get("text_output", "")
     return Generation(text=text, pieces=[text], totals={k: int(reply[k]) for k in TOTALS if k in reply},
@@ -65,7 +66,7 @@ def generate_stream(url: str, req: GenerateRequest, model: str = "ensemble",
     base = url if url.startswith("http") else f"http://{url}"
     gen = Generation()
     start = time.perf_counter()
-    with _post(f"{base}/v2/models/{model}/generate_stream", {**req.fields(), "stream": True}, timeout_s) as resp:
+    with _post(f"{base}/v2/models/{model}/generate_stream", replace(req, stream=True).fields(), timeout_s) as resp:
         for event in _events(resp):
             piece = event.get("text_output", "")
             if piece:

@@ -53,7 +53,8 @@ BAD = [({"temperature": float("nan")}, "temperature"), ({"text_input": ""}, "tex
        ({"top_p": 2.0}, "top_p"), ({"end_id": -4}, "end_id")]
 DTYPES = {"text_input": ("BYTES", object), "max_tokens": ("INT32", np.int32), "stream": ("BOOL", bool),
           "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32), "seed": ("UINT64", np.uint64),
-          "decoding_mode": ("BYTES", object), "end_id": ("INT32", np.int32)}
+          "decoding_mode": ("BYTES", object), "end_id": ("INT32", np.int32),
+          "exclude_input_in_output": ("BOOL", bool)}
 RETRYABLE = re.compile(r"retry|unavailable|shut|Socket closed|failed to connect|Connection refused|unknown model|"
                        r"no available versions|not ready|Broken pipe|GOAWAY|UNAVAILABLE", re.I)
 
@@ -81,12 +82,14 @@ class Soak:
         self.rng = random.Random(args.seed)
 
     # -- one request ----------------------------------------------------------------------------
-    def inputs(self, fields: dict) -> list:
+    def inputs(self, fields: dict, model: str) -> list:
+        """The request's tensors: [1, 1] for `ensemble` (NVIDIA's batched shapes), [1] for `ssd`."""
+        shape = [1] if model == "ssd" else [1, 1]
         out = []
         for name, value in fields.items():
             dt, np_dtype = DTYPES[name]
-            arr = np.array([value.encode() if isinstance(value, str) else value], dtype=np_dtype)
-            t = grpcclient.InferInput(name, [1], dt)
+            arr = np.array([value.encode() if isinstance(value, str) else value], dtype=np_dtype).reshape(shape)
+            t = grpcclient.InferInput(name, shape, dt)
             t.set_data_from_numpy(arr)
             out.append(t)
         return out
@@ -100,9 +103,10 @@ class Soak:
         if kind == "greedy":
             fields["decoding_mode"] = rng.choice(["ssd", "ssd", "sd", "ar"])
         elif kind == "sampled":
-            fields.update(temperature=0.7, seed=rng.randrange(1 << 30))
+            # top_p: NVIDIA's rule samples only with top_k or top_p set (temperature alone is greedy)
+            fields.update(temperature=0.7, top_p=1.0, seed=rng.randrange(1 << 30))
         elif kind == "unary":
-            fields["stream"] = False
+            fields.update(stream=False, exclude_input_in_output=True)   # the completion alone, as streamed
         elif kind.startswith("cancel"):
             model, cancel_after = ("ssd" if kind == "cancel-ssd" else "ensemble"), rng.randint(1, 3)
             fields["max_tokens"] = 200
@@ -125,7 +129,7 @@ class Soak:
         client.start_stream(callback=lambda result, error: q.put((result, error)))
         pieces, error = [], None
         try:
-            client.async_stream_infer(model, self.inputs(fields), enable_empty_final_response=True)
+            client.async_stream_infer(model, self.inputs(fields, model), enable_empty_final_response=True)
             while True:
                 try:
                     result, error = q.get(timeout=self.args.request_timeout)

@@ -59,7 +59,7 @@ def test_bodies_triton_must_not_see_get_a_clear_error_and_the_server_keeps_servi
 
 
 def test_generate_and_sse_pass_through_unchanged(front, reference):
-    body = json.dumps({"text_input": PROMPTS[3], "max_tokens": 24}).encode()
+    body = json.dumps({"text_input": PROMPTS[3], "max_tokens": 24, "exclude_input_in_output": True}).encode()
     status, text = post(f"http://{front}/v2/models/ensemble/generate", body)
     assert status == 200 and json.loads(text)["text_output"] == reference(PROMPTS[3], 24)
     req = urllib.request.Request(f"http://{front}/v2/models/ensemble/generate_stream", method="POST",

@@ -119,7 +119,8 @@ def test_advantage_line_finds_where_ssd_stops_beating_sd() -> None:
 def test_input_data_format() -> None:
     data = build_input_data(["a", "b"], GenerateRequest("", max_tokens=16, decoding_mode="sd", temperature=0.5))
     assert data == {"data": [
-        {"text_input": [p], "max_tokens": [16], "stream": [True], "decoding_mode": ["sd"], "temperature": [0.5]}
+        {"text_input": [p], "max_tokens": [16], "stream": [True], "decoding_mode": ["sd"], "temperature": [0.5],
+         "top_p": [1.0]}   # TensorRT-LLM samples only with top_k or top_p: a temperature comes with top_p 1
         for p in ("a", "b")]}
     sd_k2 = GenerateRequest("", max_tokens=16, decoding_mode="sd", num_draft_tokens=2)
     assert build_input_data(["a"], sd_k2)["data"][0]["num_draft_tokens"] == [2]

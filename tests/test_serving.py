@@ -21,10 +21,12 @@ from saguaro.config import DEV_PROMPTS
 PROMPTS = [json.loads(line)["prompt"] for line in DEV_PROMPTS.read_text().splitlines()[:8]]
 DTYPES = {"text_input": "BYTES", "decoding_mode": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32",
           "top_p": "FP32", "top_k": "INT32", "num_draft_tokens": "INT32", "inject_draft_fault": "BOOL", "seed": "UINT64",
-          "end_id": "INT32", "stop_words": "BYTES"}
+          "end_id": "INT32", "stop_words": "BYTES", "exclude_input_in_output": "BOOL"}
 
 
-def grpc_inputs(fields: dict, dtypes: dict | None = None) -> list:
+def grpc_inputs(fields: dict, dtypes: dict | None = None, batched: bool = False) -> list:
+    """Tensors of one request: [1] for `ssd`, [1, ...] (a batch of one) for the `ensemble`'s
+    NVIDIA shapes (batched)."""
     inputs = []
     for name, value in fields.items():
         if value is None:            # left out
@@ -32,6 +34,7 @@ def grpc_inputs(fields: dict, dtypes: dict | None = None) -> list:
         arr = value if isinstance(value, np.ndarray) else np.array(
             [value.encode() if isinstance(value, str) else value],
             dtype={"BYTES": object, "INT32": np.int32, "BOOL": bool, "FP32": np.float32, "UINT64": np.uint64}[DTYPES[name]])
+        arr = arr.reshape(1, -1) if batched else arr
         dt = (dtypes or {}).get(name, DTYPES[name])
         t = grpcclient.InferInput(name, list(arr.shape), dt)
         t.set_data_from_numpy(arr)
@@ -46,7 +49,7 @@ def stream(server, model: str, fields: dict, cancel_after: int | None = None, ti
     client.start_stream(callback=lambda result, error: q.put((result, error)))
     out = {"pieces": [], "totals": {}, "error": None}
     try:
-        client.async_stream_infer(model, grpc_inputs(fields), enable_empty_final_response=True)
+        client.async_stream_infer(model, grpc_inputs(fields, batched=model != "ssd"), enable_empty_final_response=True)
         while True:
             result, error = q.get(timeout=timeout_s)
             if error is not None:
@@ -102,24 +105,27 @@ def test_grpc_streaming_equals_library_greedy(serving, reference, model, mode):
 
 
 def test_non_streaming_and_plain_infer_equal_library_greedy(serving, reference):
+    # NVIDIA's default (exclude_input_in_output false): an unstreamed output starts with the prompt
     expected = reference(PROMPTS[1], 32)
     one = stream(serving, "ensemble", {"text_input": PROMPTS[1], "max_tokens": 32, "stream": False})
-    assert len(one["pieces"]) == 1 and one["text"] == expected
+    assert len(one["pieces"]) == 1 and one["text"] == PROMPTS[1] + expected
     for client, mod in ((httpclient.InferenceServerClient(serving.http_url), httpclient),
                         (grpcclient.InferenceServerClient(serving.grpc_url), grpcclient)):
         inputs = []
-        for name, arr, dt in (("text_input", np.array([PROMPTS[1].encode()], dtype=object), "BYTES"),
-                              ("max_tokens", np.array([32], dtype=np.int32), "INT32")):
-            t = mod.InferInput(name, [1], dt)
+        for name, arr, dt in (("text_input", np.array([[PROMPTS[1].encode()]], dtype=object), "BYTES"),
+                              ("max_tokens", np.array([[32]], dtype=np.int32), "INT32"),
+                              ("exclude_input_in_output", np.array([[True]]), "BOOL")):
+            t = mod.InferInput(name, [1, 1], dt)
             t.set_data_from_numpy(arr)
             inputs.append(t)
         r = client.infer("ensemble_sync", inputs)
         assert r.as_numpy("text_output")[0].decode() == expected
-        assert int(r.as_numpy("generated_tokens")[0]) == 32
+        assert int(r.as_numpy("generated_tokens").reshape(-1)[0]) == 32
 
 
 def test_http_generate_and_sse_equal_library_greedy(serving, reference):
-    body = json.dumps({"text_input": PROMPTS[2], "max_tokens": 32, "decoding_mode": "ssd"}).encode()
+    body = json.dumps({"text_input": PROMPTS[2], "max_tokens": 32, "decoding_mode": "ssd",
+                       "exclude_input_in_output": True}).encode()
     url = f"http://{serving.http_url}/v2/models/ensemble"
     whole = json.loads(urllib.request.urlopen(urllib.request.Request(url + "/generate", body)).read())
     assert whole["text_output"] == reference(PROMPTS[2], 32) and whole["generated_tokens"] == 32
@@ -151,7 +157,7 @@ BAD_INPUTS = [
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 100000}, "max_tokens"),
     ({"temperature": -1.0}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -1}, "top_k"),        # (top_p <= 0 means unset, as in TensorRT-LLM)
     ({"top_p": 1.5}, "top_p"),
     ({"decoding_mode": "turbo"}, "decoding_mode"),
     ({"num_draft_tokens": 99}, "num_draft_tokens"),
@@ -179,7 +185,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(serving, refe
     client = grpcclient.InferenceServerClient(serving.grpc_url)
     client.start_stream(callback=lambda result, error: q.put((result, error)))
     try:
-        client.async_stream_infer(model, grpc_inputs(request, dtypes))
+        client.async_stream_infer(model, grpc_inputs(request, dtypes, batched=model != "ssd"))
         result, error = q.get(timeout=60)
     finally:
         client.stop_stream()

@@ -20,6 +20,7 @@ from saguaro.errors import PeerUnavailable, SaguaroError, Unavailable
 from saguaro.ipc import SocketServer, WireClient, connect, listen
 from saguaro.private_dir import runtime_dir, same_secret, server_secret
 from saguaro.messages import decode, encode
+from saguaro.serving import ServeLimits
 
 
 def model_params(args: Mapping[str, str]) -> dict[str, str]:
@@ -60,10 +61,29 @@ def engine_config(params: Mapping[str, str], args: Mapping[str, str]) -> EngineC
         kv_cache_free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_memory_fraction", "") or 0.4)).validate()
 
 
+def serve_limits(params: Mapping[str, str], draft_params: Mapping[str, str]) -> ServeLimits:
+    """`ssd`'s limits on requests and defaults for what they leave out, from its parameters (the
+    fan-out budget's limit from the draft's max_branches)."""
+    return ServeLimits(max_input_len=int(params["max_input_len"]), max_tokens=int(params["max_tokens"]),
+                       max_budget=int(draft_params.get("max_branches", 64)),
+                       exclude_input_in_output=params.get("exclude_input_in_output", "false").strip().lower() == "true")
+
+
 def cpu_core(params: Mapping[str, str]) -> int | None:
     """`cpu_core` pins an engine's process to one core (target and draft on different ones)."""
     value = params.get("cpu_core", "")
     return int(value) if value.strip() else None
+
+
+# What `ensemble` and `ensemble_sync` ask of `ssd` for each row they relay: NVIDIA's outputs
+# (saguaro.serving: the pieces, log-probs, perf metrics, token counts), our totals, and an error
+# that follows streamed responses.
+RELAYED_OUTPUTS = [
+    "text_output", "cum_log_probs", "output_log_probs", "acceptance_rate", "total_accepted_draft_tokens",
+    "total_draft_tokens", "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks",
+    "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns", "num_input_tokens",
+    "num_output_tokens", "generated_tokens", "rounds", "accepted_tokens", "drafted_tokens", "cache_hits",
+    "ar_rounds", "sd_rounds", "ssd_rounds", "relay_error"]
 
 
 def inputs_of(request) -> dict[str, np.ndarray]:

@@ -1,10 +1,13 @@
-"""`ensemble`: each request relayed to `ssd` (text in, text out) over BLS, its streamed responses
-relayed back, and a client's cancellation or disconnect passed on at once (Triton 2.51 ensembles do
-not forward cancellation to their steps, so a cancelled stream kept decoding and held its slot).
+"""`ensemble`: NVIDIA's batched requests relayed to `ssd` (text in, text out), each (batch row,
+sequence) as a request of its own (saguaro.serving.nvidia_rows), their streamed responses merged
+back onto the client's stream with batch_index/sequence_index, and a client's cancellation or
+disconnect passed on at once (Triton 2.51 ensembles do not forward cancellation to their steps, so
+a cancelled stream kept decoding and held its slot).
 
-The relayed request carries a relay id and the server's secret; a thread here checks the requests
+Every relayed request carries a relay id and the server's secret; a thread here checks the requests
 in flight every cancel_poll_ms (and whenever a response passes) and, for a cancelled one, sends
-`ssd` a cancel for that id, which ends the sequence and frees its KV slots before the next round.
+`ssd` a cancel for each of its relay ids, which ends those sequences and frees their KV slots
+before the next round.
 """
 import secrets
 import threading
@@ -14,16 +17,61 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from saguaro.private_dir import runtime_dir, server_secret
-from saguaro.triton_glue import error_response, model_params
+from saguaro.serving import nvidia_outputs, nvidia_rows
+from saguaro.triton_glue import RELAYED_OUTPUTS, error_response, inputs_of, model_params, response
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-OUTPUTS = ["text_output", "generated_tokens", "rounds", "accepted_tokens", "drafted_tokens", "cache_hits", "ar_rounds", "sd_rounds", "ssd_rounds", "relay_error"]
+
+
+class ClientStream:
+    """The client's one stream for all the rows of its request: sends are serialized and the
+    final flag goes with the end of the last row (as tensorrt_llm/1/model.py does for a batch).
+    before_final() runs under the stream's lock just before the final send."""
+
+    def __init__(self, sender, rows: int, before_final):
+        self.sender, self.left, self.before_final = sender, rows, before_final
+        self.lock, self.done = threading.Lock(), False
+
+    def send(self, response) -> None:
+        with self.lock:
+            if not self.done:
+                self.sender.send(response)
+
+    def end_row(self, last_response) -> None:
+        """A row ended: its last response (None: it had none left to send)."""
+        with self.lock:
+            if self.done:
+                return
+            self.left -= 1
+            if self.left:
+                if last_response is not None:
+                    self.sender.send(last_response)
+                return
+            self._final(last_response)
+
+    def fail(self, error_response_) -> bool:
+        """Ends the stream with an error; False when it had already ended."""
+        with self.lock:
+            if self.done:
+                return False
+            self._final(error_response_)
+            return True
+
+    def _final(self, response) -> None:
+        self.done = True
+        self.before_final()
+        if response is None:
+            self.sender.send(flags=FINAL)
+        else:
+            self.sender.send(response, flags=FINAL)
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        params = model_params(args)
         self.auth = pb_utils.Tensor("auth", np.array([server_secret(runtime_dir())], dtype=np.object_))
-        self.poll_s = float(model_params(args).get("cancel_poll_ms", "100")) / 1e3
+        self.poll_s = float(params.get("cancel_poll_ms", "100")) / 1e3
+        self.max_sequences = int(params.get("max_num_return_sequences", "8"))
         self.in_flight: dict[int, object] = {}      # relay id -> the client's request
         self.cancelled: set[int] = set()
         self.lock, self.stopped = threading.Lock(), threading.Event()
@@ -31,44 +79,48 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            relay_id = secrets.randbits(63)
+            try:
+                rows = nvidia_rows(inputs_of(request), self.max_sequences)
+            except Exception as e:
+                request.get_response_sender().send(error_response(pb_utils, e), flags=FINAL)
+                continue
+            ids = [secrets.randbits(63) for _ in rows]
             with self.lock:
-                self.in_flight[relay_id] = request
-            threading.Thread(target=self._relay, args=(request, relay_id), daemon=True).start()
+                self.in_flight.update((relay_id, request) for relay_id in ids)
+            stream = ClientStream(request.get_response_sender(), len(rows), lambda ids=ids: self._forget(ids))
+            for row, relay_id in zip(rows, ids):
+                threading.Thread(target=self._relay, args=(request, row, relay_id, stream, ids), daemon=True).start()
         return None
 
-    def _relay(self, request, relay_id: int) -> None:
-        sender = request.get_response_sender()
-        done = False
+    def _relay(self, request, row, relay_id: int, stream: ClientStream, siblings: list[int]) -> None:
+        """One row's request to `ssd`, its responses onto the client's stream."""
+        ended = False
         try:
-            inputs = request.inputs() + [pb_utils.Tensor("relay_id", np.array([relay_id], dtype=np.uint64)), self.auth]
-            call = pb_utils.InferenceRequest(model_name="ssd", inputs=inputs, requested_output_names=OUTPUTS)
+            inputs = [pb_utils.Tensor(name, value) for name, value in row.inputs.items()]
+            inputs += [pb_utils.Tensor("relay_id", np.array([relay_id], dtype=np.uint64)), self.auth]
+            call = pb_utils.InferenceRequest(model_name="ssd", inputs=inputs, requested_output_names=RELAYED_OUTPUTS)
             for reply in call.exec(decoupled=True):
-                if done:
+                if ended:
                     continue                    # drain `ssd`'s end of the call
-                if reply.has_error():
-                    done = self._finish(relay_id, sender, pb_utils.InferenceResponse(error=reply.error()))
-                    continue
-                error = pb_utils.get_output_tensor_by_name(reply, "relay_error")
-                if error is not None:           # an error after streamed responses comes as data
-                    code, message = (x.decode() for x in error.as_numpy().reshape(-1))
-                    done = self._finish(relay_id, sender, pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))))
+                error = _error_of(reply)
+                if error is not None:
+                    ended = True
+                    self._fail(stream, error, siblings)
                 elif reply.output_tensors() and relay_id not in self.cancelled:
-                    # the totals come with `ssd`'s final response: forward it as final too (clients
-                    # such as perf_analyzer read the totals off the last response)
-                    out = pb_utils.InferenceResponse(reply.output_tensors())
+                    out = response(pb_utils, nvidia_outputs(_outputs(reply), row))
+                    # the totals come with `ssd`'s last response of the row
                     if pb_utils.get_output_tensor_by_name(reply, "generated_tokens") is not None:
-                        done = self._finish(relay_id, sender, out)
+                        ended = True
+                        stream.end_row(out)
                     else:
-                        sender.send(out)
+                        stream.send(out)
                         self._check(relay_id, request)
-            if not done:
-                done = self._finish(relay_id, sender, None)
+            if not ended:
+                stream.end_row(None)
         except Exception as e:      # the client may be gone: nothing to tell it
-            if not done:
+            if not ended:
                 try:
-                    self._finish(relay_id, sender, error_response(pb_utils, e))
+                    self._fail(stream, error_response(pb_utils, e), siblings)
                 except Exception:
                     pass
         finally:
@@ -76,17 +128,19 @@ class TritonPythonModel:
                 self.in_flight.pop(relay_id, None)
                 self.cancelled.discard(relay_id)
 
-    def _finish(self, relay_id: int, sender, response) -> bool:
-        """The client's final response. Its request leaves `in_flight` first, under the lock
+    def _fail(self, stream: ClientStream, error_response_, siblings: list[int]) -> None:
+        """An error ends the client's request: its other rows are cancelled in `ssd`."""
+        if stream.fail(error_response_):
+            for relay_id in siblings:
+                self._cancel(relay_id)
+
+    def _forget(self, ids: list[int]) -> None:
+        """The request's relay ids leave `in_flight` before its final response, under the lock
         _check holds: is_cancelled() on a request that has its final response crashes
         tritonserver 2.51 (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled)."""
         with self.lock:
-            self.in_flight.pop(relay_id, None)
-        if response is None:
-            sender.send(flags=FINAL)
-        else:
-            sender.send(response, flags=FINAL)
-        return True
+            for relay_id in ids:
+                self.in_flight.pop(relay_id, None)
 
     def _watch(self) -> None:
         while not self.stopped.wait(self.poll_s):
@@ -96,10 +150,13 @@ class TritonPythonModel:
                 self._check(relay_id, request)
 
     def _check(self, relay_id: int, request) -> None:
-        with self.lock:                 # see _finish
+        with self.lock:                 # see _forget
             if relay_id not in self.in_flight or relay_id in self.cancelled or not request.is_cancelled():
                 return
             self.cancelled.add(relay_id)
+        self._cancel(relay_id)
+
+    def _cancel(self, relay_id: int) -> None:
         cancel = pb_utils.InferenceRequest(
             model_name="ssd", requested_output_names=[],
             inputs=[pb_utils.Tensor("cancel_relay_id", np.array([relay_id], dtype=np.uint64)), self.auth])
@@ -113,3 +170,20 @@ class TritonPythonModel:
         deadline = time.monotonic() + 2.5
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
+
+
+def _outputs(reply) -> dict[str, np.ndarray]:
+    return {t.name(): t.as_numpy() for t in reply.output_tensors()}
+
+
+def _error_of(reply):
+    """An error reply of `ssd` as the client's error response, or None. After streamed responses
+    `ssd` sends its error as data (relay_error: a BLS caller loses error responses that follow
+    streamed ones in Triton 2.51)."""
+    if reply.has_error():
+        return pb_utils.InferenceResponse(error=reply.error())
+    error = pb_utils.get_output_tensor_by_name(reply, "relay_error")
+    if error is None:
+        return None
+    code, message = (x.decode() for x in error.as_numpy().reshape(-1))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))

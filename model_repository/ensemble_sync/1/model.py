@@ -1,20 +1,40 @@
-"""Unary front door: one request in, the `ssd` model's single (non-streamed) response out."""
+"""Unary front door: a batched NVIDIA-shaped request in, each (row, sequence) relayed to `ssd` at
+once (saguaro.serving.nvidia_rows), their single (non-streamed) responses out as one, row by row."""
+from concurrent.futures import ThreadPoolExecutor
+
 import triton_python_backend_utils as pb_utils
 
-from saguaro.triton_glue import error_response
-
-OUTPUTS = ["text_output", "generated_tokens", "rounds", "accepted_tokens", "drafted_tokens", "cache_hits", "ar_rounds", "sd_rounds", "ssd_rounds"]
+from saguaro.errors import SaguaroError
+from saguaro.serving import nvidia_outputs, nvidia_rows, stacked
+from saguaro.triton_glue import RELAYED_OUTPUTS, error_response, inputs_of, model_params, response
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        self.max_sequences = int(model_params(args).get("max_num_return_sequences", "8"))
+
     def execute(self, requests):
-        out = []
-        for request in requests:
-            try:
-                call = pb_utils.InferenceRequest(model_name="ssd", inputs=request.inputs(), requested_output_names=OUTPUTS)
-                reply = next(r for r in call.exec(decoupled=True) if r.has_error() or r.output_tensors())
-                out.append(pb_utils.InferenceResponse(error=reply.error()) if reply.has_error()
-                           else pb_utils.InferenceResponse(reply.output_tensors()))
-            except Exception as e:
-                out.append(error_response(pb_utils, e))
-        return out
+        return [self._answer(request) for request in requests]
+
+    def _answer(self, request):
+        try:
+            rows = nvidia_rows(inputs_of(request), self.max_sequences)
+            with ThreadPoolExecutor(len(rows)) as pool:
+                answers = list(pool.map(self._row, rows))
+            errors = [a for a in answers if not isinstance(a, dict)]
+            return errors[0] if errors else response(pb_utils, stacked(answers))
+        except Exception as e:
+            return error_response(pb_utils, e)
+
+    @staticmethod
+    def _row(row):
+        """The row's outputs in NVIDIA's shapes, or `ssd`'s error response."""
+        stream = row.inputs.get("stream")
+        if stream is not None and stream.any():
+            raise SaguaroError("stream: ensemble_sync answers once; send stream false, or stream from `ensemble`")
+        inputs = [pb_utils.Tensor(name, value) for name, value in row.inputs.items()]
+        call = pb_utils.InferenceRequest(model_name="ssd", inputs=inputs, requested_output_names=RELAYED_OUTPUTS)
+        reply = next(r for r in call.exec(decoupled=True) if r.has_error() or r.output_tensors())
+        if reply.has_error():
+            return pb_utils.InferenceResponse(error=reply.error())
+        return nvidia_outputs({t.name(): t.as_numpy() for t in reply.output_tensors()}, row)

@@ -14,11 +14,11 @@ from saguaro.messages import ResetDraft
 from saguaro.pair import validate_pair
 from saguaro.private_dir import runtime_dir, server_secret
 from saguaro.remote import RemoteDraft, RemoteEngine
-from saguaro.serving import Channel, ServeLimits, ServingLoop, parse_request
+from saguaro.serving import Channel, ServingLoop, parse_request
 from saguaro.text import load_tokenizer
 from saguaro.triton_glue import (Metrics, Outbox, bls_call, carries_secret, error_code, error_message, error_response, inputs_of,
                                  model_params, resolve_repo_path,
-                                 response, sibling_params, socket_call)
+                                 response, serve_limits, sibling_params, socket_call)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -69,8 +69,7 @@ class TritonPythonModel:
         validate_pair(resolve_repo_path(target["checkpoint"], args), resolve_repo_path(draft["checkpoint"], args),
                       num_draft_tokens=int(p["num_draft_tokens"]), max_draft_len=max_draft_len)
         self.tokenizer = load_tokenizer(resolve_repo_path(p["tokenizer_dir"], args))
-        self.limits = ServeLimits(max_input_len=int(p["max_input_len"]), max_tokens=int(p["max_tokens"]),
-                                  max_budget=int(draft.get("max_branches", 64)))
+        self.limits = serve_limits(p, draft)
         self.allow_faults = p.get("allow_fault_injection", "false").lower() == "true"
         self.stream_interval_s = float(p.get("stream_interval_ms", "0")) / 1e3
         spec = SpecConfig(k=int(p["num_draft_tokens"]), budget=int(p["fanout_budget"]),
