@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -98,7 +99,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1: off
     presence_penalty: float = 0.0    # 0: off
     frequency_penalty: float = 0.0   # 0: off
-    min_tokens: int = 0              # end_id (and stop sequences) banned before this many tokens
+    min_tokens: int = 0              # end_id banned before this many tokens (stop sequences are not)
     bad_words: tuple[tuple[int, ...], ...] = field(default_factory=tuple)  # token sequences never produced
     return_log_probs: bool = False   # Event.log_probs: each emitted token's log-probability under the target
 
@@ -116,7 +117,26 @@ class SamplingParams:
             raise SaguaroError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
             raise SaguaroError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+        self._validate_processing()
         return self
+
+    def _validate_processing(self) -> None:
+        """The fields saguaro.logits applies; TensorRT-LLM's own checks (repetition_penalty > 0,
+        min_tokens >= 0: cpp/tensorrt_llm/executor/samplingConfig.cpp @ 3585984b32cded5cc002d3087d3da4b0fd9fb8a5)
+        plus finiteness."""
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise SaguaroError(f"repetition_penalty={self.repetition_penalty}: must be a finite number > 0 "
+                               f"(1 = off; above 1 discourages tokens already in the prompt or output)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise SaguaroError(f"{name}={getattr(self, name)}: must be a finite number (0 = off)")
+        if self.min_tokens < 0:
+            raise SaguaroError(f"min_tokens={self.min_tokens}: must be >= 0 (0 = off)")
+        for i, word in enumerate(self.bad_words):
+            if not word:
+                raise SaguaroError(f"bad_words[{i}] is empty: each entry is a sequence of at least one token id")
+            if any(not isinstance(t, numbers.Integral) or t < 0 for t in word):
+                raise SaguaroError(f"bad_words[{i}]={list(word)}: token ids must be integers >= 0")
 
     def with_(self, **changes) -> "SamplingParams":
         return replace(self, **changes)

@@ -25,7 +25,12 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The distribution we promise to sample from: softmax(logits / T) restricted by top-k and
     top-p (applied to the target before verification, and to the draft alike). Rows are [.., V]."""
-    x = logits.float() / p.temperature
+    return distribution(logits.float() / p.temperature, p)
+
+
+def distribution(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """softmax of logits already scaled by the temperature (and processed: logits.process),
+    restricted by top-k and top-p."""
     if p.top_k and p.top_k < x.shape[-1]:
         kth = x.topk(p.top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -37,6 +42,17 @@ def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         out = out.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
         out = out / out.sum(-1, keepdim=True)
     return out
+
+
+def token_log_probs(x: torch.Tensor, tokens: list[int]) -> list[float]:
+    """log softmax(x[i])[tokens[i]] for the first len(tokens) rows of x: TensorRT-LLM's
+    output_log_probs, the log-probability under the whole vocabulary of the scaled, processed
+    logits, before top-k/top-p (not renormalized over what they keep): the top-k kernel takes
+    log(prob) of the softmax that the sampling layer computes whenever log-probs are asked for
+    (cpp/tensorrt_llm/kernels/samplingTopKKernels.cu, "NOT normalized (same way as OpenAI does)",
+    and cpp/tensorrt_llm/layers/samplingLayer.cpp, both @ 03961722f65265573cad179baca3bc5fe8c03f76)."""
+    rows = x[: len(tokens)].float().log_softmax(-1)
+    return rows[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)].tolist()
 
 
 def saguaro(q: torch.Tensor, fanout: int, c: float) -> torch.Tensor:
