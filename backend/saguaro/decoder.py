@@ -12,7 +12,8 @@ One round, for every active sequence together:
      in another process builds the next round's caches (SSD); when nothing is pre-drafted the
      target may take every core;
   3. the answer (q's for sampled verification) and the next cache keys are read, and verification
-     gives (k, bonus) per sequence: k + 1 tokens are emitted.
+     gives (k, bonus) per sequence: k + 1 tokens are emitted. The target's rows are first processed
+     as the request asks (penalties, min_tokens, bad words: logits.py), each row with its own context.
 On a hit nothing waits for the drafter except a build that outlasts the forward. Sequences join
 and leave between rounds: a new prompt is prefilled on the target first, then its first round
 verifies an empty speculation while the drafter prefills it too. AR is a round with an empty
@@ -31,8 +32,9 @@ from saguaro.config import MODES, SamplingParams, SpecConfig
 from saguaro.draft import CacheKeys, DraftReply, DraftRound, Join, Outcome, PendingRound, Speculation
 from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure, SaguaroError
+from saguaro.logits import active as processes_logits, process
 from saguaro.policy import Option, Prediction, RoundCosts, RoundPolicy
-from saguaro.sampling import greedy, probs, verify_greedy, verify_sampled
+from saguaro.sampling import distribution, greedy, token_log_probs, verify_greedy, verify_sampled
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
 
@@ -72,6 +74,7 @@ class Sequence:
     slot: int
     generator: torch.Generator | None
     pending: int                     # last committed token: not yet in the target's KV
+    processed: bool = False          # penalties, min_tokens or bad words change the target's logits
     k: int = 0                       # this round's K (0: a plain target step)
     build: bool = False              # the drafter pre-drafts the next speculation during this round
     first_round: bool = True         # its prompt is prefilled and an empty speculation verified
@@ -129,9 +132,10 @@ class Decoder:
     def __init__(self, target: Engine, draft: DraftClient | None, spec: SpecConfig):
         self.target, self.draft, self.spec = target, draft, spec
         self.max_draft_len = min(target.max_draft_len, draft.max_draft_len if draft else target.max_draft_len)
-        if draft is not None and draft.vocab_size != target.vocab_size:
-            raise SaguaroError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size}): "
-                               "use a draft trained with the target's tokenizer")
+        # Verification (and AR alike, so greedy stays identical) runs over the ids both models have:
+        # a pair that shares a tokenizer may pad its embeddings differently (docs/design.md,
+        # "Penalties, bad words and log-probabilities"; saguaro.pair checks the tokenizers).
+        self.vocab = min(target.vocab_size, draft.vocab_size) if draft is not None else target.vocab_size
         spec.validate(self.max_draft_len, draft.max_branches if draft else spec.budget)
         self.seqs: dict[int, Sequence] = {}
         self.ids = itertools.count()
@@ -176,10 +180,10 @@ class Decoder:
         slot = self.target.allocate()
         self.seqs[seq_id] = Sequence(seq_id=seq_id, prompt=list(prompt), params=params, mode=mode,
                                      request_k=request_spec.k, pinned=k is not None, slot=slot, generator=generator,
-                                     pending=prompt[-1])
+                                     pending=prompt[-1], processed=processes_logits(params))
         if mode != "ar":
             self.joins.append(Join(seq_id, list(prompt), params, mode, request_spec.k, request_spec.budget,
-                                   request_spec.saguaro_c))
+                                   request_spec.saguaro_c, self.vocab))
         return seq_id
 
     def abort(self, seq_id: int) -> None:
@@ -224,10 +228,14 @@ class Decoder:
         self.target.use_all_cores(option is not None and option.wide and not joining and not any(s.build for s in seqs))
         t0 = time.perf_counter()
         starts = [self.target.length(s.slot) for s in seqs]
-        # All greedy: the target sends back argmax ids, not logits (a vocabulary per position).
-        ids_only = all(s.params.greedy for s in seqs)
-        forward = self.target.forward_greedy if ids_only else self.target.forward
-        outputs = forward([s.slot for s in seqs], [[s.pending] + self._spec_tokens(s) for s in seqs])
+        fed = [[s.pending] + self._spec_tokens(s) for s in seqs]
+        # All greedy, none processed, no log-probs: the target sends back argmax ids, not logits (a
+        # vocabulary per position).
+        ids_only = all(s.params.greedy and not s.processed and not s.params.return_log_probs for s in seqs)
+        if ids_only:
+            outputs = self._within_vocab(seqs, self.target.forward_greedy([s.slot for s in seqs], fed), starts, fed)
+        else:
+            outputs = self.target.forward([s.slot for s in seqs], fed)
         verify_ms = (time.perf_counter() - t0) * 1e3
         build_wait = 0.0
         if pending and reply is None:   # all hits: the answer (q's for sampling) came during the forward
@@ -260,6 +268,23 @@ class Decoder:
                 hits=stats.hits, misses=stats.misses, backup=stats.backup))
         self.last_round_end = time.perf_counter()
         return events
+
+    def _within_vocab(self, seqs: list[Sequence], ids: list[torch.Tensor], starts: list[int],
+                      fed: list[list[int]]) -> list[torch.Tensor]:
+        """forward_greedy's argmax runs over the target's whole (padded) vocabulary; verification
+        over the shared one. A sequence whose argmax fell beyond it (padding rows: rare) is run
+        again for its logits, and takes the argmax of those within the shared vocabulary."""
+        if self.vocab == self.target.vocab_size:
+            return ids
+        again = [i for i, x in enumerate(ids) if bool((x >= self.vocab).any())]
+        if not again:
+            return ids
+        for i in again:
+            self.target.truncate(seqs[i].slot, starts[i])
+        logits = self.target.forward([seqs[i].slot for i in again], [fed[i] for i in again])
+        for i, x in zip(again, logits):
+            ids[i] = greedy(x[:, : self.vocab])
+        return ids
 
     def _plan(self, seqs: list[Sequence], joining: list[Sequence]) -> tuple[Option | None, Prediction | None]:
         """Each sequence's K and pre-drafting for this round (step 0), told to the drafter with the
@@ -349,12 +374,14 @@ class Decoder:
         """out: the target's logits over [pending, speculation], or their argmax ids (ids_only)."""
         draft = self._spec_tokens(s)   # empty if the drafter failed after the forward: an AR step
         kind = "ar" if not draft else "ssd" if s.build else "sd"
+        x = None if ids_only else self._scaled(s, out, draft)
         if s.params.greedy:
-            k, bonus = verify_greedy((out if ids_only else greedy(out)).tolist(), draft)
+            k, bonus = verify_greedy((out if ids_only else greedy(x)).tolist(), draft)
         else:
             q = s.spec.q[: len(draft)] if draft else None
-            k, bonus = verify_sampled(probs(out, s.params), q, draft, s.generator)
+            k, bonus = verify_sampled(distribution(x, s.params), q, draft, s.generator)
         new = draft[:k] + [bonus]
+        log_probs = token_log_probs(x, new) if s.params.return_log_probs else None
         s.first_round = False
         st = s.stats
         st.rounds, st.drafted, st.accepted = st.rounds + 1, st.drafted + len(draft), st.accepted + k
@@ -365,7 +392,8 @@ class Decoder:
         s.output.extend(new)
         self.target.truncate(s.slot, start + 1 + k)       # keep the pending token and the accepted ones
         s.pending = bonus
-        event = Event(s.seq_id, new, s.finish_reason, st, s.spec.source if draft else "ar", len(draft), k, kind)
+        event = Event(s.seq_id, new, s.finish_reason, st, s.spec.source if draft else "ar", len(draft), k, kind,
+                      log_probs[: len(new)] if log_probs is not None else None)
         if s.finish_reason is None and s.mode != "ar":
             self.outcomes.append(Outcome(s.seq_id, k, draft[:k] + [bonus]))
             # SSD: the next speculation, if the drafter pre-drafted this outcome (else it sends one)
@@ -374,6 +402,15 @@ class Decoder:
         if s.finish_reason is not None:
             self._finish(s)
         return event
+
+    def _scaled(self, s: Sequence, out: torch.Tensor, draft: list[int]) -> torch.Tensor:
+        """The target's rows over the shared vocabulary, scaled by the temperature (1 for greedy) and,
+        when the request asks, processed as TensorRT-LLM does (saguaro.logits): each row with the
+        context of its own position, so verification sees what plain decoding would."""
+        rows = out[:, : self.vocab]
+        if s.processed:
+            return process(rows, s.params, s.prompt, s.output, draft)
+        return rows.float() if s.params.greedy else rows.float() / s.params.temperature
 
     def _apply_stops(self, s: Sequence, new: list[int]) -> list[int]:
         p = s.params

@@ -41,6 +41,7 @@ class Join:
     k: int
     budget: int
     saguaro_c: float
+    vocab: int = 0                   # ids it may propose: the vocabulary verification runs over (0: all)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class _Seq:
     budget: int
     c: float
     generator: torch.Generator
+    vocab: int                       # proposals and q's cover ids [0, vocab): the shared vocabulary
     builds: bool = False             # pre-drafts while this round is verified
     spec: Speculation | None = None  # being verified now
     cache: dict[tuple[int, int], Speculation] = field(default_factory=dict)
@@ -184,7 +186,8 @@ class Drafter:
         g = torch.Generator()
         # the draft's randomness is independent of the target's; a seed makes both reproducible
         g.manual_seed((j.params.seed * 1_000_003 + 17) % 2**63 if j.params.seed is not None else torch.seed())
-        s = _Seq(self.engine.allocate(), list(j.prompt), j.params, j.mode, j.k, j.budget, j.saguaro_c, g)
+        vocab = min(j.vocab, self.engine.vocab_size) if j.vocab > 0 else self.engine.vocab_size
+        s = _Seq(self.engine.allocate(), list(j.prompt), j.params, j.mode, j.k, j.budget, j.saguaro_c, g, vocab)
         self.seqs[j.seq_id] = s
         if len(j.prompt) > 1:
             self.engine.forward([s.slot], [j.prompt[:-1]], logits=False)
@@ -217,7 +220,7 @@ class Drafter:
 
     def _fast(self, s: _Seq) -> Speculation:
         tokens = s.fast_guess
-        return Speculation(tokens, None if s.params.greedy else one_hot(tokens, self.engine.vocab_size), "fast")
+        return Speculation(tokens, None if s.params.greedy else one_hot(tokens, s.vocab), "fast")
 
     def _backup_choice(self, batch: int, verify_ms: float) -> str:
         if self.spec.backup != "auto":
@@ -235,6 +238,7 @@ class Drafter:
     # -- drafting -------------------------------------------------------------------------------
     def _choose(self, s: _Seq, logits: torch.Tensor, fanout: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next tokens for rows of one sequence's logits, and the q they were drawn from."""
+        logits = logits[..., : s.vocab]
         if s.params.greedy:
             return greedy(logits), None
         q = probs(logits, s.params)
@@ -273,7 +277,7 @@ class Drafter:
         fanouts = {}   # one fit per build, shared by sequences with the same (budget, K)
         for s, lg in zip(seqs, glue):
             n = len(s.spec.tokens)
-            dist = lg[-(n + 1):]                        # L_0..L_n
+            dist = lg[-(n + 1):, : s.vocab]             # L_0..L_n
             top1 = greedy(dist).tolist()
             for tok, nxt in zip([s.history[-1]] + s.spec.tokens, top1):
                 self.top_next[tok] = nxt
@@ -301,7 +305,8 @@ class Drafter:
         k_max = max(s.k for s in seqs)
         drafted = torch.zeros(len(parents), k_max, dtype=torch.long)
         sampled = any(not s.params.greedy for s in seqs)
-        qs = torch.empty(len(parents), k_max, eng.vocab_size) if sampled else None   # q rows, per branch and depth
+        vocab = max(s.vocab for s in seqs)
+        qs = torch.empty(len(parents), k_max, vocab) if sampled else None   # q rows, per branch and depth
         for depth in range(k_max):
             logits = eng.branch_step(parents_t, visible_t, feed, depth)
             for s in seqs:
@@ -311,11 +316,11 @@ class Drafter:
                 tok, q = self._choose(s, logits[rows], _at(s.fanout, depth))
                 drafted[rows, depth] = tok
                 if q is not None:
-                    qs[rows, depth] = q
+                    qs[rows, depth, : s.vocab] = q
             feed = drafted[:, depth]
         drafted_l = drafted.tolist()
         for n, (s, j, c) in enumerate(owners):
-            q = None if s.params.greedy else qs[n, : s.k]
+            q = None if s.params.greedy else qs[n, : s.k, : s.vocab]
             s.cache[(j, c)] = Speculation(drafted_l[n][: s.k], q, "cache")
 
 
