@@ -1,7 +1,9 @@
 """Draft/target pair validation, from the checkpoints' JSON files alone.
 
 Speculative decoding is only exact and only fast when both models speak the same vocabulary: the
-target verifies draft token ids against its own distribution over the same ids. The mistakes
+target verifies draft token ids against its own distribution over the same ids. What must match is
+the tokenizer; the embedding tables may be padded to different sizes (Qwen2.5-7B has 152064 rows,
+Qwen2.5-0.5B 151936, one tokenizer), and verification then runs over the ids both have. The mistakes
 below are the most common open complaints against NVIDIA's speculative setup, so they are
 checked before any engine is built or loaded, with a message naming the fix. Plain json and
 hashlib only: the core calls this at startup.
@@ -42,7 +44,7 @@ class ModelInfo:
 class PairInfo:
     target: ModelInfo
     draft: ModelInfo
-    vocab_size: int
+    vocab_size: int                  # ids both models have: what verification runs over
     eos_token_ids: tuple[int, ...]   # the target's: it decides where generation ends
     bos_token_id: int | None
     max_context: int                 # positions both models can attend to
@@ -106,12 +108,13 @@ def _vocab(tok: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def _compare_tokenizers(target: Path, draft: Path) -> str:
-    """sha256 of the target's tokenizer file; SaguaroError when the draft's differs in effect."""
+def _compare_tokenizers(target: Path, draft: Path) -> tuple[str, int | None]:
+    """sha256 of the target's tokenizer file and the largest token id it has (None: not parsed, the
+    files being equal or not JSON); SaguaroError when the draft's tokenizer differs in effect."""
     t_bytes, d_bytes = target.read_bytes(), draft.read_bytes()
     digest = hashlib.sha256(t_bytes).hexdigest()
     if t_bytes == d_bytes:      # the common case, and it skips parsing multi-MB JSON
-        return digest
+        return digest, None
     fix = "use a draft from the same model family that ships the target's tokenizer"
     if target.suffix != ".json" or draft.suffix != ".json":
         raise SaguaroError(f"tokenizer: {draft} differs from {target}: {fix}")
@@ -126,7 +129,24 @@ def _compare_tokenizers(target: Path, draft: Path) -> str:
         if t.get(key) != d.get(key):
             raise SaguaroError(f"tokenizer {key} rules differ between {target} and {draft} (same vocab, "
                                f"different tokenization): {fix}")
-    return digest
+    return digest, max(tv.values(), default=-1)
+
+
+def _largest_token_id(path: Path) -> int | None:
+    """The largest id of a tokenizer.json (vocab and added tokens); None for other formats."""
+    return max(_vocab(_read_json(path)).values(), default=-1) if path.suffix == ".json" else None
+
+
+def _check_vocab_sizes(t: ModelInfo, d: ModelInfo, tokenizer: Path, largest: int | None) -> None:
+    """Embedding sizes may differ (padding), but both must hold every id of the shared tokenizer."""
+    if t.vocab_size == d.vocab_size:
+        return
+    largest = _largest_token_id(tokenizer) if largest is None else largest
+    for role, m in (("target", t), ("draft", d)):
+        if largest is not None and largest >= m.vocab_size:
+            raise SaguaroError(f"vocab_size: the {role} has {m.vocab_size} ids but the tokenizer has ids up to "
+                               f"{largest} (target {t.vocab_size}, draft {d.vocab_size}): pick a {role} of the same "
+                               f"family whose vocab_size covers the tokenizer")
 
 
 # Written by build_engines/build.py next to each TensorRT-LLM engine: the checkpoint it was built from.
@@ -167,11 +187,9 @@ def validate_pair(target_dir: str | Path, draft_dir: str | Path, num_draft_token
     build_engines/build.py (its source checkpoint is checked)."""
     t = read_model(source_checkpoint(target_dir, "target"), "target")
     d = read_model(source_checkpoint(draft_dir, "draft"), "draft")
-    if t.vocab_size != d.vocab_size:
-        raise SaguaroError(f"vocab_size: target {t.vocab_size} != draft {d.vocab_size}: the draft must share the "
-                           f"target's vocabulary (logits are compared id by id); pick a draft of the same family "
-                           f"with vocab_size {t.vocab_size}")
-    digest = _compare_tokenizers(_tokenizer_file(Path(t.path), "target"), _tokenizer_file(Path(d.path), "draft"))
+    tokenizer = _tokenizer_file(Path(t.path), "target")
+    digest, largest = _compare_tokenizers(tokenizer, _tokenizer_file(Path(d.path), "draft"))
+    _check_vocab_sizes(t, d, tokenizer, largest)
     if t.bos_token_id != d.bos_token_id:
         raise SaguaroError(f"bos_token_id: target {t.bos_token_id} != draft {d.bos_token_id}: set the same "
                            f"bos_token_id in both config.json files, or use a draft trained with the target's tokenizer")
@@ -196,5 +214,6 @@ def validate_pair(target_dir: str | Path, draft_dir: str | Path, num_draft_token
         if max_seq_len <= lookahead:
             raise SaguaroError(f"max_seq_len={max_seq_len} leaves no room for a prompt plus one round of "
                                f"{lookahead} tokens: raise --max-seq-len")
-    return PairInfo(target=t, draft=d, vocab_size=t.vocab_size, eos_token_ids=t.eos_token_ids or d.eos_token_ids,
-                    bos_token_id=t.bos_token_id, max_context=context, tokenizer_sha256=digest)
+    return PairInfo(target=t, draft=d, vocab_size=min(t.vocab_size, d.vocab_size),
+                    eos_token_ids=t.eos_token_ids or d.eos_token_ids, bos_token_id=t.bos_token_id,
+                    max_context=context, tokenizer_sha256=digest)
