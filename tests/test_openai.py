@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from saguaro.config import DEMO_TARGET
 from saguaro.openai_front import ChatTemplate, OpenAIFront, StopCut, upstream_error
 from saguaro.text import load_tokenizer
 from saguaro.triton_server import free_port
+from test_http_front import post as post_bytes
 from test_serving import PROMPTS, metrics, wait_slots_free
 
 PROMPT = PROMPTS[4]
@@ -61,13 +61,7 @@ def ensemble(serving):
 
 
 def post(url: str, body: dict | bytes) -> tuple[int, bytes]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    return post_bytes(url, body if isinstance(body, bytes) else json.dumps(body).encode())
 
 
 # -- pure parts --------------------------------------------------------------------------------------
@@ -211,7 +205,7 @@ def test_aiperf_profiles_the_openai_endpoint_without_errors(front, tmp_path):
     out = subprocess.run([AIPERF, "profile", "--model", "ensemble", "--url", f"http://127.0.0.1:{front.port}",
                           "--endpoint-type", "completions", "--streaming", "--tokenizer", str(DEMO_TARGET),
                           "--concurrency", "2", "--request-count", "6", "--synthetic-input-tokens-mean", "64",
-                          "--output-tokens-mean", "16", "--artifact-dir", str(tmp_path)],
+                          "--output-tokens-mean", "16", "--ui-type", "none", "--artifact-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     export = json.loads(next(tmp_path.rglob("profile_export_aiperf.json")).read_text())

@@ -190,6 +190,13 @@ def check_integer(body: dict, name: str, low: int, high: Optional[int] = None) -
     return value
 
 
+def check_bool(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"{name}={value!r}: must be true or false", name)
+    return bool(value)
+
+
 def check_known(body: dict) -> None:
     """A 400 for a field this front would have to ignore."""
     for name, value in body.items():
@@ -221,7 +228,7 @@ def check_request(body: dict, prompts: list[str], model: str) -> Spec:
     fields = {name: value for name in FIELDS if (value := check_field(body, name)) is not None}
     if fields.get("temperature") and "top_p" not in fields and "top_k" not in fields:
         fields["top_p"] = 1.0       # OpenAI samples at any temperature > 0; NVIDIA's ensemble only with top_k or top_p
-    if body.get("ignore_eos"):
+    if check_bool(body, "ignore_eos"):
         fields["min_tokens"] = max_tokens
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
@@ -229,8 +236,8 @@ def check_request(body: dict, prompts: list[str], model: str) -> Spec:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError(400, f"seed={seed!r}: must be an integer", "seed")
-    return Spec(prompts=prompts, n=check_integer(body, "n", 1, MAX_N) or 1, stream=bool(body.get("stream")),
-                include_usage=bool(options.get("include_usage")), max_tokens=max_tokens,
+    return Spec(prompts=prompts, n=check_integer(body, "n", 1, MAX_N) or 1, stream=check_bool(body, "stream"),
+                include_usage=check_bool(options, "include_usage"), max_tokens=max_tokens,
                 stops=check_stops(body.get("stop")), seed=None if seed is None else seed % 2 ** 64, fields=fields)
 
 
