@@ -51,10 +51,11 @@ import random
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
+from typing import Any
 
 from aiohttp import ClientError, web
 from jinja2 import TemplateError
@@ -76,7 +77,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 
 # OpenAI field -> (check, the ensemble inputs that take it: the first one the ensemble has)
 NUMBER, INTEGER, STRING = (int, float), (int,), (str,)
-FIELDS: dict[str, tuple[tuple, Optional[tuple[float, float]], tuple[str, ...]]] = {
+FIELDS: dict[str, tuple[tuple, tuple[float, float] | None, tuple[str, ...]]] = {
     "temperature": (NUMBER, (0, 2), ("temperature",)),
     "top_p": (NUMBER, (0, 1), ("top_p",)),
     "presence_penalty": (NUMBER, (-2, 2), ("presence_penalty",)),
@@ -104,7 +105,7 @@ ENSEMBLE_TO_OPENAI = {"text_input": None, "stop_words": "stop", "random_seed": "
 class ApiError(Exception):
     """An error in OpenAI's format; the message names the field and the fix."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
@@ -131,7 +132,7 @@ class Spec:
     include_usage: bool
     max_tokens: int
     stops: list[str]
-    seed: Optional[int]
+    seed: int | None
     fields: dict[str, Any]            # OpenAI field -> value, for the ensemble inputs in FIELDS
 
     def upstream(self, inputs: frozenset[str]) -> list[tuple[int, str, dict]]:
@@ -180,7 +181,7 @@ def check_field(body: dict, name: str) -> Any:
     return value
 
 
-def check_integer(body: dict, name: str, low: int, high: Optional[int] = None) -> Optional[int]:
+def check_integer(body: dict, name: str, low: int, high: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
@@ -293,7 +294,7 @@ class ChatTemplate:
             raise ApiError(400, f"messages: the model's chat template refused them ({e})", "messages") from None
 
 
-def template_source(config: dict, tokenizer_dir: Path) -> Optional[str]:
+def template_source(config: dict, tokenizer_dir: Path) -> str | None:
     """The chat template of a model folder: tokenizer_config.json's chat_template (a string, or a
     list of named templates: "default"), else chat_template.jinja; None when it has none."""
     template = config.get("chat_template")
@@ -388,7 +389,7 @@ class Reply:
     def _chunk(self, choice: dict) -> dict:
         return self._object("chat.completion.chunk" if self.chat else "text_completion", [choice])
 
-    def opening(self, index: int) -> Optional[dict]:
+    def opening(self, index: int) -> dict | None:
         """A chat stream's first chunk of a choice (its role); completions have none."""
         if not self.chat:
             return None
@@ -435,7 +436,7 @@ def scalar(value: Any) -> Any:
     return value
 
 
-def upstream_error(status: Optional[int], message: str) -> ApiError:
+def upstream_error(status: int | None, message: str) -> ApiError:
     """The ensemble's error as an OpenAI error. Triton's status stands (400 bad input, 503 retry);
     a model Triton does not know (404) is our ensemble not loaded yet: 503. An error inside a stream
     (status 200 already sent) is 503 when it says to retry (every retryable error of ours does), 500
@@ -487,7 +488,7 @@ class OpenAIFront(BackgroundApp):
         self.model, self.tokenizer = model, load_tokenizer(tokenizer_dir)
         self.chat_template = ChatTemplate(Path(tokenizer_dir))
         self.created = int(time.time())
-        self._inputs: Optional[frozenset[str]] = None
+        self._inputs: frozenset[str] | None = None
 
     def routes(self, app: web.Application) -> None:
         app.middlewares.append(self._errors)
@@ -669,7 +670,7 @@ def error_message(text: str) -> str:
     return text.strip() or "the server answered without a message"
 
 
-async def send_events(response: web.StreamResponse, events: list[Optional[dict]]) -> None:
+async def send_events(response: web.StreamResponse, events: list[dict | None]) -> None:
     for event in events:
         if event is not None:
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
