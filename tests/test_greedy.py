@@ -40,12 +40,20 @@ def generate_all(dec, prompts, mode, batch):
     return out
 
 
+def subset(prompts, ar_outputs, batch):
+    """Batched cases decode every dev prompt; one at a time, every third (11 of 31) keeps the suite's
+    time in bounds while each case still checks hundreds of rounds."""
+    step = 1 if batch > 1 else 3
+    return prompts[::step], ar_outputs[::step]
+
+
 @pytest.mark.parametrize("mode,k,batch,backup,process", [
     ("sd", 2, 1, "neural", False), ("sd", 4, 1, "neural", False), ("sd", 6, 8, "neural", False),
     ("ssd", 2, 1, "neural", False), ("ssd", 4, 1, "fast", False), ("ssd", 6, 8, "auto", False),
     ("ssd", 4, 1, "auto", True), ("ssd", 5, 8, "neural", True),
 ])
 def test_greedy_speculative_equals_autoregressive(prompts, ar_outputs, mode, k, batch, backup, process):
+    prompts, ar_outputs = subset(prompts, ar_outputs, batch)
     dec = build_decoder(TARGET, DRAFT, SpecConfig(k=k, budget=16, backup=backup), draft_process=process)
     try:
         outputs = generate_all(dec, prompts, mode, batch)
@@ -74,6 +82,7 @@ def test_greedy_round_policy_equals_autoregressive(prompts, ar_outputs, batch, p
                         SpecConfig(k=3, budget=8), draft_process=process)
     if chooser == "random":
         dec.policy = RandomRounds(max_k=SpecConfig.policy_max_k, seed=batch)
+    prompts, ar_outputs = subset(prompts, ar_outputs, batch)
     try:
         outputs = generate_all(dec, prompts, "ssd", batch)
         kinds = {k for r in dec.history for k in ("ar", "sd", "ssd") if getattr(r, k)}

@@ -430,7 +430,7 @@ def grid_row(report: dict, bar: float) -> dict:
     m = report["modes"]
     best = max(m["ar"]["tokens_per_s"], m["sd"]["tokens_per_s"])
     ratio = m["ssd"]["tokens_per_s"] / best
-    failed = [x for x in ("sd", "ssd") if m[x]["degraded_rounds"]]
+    failed = [x for x in ("sd", "ssd") if m[x].get("degraded_rounds")]
     row = {"ar": round(m["ar"]["tokens_per_s"], 1), "sd": round(m["sd"]["tokens_per_s"], 1),
            "ssd": round(m["ssd"]["tokens_per_s"], 1), "ssd/max(ar,sd)": round(ratio, 3), "bar": bar,
            "meets_bar": ratio >= bar and not failed}
