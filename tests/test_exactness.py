@@ -138,9 +138,10 @@ SSD = dict(k=K, budget=BUDGET, saguaro_c=0.3, policy=False)
 CASES = [
     # id, mode, spec, params[, mark]
     ("ssd-neural-t0.7", "ssd", SpecConfig(**SSD, backup="neural"), SamplingParams(temperature=0.7)),
-    # the t0.7 cases cover the t1.0 ones' code paths: these two run with `pytest -m slow`
+    # cases marked slow run with `pytest -m slow`: the t0.7 cases cover the t1.0 ones' code paths
     ("ssd-neural-t1.0", "ssd", SpecConfig(**SSD, backup="neural"), SamplingParams(temperature=1.0), pytest.mark.slow),
-    ("ssd-fast-t0.7", "ssd", SpecConfig(**SSD, backup="fast"), SamplingParams(temperature=0.7)),
+    # the fast backup also serves the switching cases' SSD rounds (RandomRounds picks either backup)
+    ("ssd-fast-t0.7", "ssd", SpecConfig(**SSD, backup="fast"), SamplingParams(temperature=0.7), pytest.mark.slow),
     ("ssd-fast-t1.0", "ssd", SpecConfig(**SSD, backup="fast"), SamplingParams(temperature=1.0), pytest.mark.slow),
     ("ssd-neural-topk-topp", "ssd", SpecConfig(**SSD, backup="neural"),
      SamplingParams(temperature=0.9, top_k=5, top_p=0.8)),
@@ -171,16 +172,18 @@ def test_sampled_decoding_matches_autoregressive_distribution(models, engines, s
 
 SMALL = 3             # fan-out budget of the switching cases: more misses to switch after
 SWITCH_CASES = [
-    # id, spec, params, policy: random round types, or the real round policy
+    # id, spec, params, policy (random round types, or the real round policy)[, mark]
     ("switching-neural-t0.7", SpecConfig(k=K, budget=SMALL, saguaro_c=0.3, backup="neural"), SamplingParams(temperature=0.7), "random"),
     ("switching-fast-t1.0", SpecConfig(k=K, budget=SMALL, saguaro_c=0.3, backup="fast"), SamplingParams(temperature=1.0), "random"),
-    ("switching-topk-topp", SpecConfig(k=K, budget=SMALL, backup="auto"), SamplingParams(temperature=0.9, top_k=5, top_p=0.8), "random"),
+    # top-k/top-p is covered by ssd-neural-topk-topp, switching by the two above: `pytest -m slow`
+    ("switching-topk-topp", SpecConfig(k=K, budget=SMALL, backup="auto"), SamplingParams(temperature=0.9, top_k=5, top_p=0.8), "random",
+     pytest.mark.slow),
     ("policy-t0.7", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3), SamplingParams(temperature=0.7), "policy"),
 ]
 
 
-@pytest.mark.parametrize("seed,spec,params,policy", [((len(CASES) + 1 + i) * 10**6, *c[1:]) for i, c in enumerate(SWITCH_CASES)],
-                         ids=[c[0] for c in SWITCH_CASES])
+@pytest.mark.parametrize("seed,spec,params,policy", [pytest.param((len(CASES) + 1 + i) * 10**6, *c[1:4], id=c[0], marks=c[4:])
+                                                   for i, c in enumerate(SWITCH_CASES)])
 def test_sampled_decoding_with_switching_round_types_matches(models, engines, seed, spec, params, policy):
     _, target_hf = models
     joint = exact_distribution(target_hf, params.with_(max_tokens=N_TOKENS))
