@@ -228,10 +228,16 @@ def run_point(a: argparse.Namespace, mode: str, concurrency: int, input_path: Pa
         cmd += ["--request-count", str(count)]
     before = scrape_metrics(a.metrics_url)
     log = stem.with_suffix(".log")
-    with log.open("w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout_s)
+    for attempt in range(3):     # perf_analyzer 2.51 now and then exits 0 with an empty profile export
+        export_path.unlink(missing_ok=True)
+        with log.open("w") as f:
+            f.write(" ".join(cmd) + "\n")
+            f.flush()
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout_s)
+        if proc.returncode != 0 or export_path.stat().st_size > 0:
+            break
+        print(f"  {mode} c={concurrency}: perf_analyzer wrote an empty profile export; running the point again",
+              file=sys.stderr, flush=True)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise ClientError(f"perf_analyzer failed (exit {proc.returncode}) for {mode} c={concurrency}:\n{tail}")
