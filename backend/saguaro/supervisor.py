@@ -100,10 +100,16 @@ class StubSupervisor:
 
     def _loaded_models(self) -> set[str]:
         """Models the server holds as loaded (READY), from the repository index."""
-        req = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return {m["name"] for m in json.load(r) if m.get("state") == "READY"}
+        index = json.loads(post(self.http_url, "/v2/repository/index", timeout_s=10))
+        return {m["name"] for m in index if m.get("state") == "READY"}
 
     def _post(self, path: str) -> None:
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST")
-        urllib.request.urlopen(req, timeout=300).close()
+        post(self.http_url, path, timeout_s=300)
+
+
+def post(http_url: str, path: str, body: bytes = b"{}", timeout_s: float = 10.0) -> bytes:
+    """POST to Triton's HTTP API (repository load/unload/index, generate); the response body.
+    Raises urllib.error.HTTPError for an error status, URLError/OSError when unreachable."""
+    req = urllib.request.Request(f"http://{http_url}{path}", data=body, method="POST")
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        return r.read()

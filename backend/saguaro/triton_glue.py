@@ -90,6 +90,11 @@ def inputs_of(request) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in request.inputs()}
 
 
+def outputs_of(reply) -> dict[str, np.ndarray]:
+    """A BLS reply's output tensors by name."""
+    return {t.name(): t.as_numpy() for t in reply.output_tensors()}
+
+
 def response(pb_utils, outputs: Mapping[str, np.ndarray]):
     return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
 

@@ -35,7 +35,7 @@ from typing import Mapping, Optional, Sequence
 
 from saguaro.errors import SaguaroError
 from saguaro.private_dir import remove_runtime_dir, server_folder
-from saguaro.supervisor import StubSupervisor
+from saguaro.supervisor import StubSupervisor, post
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]                     # backend/ (holds saguaro/)
 DEFAULT_MODEL_REPOSITORY = PACKAGE_ROOT.parent / "model_repository"
@@ -274,10 +274,8 @@ class TritonServer:
         for model in models:
             if self.model_ready(model):
                 continue
-            req = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/load",
-                                         data=b"{}", method="POST")
             try:
-                urllib.request.urlopen(req, timeout=timeout_s).close()
+                post(self.http_url, f"/v2/repository/models/{model}/load", timeout_s=timeout_s)
             except urllib.error.HTTPError as e:
                 detail = e.read().decode("utf-8", "replace")
                 raise SaguaroError(f"tritonserver: model {model!r} failed to load: {detail}\n"
@@ -352,10 +350,8 @@ class TritonServer:
             return                             # no model ever started
         if not self.model_ready("ssd"):
             return
-        req = urllib.request.Request(f"http://{self.http_url}/v2/models/ssd/generate", method="POST",
-                                     data=json.dumps({"drain": True, "auth": secret}).encode())
         try:
-            urllib.request.urlopen(req, timeout=timeout_s).close()
+            post(self.http_url, "/v2/models/ssd/generate", json.dumps({"drain": True, "auth": secret}).encode(), timeout_s)
         except (urllib.error.URLError, OSError):
             pass                               # stopping goes on regardless
 

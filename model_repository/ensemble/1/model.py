@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from saguaro.private_dir import runtime_dir, server_secret
 from saguaro.serving import nvidia_outputs, nvidia_rows
-from saguaro.triton_glue import RELAYED_OUTPUTS, error_response, inputs_of, model_params, response
+from saguaro.triton_glue import RELAYED_OUTPUTS, error_response, inputs_of, model_params, outputs_of, response
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -107,7 +107,7 @@ class TritonPythonModel:
                     ended = True
                     self._fail(stream, error, siblings)
                 elif reply.output_tensors() and relay_id not in self.cancelled:
-                    out = response(pb_utils, nvidia_outputs(_outputs(reply), row))
+                    out = response(pb_utils, nvidia_outputs(outputs_of(reply), row))
                     # the totals come with `ssd`'s last response of the row
                     if pb_utils.get_output_tensor_by_name(reply, "generated_tokens") is not None:
                         ended = True
@@ -170,10 +170,6 @@ class TritonPythonModel:
         deadline = time.monotonic() + 2.5
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
-
-
-def _outputs(reply) -> dict[str, np.ndarray]:
-    return {t.name(): t.as_numpy() for t in reply.output_tensors()}
 
 
 def _error_of(reply):

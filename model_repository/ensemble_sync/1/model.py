@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb_utils
 
 from saguaro.errors import SaguaroError
 from saguaro.serving import nvidia_outputs, nvidia_rows, stacked
-from saguaro.triton_glue import RELAYED_OUTPUTS, error_response, inputs_of, model_params, response
+from saguaro.triton_glue import RELAYED_OUTPUTS, error_response, inputs_of, model_params, outputs_of, response
 
 
 class TritonPythonModel:
@@ -37,4 +37,4 @@ class TritonPythonModel:
         reply = next(r for r in call.exec(decoupled=True) if r.has_error() or r.output_tensors())
         if reply.has_error():
             return pb_utils.InferenceResponse(error=reply.error())
-        return nvidia_outputs({t.name(): t.as_numpy() for t in reply.output_tensors()}, row)
+        return nvidia_outputs(outputs_of(reply), row)
