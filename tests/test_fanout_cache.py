@@ -372,3 +372,23 @@ def test_a_plain_target_step_drafts_nothing_and_the_next_speculation_catches_up(
     assert reply.specs[0].tokens == _neural_drafts(draft_engine, [history], 4)[0]
     assert d.build() == {}                                  # an SD round: no build either
     d.release_all()
+
+
+def test_outcomes_of_plain_target_steps_bring_the_draft_kv_up_to_date(draft_engine):
+    """A catch-up (outcomes told while the target takes plain steps): the drafter prefills what
+    was committed, so the round that speculates again drafts exactly what drafting from the whole
+    history would, with nothing left to prefill."""
+    d = _drafter(draft_engine, "neural")
+    _join(d, SamplingParams())
+    slot = d.seqs[0].slot
+    reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [11], next_k=0, build=False),
+                                        Outcome(0, 0, [12], next_k=0, build=False),
+                                        Outcome(0, 0, [13], next_k=0, build=False)]))
+    assert reply.specs == {} and reply.hits == {} and d.build() == {}
+    history = d.seqs[0].history
+    assert history[-3:] == [11, 12, 13]
+    assert draft_engine.length(slot) == len(history) - 1    # all but the last committed token
+    assert d.seqs[0].fast_guess == []                        # no n-gram guess for a round that drafts nothing
+    reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [14], next_k=3, build=False)]))
+    assert reply.specs[0].tokens == _neural_drafts(draft_engine, [d.seqs[0].history], 3)[0]
+    d.release_all()

@@ -5,11 +5,14 @@ round policy chooses, or a stand-in that switches AR, SD and SSD, K and the targ
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from saguaro.config import DEMO_DRAFT, DEMO_TARGET, DEV_PROMPTS, EngineConfig, SamplingParams, SpecConfig
+from saguaro.decoder import CATCH_UP
 from saguaro.llm import build_decoder
+from saguaro.policy import Option, RoundPolicy
 from saguaro.text import load_tokenizer
 from random_rounds import RandomRounds
 
@@ -93,3 +96,43 @@ def test_greedy_round_policy_equals_autoregressive(prompts, ar_outputs, batch, p
     assert not mismatched, f"{chooser} round types, batch={batch} differs from AR on prompts {mismatched}"
     assert kinds == {"ar", "sd", "ssd"} or chooser == "policy", kinds
     assert target_slots == 0 and draft_slots == 0, "a finished request kept a KV slot"
+
+
+class LongPlainStretches(RoundPolicy):
+    """A stand-in for the policy: plain target steps on every core it may use, and an SD round every
+    `every` rounds (K=2), so the drafter sits out long stretches and then drafts at once."""
+
+    def __init__(self, every: int):
+        super().__init__(max_k=2, default_k=2)
+        self.every, self.n, self.wide_ok = every, 0, []
+
+    def choose(self, seq_ids, batch, wide_ok):
+        self.n += 1
+        self.wide_ok.append(wide_ok)
+        return (Option("sd", 2, False) if self.n % self.every == 0 else Option("ar", 0, wide_ok)), None
+
+
+def test_the_drafter_catches_up_during_plain_steps_and_joins_are_read_later(prompts, ar_outputs):
+    """Outcomes of plain target steps are told to the drafter every CATCH_UP rounds (on one core,
+    the target narrow in that round) rather than all at once when speculation resumes; a round of
+    joins is read when the drafter is next told something. Greedy output stays AR's."""
+    dec = build_decoder(replace(TARGET, prefill_threads=2), DRAFT, SpecConfig(k=2), draft_process=False)
+    dec.policy = policy = LongPlainStretches(every=3 * CATCH_UP + 1)
+    try:
+        [seq] = [dec.add(prompts[0], PARAMS.with_(max_tokens=4 * CATCH_UP))]
+        out = dec.step()[0].tokens
+        assert dec.unread is not None and dec.draft_slots == 0    # the join's draft prefill is not read yet
+        most_held, behind = 0, []
+        while dec.active:
+            out += dec.step()[0].tokens
+            most_held = max(most_held, len(dec.held.get(seq, [])))
+            drafter = dec.draft.drafter
+            if seq in drafter.seqs:   # committed tokens the draft's KV lacks, as the next round starts
+                behind.append(len(prompts[0]) + len(out) - drafter.engine.length(drafter.seqs[seq].slot))
+    finally:
+        dec.close()
+    assert out == ar_outputs[0][: len(out)] and len(out) == 4 * CATCH_UP
+    assert most_held < CATCH_UP, most_held                        # never a longer stretch untold
+    assert behind and max(behind) <= CATCH_UP + 1, behind          # never the whole stretch to prefill at once
+    catch_ups = [i for i, ok in enumerate(policy.wide_ok) if not ok]
+    assert catch_ups and len(catch_ups) < len(policy.wide_ok) / 2  # one narrow round per CATCH_UP plain steps

@@ -37,6 +37,7 @@ from saguaro.policy import Option, Prediction, RoundCosts, RoundPolicy
 from saguaro.sampling import distribution, greedy, token_log_probs, verify_greedy, verify_sampled
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
+CATCH_UP = 8                         # plain target steps a sequence's outcomes wait before the drafter is told
 
 
 class DraftClient(Protocol):
@@ -147,6 +148,7 @@ class Decoder:
         self.last_round_end = 0.0        # perf_counter() when the last round ended
         self.draft_slots = 0             # draft KV slots in use, as of the drafter's last answer
         self.caches: CacheKeys = {}      # the drafter's pre-drafted speculations for the next outcomes
+        self.unread: PendingRound | None = None   # a round of joins only, read when the drafter is next told something
         self.history: list[RoundStats] = []
         backups = ("neural", "fast") if spec.backup == "auto" else (spec.backup,)
         self.policy = (RoundPolicy(max_k=min(self.max_draft_len, spec.policy_max_k), default_k=spec.k, backups=backups)
@@ -219,10 +221,14 @@ class Decoder:
         self._prefill(joining)
         prefill_ms = (time.perf_counter() - t_round) * 1e3
         option, predicted = self._plan(seqs, joining)
+        joins_only = bool(self.joins) and not self.outcomes
+        drained = self.unread is not None and self._has_news()
+        t0 = time.perf_counter()
         pending = self._start_draft_round(option.backup if option else "")
-        reply, spec_wait = None, 0.0
+        reply, spec_wait = None, (time.perf_counter() - t0) * 1e3 if drained else 0.0
         if pending and any(s.k and s.spec is None for s in seqs):
-            reply, spec_wait = self._await(pending.reply)  # misses and SD: drafted for this round
+            reply, waited = self._await(pending.reply)  # misses and SD: drafted for this round
+            spec_wait += waited
             pending = pending if reply is not None else None
         # The target may take every core when the drafter has nothing to do during the forward.
         self.target.use_all_cores(option is not None and option.wide and not joining and not any(s.build for s in seqs))
@@ -238,6 +244,10 @@ class Decoder:
             outputs = self.target.forward([s.slot for s in seqs], fed)
         verify_ms = (time.perf_counter() - t0) * 1e3
         build_wait = 0.0
+        if pending and joins_only:
+            # New sequences' draft prefill needs no answer this round: it goes on through the
+            # rounds after (on one core) and is read when the drafter is next told something.
+            self.unread, pending, self.caches = pending, None, {}
         if pending and reply is None:   # all hits: the answer (q's for sampling) came during the forward
             reply, build_wait = self._await(pending.reply)
         if pending and reply is not None:
@@ -261,7 +271,7 @@ class Decoder:
             option=option.label if option else "", predicted_ms=predicted.ms if predicted else None,
             predicted_tokens=predicted.tokens if predicted else None)
         self.history.append(stats)
-        if option is not None and not joining and not stats.degraded:
+        if option is not None and not joining and not drained and not stats.degraded:
             self.policy.observe(RoundCosts(
                 option=option, batch=len(seqs), tokens_per_seq=1 + max(stats.ks), verify_ms=stats.verify_ms,
                 spec_wait_ms=spec_wait, build_wait_ms=build_wait, build_ms=stats.build_ms, wall_ms=stats.wall_ms + gap_ms,
@@ -293,23 +303,26 @@ class Decoder:
         for s in seqs:
             speculates = s.mode != "ar" and not s.first_round
             s.k, s.build = (s.request_k, s.mode == "ssd") if speculates else (0, False)
+        # A sequence's outcomes wait while it takes plain target steps: the drafter stays idle (and
+        # off the target's cores). Every CATCH_UP of them it is told them during a round on one
+        # core, and brings its KV up to date there, so speculating again waits for no long catch-up.
+        catch_up = any(len(self.held.get(o.seq_id, ())) + 1 >= CATCH_UP for o in self.outcomes)
         option = predicted = None
         if chosen:
-            wide_ok = not joining and not any(s.build for s in seqs if s not in chosen)
+            busy = joining or catch_up or self.unread is not None   # the drafter may work during this forward
+            wide_ok = not busy and not any(s.build for s in seqs if s not in chosen)
             option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok)
             for s in chosen:
                 s.k, s.build = option.k, option.kind == "ssd"
-        # A sequence's outcomes wait until it drafts again: the drafter stays idle (and off the
-        # target's cores) through plain target steps, then catches up on all of them in order.
         told = []
         for o in self.outcomes:
             s = self.seqs[o.seq_id]
             o.next_k, o.build = s.k, s.build
             self.held.setdefault(o.seq_id, []).append(o)
-            if s.k or s.build:
-                told += self.held.pop(o.seq_id)
-            else:
+            if not (s.k or s.build):
                 s.spec = None           # a plain target step: a pre-drafted speculation goes unused
+            if s.k or s.build or catch_up:
+                told += self.held.pop(o.seq_id)
         self.outcomes = told
         return option, predicted
 
@@ -321,9 +334,13 @@ class Decoder:
     def _spec_tokens(self, s: Sequence) -> list[int]:
         return s.spec.tokens[: s.k] if s.spec is not None and s.k else []
 
+    def _has_news(self) -> bool:
+        return self.draft is not None and bool(self.joins or self.outcomes or self.leaves)
+
     def _start_draft_round(self, backup: str = "") -> PendingRound | None:
-        if self.draft is None or not (self.joins or self.outcomes or self.leaves):
+        if not self._has_news():
             return None
+        self._drain()                   # one round in flight at a time
         rnd = DraftRound(joins=self.joins, outcomes=self.outcomes, leaves=self.leaves, verify_ms=self.last_verify_ms,
                          backup=backup)
         self.joins, self.outcomes, self.leaves = [], [], []
@@ -332,6 +349,12 @@ class Decoder:
         except DraftFailure:
             self._degrade()
             return None
+
+    def _drain(self) -> None:
+        """Read the answers of a joins-only round left unread."""
+        pending, self.unread = self.unread, None
+        if pending is not None and self._await(pending.reply)[0] is not None:
+            self._await(pending.caches)
 
     def _await(self, answer):
         """An answer from the drafter (a reply is applied to the sequences) and the ms spent
@@ -363,7 +386,7 @@ class Decoder:
         for s in self.seqs.values():
             if s.mode != "ar":
                 s.mode, s.k, s.spec, s.stats.degraded = "ar", 0, None, True
-        self.joins, self.outcomes, self.leaves, self.held = [], [], [], {}
+        self.joins, self.outcomes, self.leaves, self.held, self.unread = [], [], [], {}, None
         try:
             self.draft.reset()
         except Exception:   # a drafter that cannot even reset is replaced by its client or stays unused

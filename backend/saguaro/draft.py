@@ -135,6 +135,7 @@ class Drafter:
         # A new sequence's first round verifies no speculation: its drafting starts from the outcome.
         specs, hits, jit = {}, {}, []
         backup = rnd.backup or self._backup_choice(len(rnd.outcomes), rnd.verify_ms)
+        idle: dict[int, _Seq] = {}         # sequences whose next round is a plain target step
         for o in rnd.outcomes:
             s = self.seqs[o.seq_id]
             built = bool(s.cache)          # no cache precedes a first speculation, or follows a round without a build
@@ -142,7 +143,9 @@ class Drafter:
             s.builds = s.mode == "ssd" if o.build is None else o.build
             spec = self._commit(s, o)
             if s.k == 0:                   # a plain target step: nothing to draft
+                idle[o.seq_id] = s
                 continue
+            idle.pop(o.seq_id, None)
             if built:
                 hits[o.seq_id] = spec is not None
                 if spec is None and backup == "fast":
@@ -155,6 +158,7 @@ class Drafter:
             t = time.perf_counter()
             specs.update(self._draft(jit))
             self.jit_ms = _ema(self.jit_ms, (time.perf_counter() - t) * 1e3)
+        self._ingest(list(idle.values()))
         for seq_id, spec in specs.items():
             self.seqs[seq_id].spec = spec
         self.to_build = [i for i in specs if self.seqs[i].builds]
@@ -192,6 +196,15 @@ class Drafter:
         if len(j.prompt) > 1:
             self.engine.forward([s.slot], [j.prompt[:-1]], logits=False)
 
+    def _ingest(self, seqs: list[_Seq]) -> None:
+        """Bring the draft's KV up to the committed tokens of sequences in plain target steps (a
+        catch-up the decoder sends while the target verifies), so the round that speculates again
+        drafts at once instead of prefilling every token since it last drafted."""
+        seqs = [s for s in seqs if self.engine.length(s.slot) < len(s.history) - 1]
+        if seqs:
+            eng = self.engine
+            eng.forward([s.slot for s in seqs], [s.history[eng.length(s.slot):-1] for s in seqs], logits=False)
+
     def _leave(self, seq_id: int) -> None:
         s = self.seqs.pop(seq_id, None)
         if s is not None:
@@ -213,7 +226,8 @@ class Drafter:
             self.fit.observe_fast(matched_prefix(s.fast_guess, o.emitted), len(s.fast_guess))
         s.history.extend(o.emitted)
         self.engine.truncate(s.slot, len(s.history) - 1)
-        s.fast_guess = ngram_proposal(s.history, s.k, self.top_next)
+        # (a plain target step proposes nothing: no guess to score against the next outcome)
+        s.fast_guess = ngram_proposal(s.history, s.k, self.top_next) if s.k else []
         hit = s.cache.get((o.accepted, bonus))
         s.cache, s.spec = {}, None
         return Speculation(hit.tokens[: s.k], None if hit.q is None else hit.q[: s.k], "cache") if hit else None

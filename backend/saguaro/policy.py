@@ -146,6 +146,7 @@ class RoundPolicy:
         self.last_build: tuple[int, int, float] | None = None   # (batch, K, ms seen) of the build now running
         self.measured = False                               # every option has a prediction
         self.shortlist: list[Option] = []                   # the best options of the last full ranking
+        self.last_seen: dict[Option, int] = {}              # the round each option was last measured
         self.rounds = 0
         self.rng = random.Random(seed)
 
@@ -155,6 +156,8 @@ class RoundPolicy:
         its prediction (None while trying an option nobody has measured)."""
         for rate in (self.accept, self.accept_fast, self.all_hits, *self.hits.values(), *self.seq_accept.values()):
             rate.tick()
+        self.rounds += 1
+        explore = self.rng.random() < EXPLORE
         options = [o for o in self.options if wide_ok or not o.wide]
         now = self._inputs(seq_ids, batch)
         if not self.measured:
@@ -163,10 +166,8 @@ class RoundPolicy:
                 if o in options:
                     return o, None
             self.measured = not unmeasured
-        # Every option is scored every RERANK rounds and when exploring (costs change slowly; a
-        # full ranking costs ~0.1 ms of Python), the shortlist in the rounds between.
-        self.rounds += 1
-        explore = self.rng.random() < EXPLORE
+        # Every option is scored every RERANK rounds and when exploring (costs change slowly), the
+        # shortlist in the rounds between.
         shortlist = [o for o in self.shortlist if wide_ok or not o.wide]
         if explore or self.rounds % RERANK == 0 or not shortlist:
             shortlist = options
@@ -180,17 +181,20 @@ class RoundPolicy:
         return shortlist[best], self._predict(shortlist[best], now, cached=self.last_build is not None)
 
     def _neighbour(self, options: list[Option], rates: list[float], best: int) -> int:
-        """A random option next to the best: its kind with K +- 1, the other backup or the other
-        cores, or the best option of another kind on either cores (so that a cost the machine's
-        load once made look bad is measured again)."""
+        """An option next to the best (the one measured longest ago): its kind with K +- 1, the other backup or the other
+        cores, or the best option of another kind on either cores with K at most one above the
+        best's (so that a cost the machine's load once made look bad is measured again, by a round
+        that costs little more than the best: a long speculation is reached a step at a time)."""
         b = options[best]
-        top = {(kind, wide): max((i for i, o in enumerate(options) if (o.kind, o.wide) == (kind, wide)),
+        reach = max(b.k, 1) + 1
+        top = {(kind, wide): max((i for i, o in enumerate(options) if (o.kind, o.wide) == (kind, wide) and o.k <= reach),
                                  key=rates.__getitem__, default=None)
                for kind in ("ar", "sd", "ssd") for wide in (True, False)}
         near = [i for i, o in enumerate(options) if i != best and (
             (o.kind == b.kind and abs(o.k - b.k) + (o.backup != b.backup) + (o.wide != b.wide) == 1)
             or i == top[o.kind, o.wide])]
-        return self.rng.choice(near) if near else best
+        # the one measured longest ago (ties at random): every neighbour is measured in turn
+        return max(near, key=lambda i: (self.rounds - self.last_seen.get(options[i], -1), self.rng.random())) if near else best
 
     def predict(self, o: Option, seq_ids: list[int], batch: int) -> Prediction | None:
         """The speedup model (docs/design.md) with this machine's measured costs, for the
@@ -263,6 +267,7 @@ class RoundPolicy:
 
     def observe(self, r: RoundCosts) -> None:
         o, b = r.option, r.batch
+        self.last_seen[o] = self.rounds
         if r.build_ms > 0 and self.last_build is not None:
             # the drafter times its build; one that outlasted the verify is seen whole from here
             batch, k, exposed = self.last_build
