@@ -95,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"  metrics  {server.metrics_url}\n"
                       + (f"  OpenAI   http://{TritonServer._hostport(args.host, args.openai_port)}/v1   "
                          f"(model \"ensemble\": /v1/completions, /v1/chat/completions)\n" if openai_front else "") +
-                      f"Ctrl-C to stop.", flush=True)
+                      "Ctrl-C to stop.", flush=True)
                 while server.proc is not None and server.proc.poll() is None:
                     time.sleep(0.2)
                 code = server.proc.returncode if server.proc is not None else None
