@@ -24,10 +24,11 @@ from saguaro.fanout import expected_tokens
 EXPLORE = 1 / 48          # share of rounds that try a neighbour of the best option
 RERANK = 8                # every RERANK-th round scores every option; the others its last SHORTLIST best
 SHORTLIST = 4
-RATE_DECAY = 0.97         # per round, of acceptance and hit rates: a horizon of ~30 rounds
+RATE_DECAY = 0.97         # per round, of a sequence's acceptance and a K's hit rate: a horizon of ~30 rounds
+GLOBAL_DECAY = 0.98       # per observed speculation (or lookup round), of the global rates: the last ~50
 COST_DECAY = 0.9          # per observation, of a cost: the last ~10 (an estimate the load made stale
                           # must recover from the few rounds exploring gives it)
-SEQ_PRIOR = 4.0           # weight of the global acceptance rate in a sequence's own estimate
+SEQ_PRIOR = 1.0           # weight of the global acceptance rate in a sequence's own estimate
 
 
 @dataclass(frozen=True)
@@ -53,15 +54,18 @@ class Prediction:
 
 
 class Rate:
-    """A success rate that forgets with every round (`tick`), observed or not: evidence from long
-    ago fades towards the prior, so a rate the policy stopped measuring gets tried again."""
+    """A success rate. A sequence's (and a K's hit rate) forgets with every round (`tick`), observed
+    or not: evidence from long ago fades towards the prior, the global rate, so a rate the policy
+    stopped measuring returns to what speculation usually achieves here. The global rates forget per
+    observation (`decay`), so they stay what the last speculations measured however long ago."""
 
-    def __init__(self):
+    def __init__(self, decay: float = 1.0):
         self.successes = self.trials = 0.0
+        self.decay = decay
 
     def observe(self, successes: float, trials: float) -> None:
-        self.successes += successes
-        self.trials += trials
+        self.successes = self.successes * self.decay + successes
+        self.trials = self.trials * self.decay + trials
 
     def tick(self) -> None:
         self.successes *= RATE_DECAY
@@ -72,10 +76,13 @@ class Rate:
 
 
 class Line:
-    """A decaying least-squares line y = a + b x (b >= 0: a cost never falls with more work); a
-    constant until two different x have been seen."""
+    """A decaying least-squares line y = a + b x (b >= 0: a cost never falls with more work). Until
+    two different x have been seen it is a constant, or, for work made of x equal steps
+    (`proportional`: drafting K tokens), y proportional to x: K = 6 is not assumed to cost what the
+    K = 3 seen so far did."""
 
-    def __init__(self):
+    def __init__(self, proportional: bool = False):
+        self.proportional = proportional
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.mx = self.my = self.slope = 0.0      # the fit, refreshed by each observation
 
@@ -85,7 +92,10 @@ class Line:
         self.sxx, self.sxy = self.sxx * d + x * x, self.sxy * d + x * y
         self.mx, self.my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - self.mx * self.mx
-        self.slope = max(0.0, (self.sxy / self.w - self.mx * self.my) / var) if var > 1e-6 else 0.0
+        if var > 1e-6:
+            self.slope = max(0.0, (self.sxy / self.w - self.mx * self.my) / var)
+        else:
+            self.slope = self.my / self.mx if self.proportional and self.mx > 0 else 0.0
 
     def predict(self, x: float) -> float:
         return max(0.0, self.my + self.slope * (x - self.mx))
@@ -95,11 +105,12 @@ class Costs:
     """Measured ms of one kind of work, a Line over its size per batch size; a batch never seen
     borrows the nearest one's."""
 
-    def __init__(self):
+    def __init__(self, proportional: bool = False):
         self.lines: dict[int, Line] = {}
+        self.proportional = proportional
 
     def observe(self, batch: int, x: float, ms: float) -> None:
-        self.lines.setdefault(batch, Line()).observe(x, ms)
+        self.lines.setdefault(batch, Line(self.proportional)).observe(x, ms)
 
     def at(self, batch: int) -> Line | None:
         if not self.lines:
@@ -136,13 +147,13 @@ class RoundPolicy:
         self.first = [Option("sd", default_k, True), Option("sd", default_k, False), Option("ssd", default_k, False, backups[0]),
                       Option("ar", 0, True), Option("ar", 0, False)]   # tried first, in this order
         self.verify = {True: Costs(), False: Costs()}     # by wide
-        self.jit, self.build = Costs(), Costs()           # by K
-        self.miss = {"neural": Costs(), "fast": Costs()}  # the wait for a backup after a miss, by K
+        self.jit, self.build = Costs(proportional=True), Costs(proportional=True)    # by K
+        self.miss = {"neural": Costs(proportional=True), "fast": Costs()}  # the wait for a backup after a miss, by K
         self.other: dict[str, Costs] = {"ar": Costs(), "sd": Costs(), "ssd": Costs()}   # wall minus the above
-        self.accept, self.accept_fast = Rate(), Rate()
+        self.accept, self.accept_fast = Rate(GLOBAL_DECAY), Rate(GLOBAL_DECAY)
         self.seq_accept: dict[int, Rate] = {}
         self.hits: dict[int, Rate] = {}                    # by K
-        self.all_hits = Rate()
+        self.all_hits = Rate(GLOBAL_DECAY)
         self.last_build: tuple[int, int, float] | None = None   # (batch, K, ms seen) of the build now running
         self.measured = False                               # every option has a prediction
         self.shortlist: list[Option] = []                   # the best options of the last full ranking
@@ -154,7 +165,7 @@ class RoundPolicy:
     def choose(self, seq_ids: list[int], batch: int, wide_ok: bool) -> tuple[Option, Prediction | None]:
         """The option for this round's policy sequences (seq_ids, of `batch` in the round), and
         its prediction (None while trying an option nobody has measured)."""
-        for rate in (self.accept, self.accept_fast, self.all_hits, *self.hits.values(), *self.seq_accept.values()):
+        for rate in (*self.hits.values(), *self.seq_accept.values()):
             rate.tick()
         self.rounds += 1
         explore = self.rng.random() < EXPLORE
