@@ -26,6 +26,18 @@ def test_line_fits_and_extrapolates_upwards_only():
     assert falling.predict(5) == pytest.approx(2.5, rel=0.02)  # never cheaper with more work
 
 
+def test_a_measured_size_predicts_its_own_cost_and_drafting_scales_with_k():
+    verify = Line()
+    for x, y in ((1, 7.1), (2, 10.0), (3, 11.6), (4, 13.4)) * 5:   # this host's forward: not linear in tokens
+        verify.observe(x, y)
+    assert verify.predict(1) == pytest.approx(7.1) and verify.predict(3) == pytest.approx(11.6)
+    assert verify.predict(6) > verify.predict(4)                       # an unmeasured size: the line
+    drafting = Line(proportional=True)
+    drafting.observe(3, 6.0)
+    assert drafting.predict(6) == pytest.approx(12.0)                  # not what K = 3 cost
+    assert Line().predict(6) == 0.0 and Costs(proportional=True).predict(1, 2) is None
+
+
 def test_costs_borrow_the_nearest_batch():
     c = Costs()
     assert c.predict(1, 1) is None
@@ -204,7 +216,7 @@ def test_a_cost_the_load_made_stale_is_measured_again():
     drive(policy, machine, 100)
     assert drive(policy, machine, 100).most_common(1)[0][0] == Option("ar", 0, False)
     machine.load = 1.0
-    drive(policy, machine, 600)
+    drive(policy, machine, 1200)      # 100-950 rounds over 12 seeds: the neighbour measured longest ago is tried
     assert drive(policy, machine, 100).most_common(1)[0][0] == Option("ar", 0, True)
 
 
