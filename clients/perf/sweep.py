@@ -228,22 +228,30 @@ def run_point(a: argparse.Namespace, mode: str, concurrency: int, input_path: Pa
         cmd += ["--request-count", str(count)]
     before = scrape_metrics(a.metrics_url)
     log = stem.with_suffix(".log")
-    for attempt in range(3):     # perf_analyzer 2.51 now and then exits 0 with an empty profile export
+    for attempt in range(3):     # perf_analyzer 2.51 now and then exits 0 with an empty or cut-off export
         export_path.unlink(missing_ok=True)
         with log.open("w") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout_s)
-        if proc.returncode != 0 or export_path.stat().st_size > 0:
+        if proc.returncode != 0 or _whole_json(export_path):
             break
-        print(f"  {mode} c={concurrency}: perf_analyzer wrote an empty profile export; running the point again",
-              file=sys.stderr, flush=True)
+        print(f"  {mode} c={concurrency}: perf_analyzer wrote an empty or cut-off profile export "
+              f"({export_path.stat().st_size} bytes); running the point again", file=sys.stderr, flush=True)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise ClientError(f"perf_analyzer failed (exit {proc.returncode}) for {mode} c={concurrency}:\n{tail}")
     deltas = metric_deltas(before, scrape_metrics(a.metrics_url))
     stem.with_suffix(".metrics.json").write_text(json.dumps(deltas, indent=1))
     return csv_path, export_path, deltas
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def warm_up(a: argparse.Namespace, req: GenerateRequest) -> None:
