@@ -20,7 +20,7 @@ from clients.common import (  # noqa: E402
 )
 from clients.perf.make_input_data import build_input_data  # noqa: E402
 from clients.perf.sweep import (  # noqa: E402
-    ClientError, Row, advantage_line, metric_deltas, parse_csv, parse_export, parse_mode_ks, parse_prometheus,
+    ClientError, Row, _whole_json, advantage_line, metric_deltas, parse_csv, parse_export, parse_mode_ks, parse_prometheus,
     percentile, rows_from_dir, speculative_rates, write_input_data, write_report,
 )
 
@@ -169,3 +169,13 @@ def test_repeated_runs_of_a_point_pool_into_one_row(tmp_path: Path) -> None:
     assert (pooled.mode, pooled.concurrency, pooled.requests) == ("ssd", 1, 2 * single.requests)
     assert pooled.tokens_per_s == pytest.approx(single.tokens_per_s)
     assert pooled.hit_rate == pytest.approx(single.hit_rate)
+
+
+def test_an_export_cut_off_mid_file_is_not_taken_as_whole(tmp_path: Path) -> None:
+    """perf_analyzer 2.51 now and then exits 0 having written its export only up to a 64 KiB
+    boundary: the sweep runs such a point again rather than failing when it parses it."""
+    export = SAMPLE / "ar_c1.json"
+    text = export.read_text()
+    cut = tmp_path / "cut.json"
+    cut.write_text(text[: len(text) // 2])
+    assert _whole_json(export) and not _whole_json(cut) and not _whole_json(tmp_path / "missing.json")
