@@ -24,7 +24,7 @@ from saguaro.config import EngineConfig, SamplingParams, SpecConfig
 from saguaro.decoder import Decoder
 from saguaro.draft import Drafter, LocalDraft
 from saguaro.engines.torch_engine import TorchEngine
-from saguaro.sampling import probs, sample, saguaro
+from saguaro.sampling import probs, sample_rows, saguaro
 from random_rounds import RandomRounds
 from tiny_models import save_random_model
 
@@ -201,12 +201,13 @@ def test_sampled_decoding_with_switching_round_types_matches(models, engines, se
     assert p > 1e-3, f"{policy} round types: the sampled distribution differs from AR sampling (chi-square p = {p:.3g})"
 
 
-def _choose_reporting_unreshaped_q(self, s, logits, fanout):
+def _choose_reporting_unreshaped_q(self, seqs, counts, logits, fanout):
     """Drafter._choose with the classic bug: the token is drawn from the Saguaro-reshaped q, but
     verification is handed the plain draft distribution."""
+    s = seqs[0]
     q_plain = probs(logits, s.params)
     q_sampled = saguaro(q_plain, fanout, s.c) if s.mode == "ssd" else q_plain
-    return sample(q_sampled, s.generator), q_plain
+    return sample_rows(q_sampled, [(x.generator, n) for x, n in zip(seqs, counts)]), q_plain
 
 
 def test_wrong_q_fails_the_same_test(models, engines, monkeypatch):

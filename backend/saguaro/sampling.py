@@ -71,8 +71,14 @@ def saguaro(q: torch.Tensor, fanout: int, c: float) -> torch.Tensor:
 def sample(dist: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of a [N, V] (possibly unnormalized) distribution, by inverse CDF: exact,
     and on CPU an order of magnitude cheaper than torch.multinomial for a full vocabulary."""
+    return sample_rows(dist, [(generator, dist.shape[0])])
+
+
+def sample_rows(dist: torch.Tensor, draws: list[tuple[torch.Generator | None, int]]) -> torch.Tensor:
+    """`sample` over consecutive blocks of rows, each block drawing from its own generator (one
+    sequence's rows in a batch): the same draws as `sample` per block, one inverse CDF for all."""
     cdf = dist.cumsum(-1)
-    u = torch.rand(dist.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    u = torch.cat([torch.rand(n, 1, generator=g, dtype=cdf.dtype) for g, n in draws]) * cdf[:, -1:]
     # right=True: the first token whose CDF exceeds u, so zero-probability tokens are never drawn
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(dist.shape[-1] - 1)
 
