@@ -135,7 +135,6 @@ class Drafter:
         # A new sequence's first round verifies no speculation: its drafting starts from the outcome.
         specs, hits, jit = {}, {}, []
         backup = rnd.backup or self._backup_choice(len(rnd.outcomes), rnd.verify_ms)
-        idle: dict[int, _Seq] = {}         # sequences whose next round is a plain target step
         for o in rnd.outcomes:
             s = self.seqs[o.seq_id]
             built = bool(s.cache)          # no cache precedes a first speculation, or follows a round without a build
@@ -143,9 +142,7 @@ class Drafter:
             s.builds = s.mode == "ssd" if o.build is None else o.build
             spec = self._commit(s, o)
             if s.k == 0:                   # a plain target step: nothing to draft
-                idle[o.seq_id] = s
                 continue
-            idle.pop(o.seq_id, None)
             if built:
                 hits[o.seq_id] = spec is not None
                 if spec is None and backup == "fast":
@@ -158,7 +155,8 @@ class Drafter:
             t = time.perf_counter()
             specs.update(self._draft(jit))
             self.jit_ms = _ema(self.jit_ms, (time.perf_counter() - t) * 1e3)
-        self._ingest(list(idle.values()))
+        told = {o.seq_id: self.seqs[o.seq_id] for o in rnd.outcomes}
+        self._ingest([s for s in told.values() if s.k == 0])   # next round a plain target step
         for seq_id, spec in specs.items():
             self.seqs[seq_id].spec = spec
         self.to_build = [i for i in specs if self.seqs[i].builds]
@@ -272,13 +270,13 @@ class Drafter:
         groups: dict[tuple, list[int]] = {}
         for i, (s, _) in enumerate(items):
             p, fanout = s.params, _at(s.fanout, depth)
-            key = ("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p, s.mode, s.c, fanout)
+            key = (0, "greedy") if p.greedy else (fanout, p.temperature, p.top_k, p.top_p, s.mode, s.c)
             groups.setdefault(key + (s.vocab,), []).append(i)
         out: list = [None] * len(items)
-        for members in groups.values():
+        for (fanout, *_), members in groups.items():
             seqs, rows = [items[i][0] for i in members], [items[i][1] for i in members]
             counts = [len(r) for r in rows]
-            tokens, q = self._choose(seqs, counts, torch.cat(rows), _at(seqs[0].fanout, depth))
+            tokens, q = self._choose(seqs, counts, torch.cat(rows), fanout)
             qs = q.split(counts) if q is not None else [None] * len(members)
             for i, t, qq in zip(members, tokens.split(counts), qs):
                 out[i] = (t, qq)

@@ -199,10 +199,11 @@ class RoundPolicy:
         return shortlist[best], self._predict(shortlist[best], now, cached=self.last_build is not None)
 
     def _neighbour(self, options: list[Option], rates: list[float], best: int) -> int:
-        """An option next to the best (the one measured longest ago): its kind with K +- 1, the other backup or the other
-        cores, or the best option of another kind on either cores with K at most one above the
-        best's (so that a cost the machine's load once made look bad is measured again, by a round
-        that costs little more than the best: a long speculation is reached a step at a time)."""
+        """An option next to the best, the one measured longest ago: its kind with K +- 1, the other
+        backup or the other cores, or the best option of another kind on either cores with K at
+        most one above the best's (so that a cost the machine's load once made look bad is measured
+        again, by a round that costs little more than the best: a long speculation is reached a
+        step at a time)."""
         b = options[best]
         reach = max(b.k, 1) + 1
         top = {(kind, wide): max((i for i, o in enumerate(options) if (o.kind, o.wide) == (kind, wide) and o.k <= reach),
