@@ -14,6 +14,7 @@ from saguaro.config import DEMO_DRAFT, EngineConfig, SamplingParams, SpecConfig
 from saguaro.draft import DraftRound, Drafter, Join, Outcome
 from saguaro.engines.torch_engine import TorchEngine
 from saguaro.fanout import FanoutFit, backup_threshold, expected_tokens, geometric_fanout, uniform_fanout
+from saguaro.sampling import probs
 
 
 # -- fan-out ----------------------------------------------------------------------------------------
@@ -371,6 +372,37 @@ def test_a_plain_target_step_drafts_nothing_and_the_next_speculation_catches_up(
     assert reply.specs[0].source == "neural"
     assert reply.specs[0].tokens == _neural_drafts(draft_engine, [history], 4)[0]
     assert d.build() == {}                                  # an SD round: no build either
+    d.release_all()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, top_k=50, seed=3)],
+                         ids=["greedy", "sampled"])
+def test_a_catch_up_scores_the_draft_on_the_plain_steps_tokens(draft_engine, params):
+    """Shadow acceptance: the catch-up's forward scores the draft on the tokens plain target steps
+    committed, as a speculation there would have been accepted (greedy: its argmax is the token;
+    sampled: min(1, q(x) / p(x)), x drawn from the target's p). The speculating round's own outcome
+    is not scored (no p for its bonus)."""
+    context = PROMPT + [5, 7]
+    [[h1, h2]] = _neural_drafts(draft_engine, [context], 2)   # the draft's greedy guesses after 7
+    wrong = (h2 + 1) % 4000
+    d = _drafter(draft_engine, "neural")
+    _join(d, params)                                          # speculating from [5]
+    p1, p2 = (None, None) if params.greedy else (0.3, 0.05)
+    reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [7], next_k=0, build=False),
+                                        Outcome(0, 0, [h1], next_k=0, build=False, p_bonus=p1),
+                                        Outcome(0, 0, [wrong], next_k=0, build=False, p_bonus=p2)]))
+    slot = draft_engine.allocate()
+    rows = draft_engine.forward([slot], [context + [h1]])[0][-2:]      # after 7 and after h1
+    draft_engine.release(slot)
+    if params.greedy:
+        want = 1.0                                            # h1 guessed, `wrong` not
+    else:
+        q = probs(rows, params)
+        want = min(1.0, float(q[0, h1]) / p1) + min(1.0, float(q[1, wrong]) / p2)
+    assert reply.shadow[0][1] == 2 and reply.shadow[0][0] == pytest.approx(want, rel=1e-4)
+    # told again with nothing new to score: no second count of the same tokens
+    reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [h2], next_k=3, build=False)]))
+    assert reply.shadow == {}
     d.release_all()
 
 

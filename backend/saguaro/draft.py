@@ -51,6 +51,7 @@ class Outcome:
     emitted: list[int]               # d_1..d_k followed by the bonus token
     next_k: int | None = None        # the next round's K (0: no speculation); None: the K it joined with
     build: bool | None = None        # pre-draft during the next round; None: as its mode (ssd builds)
+    p_bonus: float | None = None     # a sampled plain step: the target's probability of its token
 
 
 @dataclass
@@ -71,6 +72,9 @@ class DraftReply:
     draft_ms: float                  # time spent producing the answer (lookups, backups, SD drafting)
     build_ms: float                  # time the previous round's cache build took (0: none ran)
     active_slots: int                # draft KV slots in use (0 once every request has left)
+    # per sequence caught up after plain steps: (Σ acceptance the draft would have had, tokens
+    # scored) -- the acceptance the policy measures without speculating (Drafter._ingest)
+    shadow: dict[int, tuple[float, int]] = field(default_factory=dict)
 
 
 # Per sequence: outcome (accepted k, bonus token) -> the K speculation tokens pre-drafted for it.
@@ -112,6 +116,7 @@ class _Seq:
     cache: dict[tuple[int, int], Speculation] = field(default_factory=dict)
     fanout: list[int] = field(default_factory=list)
     fast_guess: list[int] = field(default_factory=list)
+    plain: dict[int, float | None] = field(default_factory=dict)   # history index of a plain step's token -> p_bonus
 
 
 class Drafter:
@@ -156,7 +161,7 @@ class Drafter:
             specs.update(self._draft(jit))
             self.jit_ms = _ema(self.jit_ms, (time.perf_counter() - t) * 1e3)
         told = {o.seq_id: self.seqs[o.seq_id] for o in rnd.outcomes}
-        self._ingest([s for s in told.values() if s.k == 0])   # next round a plain target step
+        shadow = self._ingest({i: s for i, s in told.items() if s.k == 0})   # next round a plain target step
         for seq_id, spec in specs.items():
             self.seqs[seq_id].spec = spec
         self.to_build = [i for i in specs if self.seqs[i].builds]
@@ -164,7 +169,7 @@ class Drafter:
             self.hit_rate = _ema(self.hit_rate, sum(hits.values()) / len(hits), 0.05)
         build_ms, self.last_build_ms = self.last_build_ms, 0.0
         return DraftReply(specs=specs, hits=hits, backup=backup, draft_ms=(time.perf_counter() - t0) * 1e3,
-                          build_ms=build_ms, active_slots=self.engine.active_slots)
+                          build_ms=build_ms, active_slots=self.engine.active_slots, shadow=shadow)
 
     def build(self) -> CacheKeys:
         """Pre-draft the likely next speculations for every SSD sequence answered last step."""
@@ -194,14 +199,26 @@ class Drafter:
         if len(j.prompt) > 1:
             self.engine.forward([s.slot], [j.prompt[:-1]], logits=False)
 
-    def _ingest(self, seqs: list[_Seq]) -> None:
+    def _ingest(self, told: dict[int, _Seq]) -> dict[int, tuple[float, int]]:
         """Bring the draft's KV up to the committed tokens of sequences in plain target steps (a
         catch-up the decoder sends while the target verifies), so the round that speculates again
-        drafts at once instead of prefilling every token since it last drafted."""
-        seqs = [s for s in seqs if self.engine.length(s.slot) < len(s.history) - 1]
-        if seqs:
-            eng = self.engine
-            eng.forward([s.slot for s in seqs], [s.history[eng.length(s.slot):-1] for s in seqs], logits=False)
+        drafts at once instead of prefilling every token since it last drafted. The same forward
+        scores the draft on those steps' tokens: per sequence (Σ acceptance, tokens scored), the
+        acceptance a speculation would have had, measured without speculating (docs/design.md,
+        "Shadow acceptance")."""
+        eng = self.engine
+        behind = {i: s for i, s in told.items() if eng.length(s.slot) < len(s.history) - 1}
+        if not behind:
+            return {}
+        starts = [eng.length(s.slot) for s in behind.values()]
+        rows = eng.forward([s.slot for s in behind.values()], [s.history[n:-1] for s, n in zip(behind.values(), starts)])
+        shadow = {}
+        for (seq_id, s), x, n in zip(behind.items(), rows, starts):
+            scored = [(i, p) for i, p in s.plain.items() if i > n]   # row i - n - 1 predicted token i
+            if scored:
+                shadow[seq_id] = (shadow_acceptance(x, s, n, scored), len(scored))
+            s.plain.clear()
+        return shadow
 
     def _leave(self, seq_id: int) -> None:
         s = self.seqs.pop(seq_id, None)
@@ -222,6 +239,10 @@ class Drafter:
             self.fit.observe_cache(s.fanout[o.accepted], (o.accepted, bonus) in s.cache)
         if s.fast_guess:
             self.fit.observe_fast(matched_prefix(s.fast_guess, o.emitted), len(s.fast_guess))
+        if s.spec is None and len(o.emitted) == 1 and (s.params.greedy or o.p_bonus is not None):
+            s.plain[len(s.history)] = o.p_bonus        # a plain step's token: scored at the catch-up
+        elif s.spec is not None:
+            s.plain.clear()
         s.history.extend(o.emitted)
         self.engine.truncate(s.slot, len(s.history) - 1)
         # (a plain target step proposes nothing: no guess to score against the next outcome)
@@ -385,3 +406,18 @@ class LocalDraft:
 
     def close(self) -> None:
         self.drafter.release_all()
+
+
+def shadow_acceptance(rows: torch.Tensor, s: _Seq, start: int, scored: list[tuple[int, float | None]]) -> float:
+    """Σ over plain steps' tokens of the probability the draft's proposal for that position would
+    have been accepted: greedy, whether its argmax is the token; sampled (token x drawn from the
+    target's p), min(1, q(x) / p(x)), whose mean over x ~ p is Σ min(p, q), the acceptance rate of
+    a token drafted from q. rows[j] is the draft's logits after history[start + j]."""
+    at = torch.tensor([i - start - 1 for i, _ in scored])
+    tokens = torch.tensor([s.history[i] for i, _ in scored])
+    x = rows[at, : s.vocab]
+    if s.params.greedy:
+        return float((greedy(x) == tokens).sum())
+    q = probs(x, s.params)[torch.arange(len(scored)), tokens]
+    p = torch.tensor([p for _, p in scored])
+    return float(torch.clamp(q / p, max=1.0).sum())
