@@ -37,7 +37,9 @@ from saguaro.policy import Option, Prediction, RoundCosts, RoundPolicy
 from saguaro.sampling import distribution, greedy, token_log_probs, verify_greedy, verify_sampled
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
-CATCH_UP = 8                         # plain target steps a sequence's outcomes wait before the drafter is told
+CATCH_UP = 16                        # plain target steps a sequence's outcomes wait at most before the drafter is told
+JOIN_READ = 2                        # plain steps a new sequence takes at least while the drafter prefills its prompt
+
 
 
 class DraftClient(Protocol):
@@ -149,6 +151,9 @@ class Decoder:
         self.draft_slots = 0             # draft KV slots in use, as of the drafter's last answer
         self.caches: CacheKeys = {}      # the drafter's pre-drafted speculations for the next outcomes
         self.unread: PendingRound | None = None   # a round of joins only, read when the drafter is next told something
+        self.unread_since, self.unread_tokens = 0.0, 0   # when it was sent, and its prompts' tokens
+        self.join_ms_per_token = 0.0     # the drafter's prefill of a join, as last read
+        self.chosen: set[int] = set()             # this round's sequences whose K the policy chose
         self.history: list[RoundStats] = []
         backups = ("neural", "fast") if spec.backup == "auto" else (spec.backup,)
         self.policy = (RoundPolicy(max_k=min(self.max_draft_len, spec.policy_max_k), default_k=spec.k, backups=backups)
@@ -222,6 +227,7 @@ class Decoder:
         prefill_ms = (time.perf_counter() - t_round) * 1e3
         option, predicted = self._plan(seqs, joining)
         joins_only = bool(self.joins) and not self.outcomes
+        join_tokens = sum(len(j.prompt) for j in self.joins)
         drained = self.unread is not None and self._has_news()
         t0 = time.perf_counter()
         pending = self._start_draft_round(option.backup if option else "")
@@ -248,6 +254,7 @@ class Decoder:
             # New sequences' draft prefill needs no answer this round: it goes on through the
             # rounds after (on one core) and is read when the drafter is next told something.
             self.unread, pending, self.caches = pending, None, {}
+            self.unread_since, self.unread_tokens = time.perf_counter(), join_tokens
         if pending and reply is None:   # all hits: the answer (q's for sampling) came during the forward
             reply, build_wait = self._await(pending.reply)
         if pending and reply is not None:
@@ -275,7 +282,8 @@ class Decoder:
             self.policy.observe(RoundCosts(
                 option=option, batch=len(seqs), tokens_per_seq=1 + max(stats.ks), verify_ms=stats.verify_ms,
                 spec_wait_ms=spec_wait, build_wait_ms=build_wait, build_ms=stats.build_ms, wall_ms=stats.wall_ms + gap_ms,
-                hits=stats.hits, misses=stats.misses, backup=stats.backup))
+                hits=stats.hits, misses=stats.misses, backup=stats.backup,
+                tokens=sum(e.accepted + 1 for e in events if e.seq_id in self.chosen)))
         self.last_round_end = time.perf_counter()
         return events
 
@@ -300,20 +308,28 @@ class Decoder:
         """Each sequence's K and pre-drafting for this round (step 0), told to the drafter with the
         outcomes. Returns the policy's option and prediction (None when no sequence is its)."""
         chosen = [s for s in seqs if self.policy is not None and s.mode == "ssd" and not s.pinned and not s.first_round]
+        self.chosen = {s.seq_id for s in chosen}
         for s in seqs:
             speculates = s.mode != "ar" and not s.first_round
             s.k, s.build = (s.request_k, s.mode == "ssd") if speculates else (0, False)
         # A sequence's outcomes wait while it takes plain target steps: the drafter stays idle (and
-        # off the target's cores). Every CATCH_UP of them it is told them during a round on one
-        # core, and brings its KV up to date there, so speculating again waits for no long catch-up.
-        catch_up = any(len(self.held.get(o.seq_id, ())) + 1 >= CATCH_UP for o in self.outcomes)
+        # off the target's cores). It is told them in a round on the target's own cores, and brings
+        # its KV up to date there: when the policy will explore next round, when new sequences'
+        # draft prefill should be done (timed by the last one read), and at the latest every
+        # CATCH_UP of them (a catch-up longer than the target's step would be waited for), so
+        # speculating again waits for no long catch-up.
+        held = max((len(self.held.get(o.seq_id, ())) + 1 for o in self.outcomes), default=0)
+        joined = self.unread is not None and held >= JOIN_READ and (   # its draft prefill is done, as last timed
+            time.perf_counter() - self.unread_since) * 1e3 >= self.unread_tokens * self.join_ms_per_token
+        catch_up = held >= CATCH_UP or joined or (held > 1 and self.policy is not None and self.policy.explore_next)
         option = predicted = None
         if chosen:
-            busy = joining or catch_up or self.unread is not None   # the drafter may work during this forward
+            # the drafter prefills new prompts (~17 ms each here) or held outcomes in this round
+            busy = bool(joining) or catch_up or self.unread is not None
             wide_ok = not busy and not any(s.build for s in seqs if s not in chosen)
-            option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok)
-            for s in chosen:
-                s.k, s.build = option.k, option.kind == "ssd"
+            option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok, busy)
+        for s in chosen:
+            s.k, s.build = option.k, option.kind == "ssd"
         told = []
         for o in self.outcomes:
             s = self.seqs[o.seq_id]
@@ -353,8 +369,10 @@ class Decoder:
     def _drain(self) -> None:
         """Read the answers of a joins-only round left unread."""
         pending, self.unread = self.unread, None
-        if pending is not None and self._await(pending.reply)[0] is not None:
+        reply = self._await(pending.reply)[0] if pending is not None else None
+        if reply is not None:
             self._await(pending.caches)
+            self.join_ms_per_token = reply.draft_ms / max(1, self.unread_tokens)
 
     def _await(self, answer):
         """An answer from the drafter (a reply is applied to the sequences) and the ms spent
@@ -371,6 +389,9 @@ class Decoder:
 
     def _apply(self, reply: DraftReply) -> None:
         self.draft_slots = reply.active_slots
+        for seq_id, (accepted, scored) in reply.shadow.items():
+            if self.policy is not None and seq_id in self.seqs:
+                self.policy.observe_shadow(seq_id, accepted, scored)
         for seq_id, spec in reply.specs.items():
             if seq_id in self.seqs:
                 self.seqs[seq_id].spec = spec
@@ -398,11 +419,14 @@ class Decoder:
         draft = self._spec_tokens(s)   # empty if the drafter failed after the forward: an AR step
         kind = "ar" if not draft else "ssd" if s.build else "sd"
         x = None if ids_only else self._scaled(s, out, draft)
+        p_bonus = None
         if s.params.greedy:
             k, bonus = verify_greedy((out if ids_only else greedy(x)).tolist(), draft)
         else:
             q = s.spec.q[: len(draft)] if draft else None
-            k, bonus = verify_sampled(distribution(x, s.params), q, draft, s.generator)
+            p = distribution(x, s.params)
+            k, bonus = verify_sampled(p, q, draft, s.generator)
+            p_bonus = None if draft else float(p[0, bonus])    # a plain step: what the drafter scores itself on
         new = draft[:k] + [bonus]
         log_probs = token_log_probs(x, new) if s.params.return_log_probs else None
         s.first_round = False
@@ -418,7 +442,7 @@ class Decoder:
         event = Event(s.seq_id, new, s.finish_reason, st, s.spec.source if draft else "ar", len(draft), k, kind,
                       log_probs[: len(new)] if log_probs is not None else None)
         if s.finish_reason is None and s.mode != "ar":
-            self.outcomes.append(Outcome(s.seq_id, k, draft[:k] + [bonus]))
+            self.outcomes.append(Outcome(s.seq_id, k, draft[:k] + [bonus], p_bonus=p_bonus))
             # SSD: the next speculation, if the drafter pre-drafted this outcome (else it sends one)
             tokens = self.caches.get(s.seq_id, {}).get((k, bonus)) if s.build else None
             s.spec = Speculation(tokens, None, "cache") if tokens else None

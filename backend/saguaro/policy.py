@@ -5,11 +5,13 @@ policy").
 The prediction is the speedup model ("The speedup model") fed with what this machine and these
 sequences show online: the target's verify time against tokens, batch and cores; the drafter's
 JIT drafting, cache-build and backup times; acceptance per sequence (decaying, with the global rate
-as its prior), the fast backup's acceptance and the cache hit rate per K. The backup rule of the
+as its prior; measured by plain steps too, the drafter scoring itself on their tokens), the fast
+backup's acceptance and the cache hit rate per K. The backup rule of the
 paper (neural for small batches, fast for large) falls out: a miss stalls the round with
 probability 1 - p_hit^batch, which the neural backup pays in time and the fast one in tokens. Options nobody has measured yet are tried first; after
 that one round in EXPLORE goes to a neighbour of the best (K +- 1, the best of each other kind),
-so estimates stay fresh and a change in the text (a repetitive span) is noticed.
+so cost estimates stay fresh. A speculating option must be predicted MARGIN faster than a plain
+step, with its tokens calibrated by what such rounds delivered.
 
 The policy chooses; it never touches tokens: every round verifies what it speculated with the q it
 was drawn from, so the output does not depend on the choice.
@@ -21,14 +23,23 @@ from dataclasses import dataclass
 
 from saguaro.fanout import expected_tokens
 
-EXPLORE = 1 / 48          # share of rounds that try a neighbour of the best option
+EXPLORE = 1 / 96          # share of rounds that try a neighbour of the best option
 RERANK = 8                # every RERANK-th round scores every option; the others its last SHORTLIST best
 SHORTLIST = 4
+PLAIN_REFRESH = 0.003     # a kept plain step runs on the other cores once every (gap / this) rounds, at
+                          # least 16 apart (gap: how much slower the other is predicted): 0.3% of the
+                          # rate, so one unlucky early measurement of either cannot stick
+HOLD = 3                  # rounds a plain step's choice is kept unscored after it was chosen (until news
+                          # of acceptance): in a long plain stretch scoring cost ~1.5% of each step
 RATE_DECAY = 0.97         # per round, of a sequence's acceptance and a K's hit rate: a horizon of ~30 rounds
 GLOBAL_DECAY = 0.98       # per observed speculation (or lookup round), of the global rates: the last ~50
 COST_DECAY = 0.9          # per observation, of a cost: the last ~10 (an estimate the load made stale
                           # must recover from the few rounds exploring gives it)
 SEQ_PRIOR = 1.0           # weight of the global acceptance rate in a sequence's own estimate
+MARGIN = 0.03             # a speculating option is chosen over a plain step only when predicted this
+                          # much faster: the best of many noisy estimates is biased up (winner's curse)
+HORIZON = 8               # rounds an SSD option is expected to be kept: its first round, with no cache
+                          # to look in, is counted as 1 of HORIZON
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,11 @@ class Option:
     @property
     def label(self) -> str:
         return f"{self.kind}{self.k or ''}/{self.backup or ('wide' if self.wide else 'narrow')}"
+
+
+PLAIN_WIDE, PLAIN_NARROW = Option("ar", 0, True), Option("ar", 0, False)
+PLAIN_SAMPLES = 2.5       # decayed weight of the ~3 measurements of a plain step trusted at a batch size
+CALIBRATION_PRIOR = 20.0  # predicted tokens' worth of belief that the model's token counts are right
 
 
 @dataclass
@@ -67,9 +83,9 @@ class Rate:
         self.successes = self.successes * self.decay + successes
         self.trials = self.trials * self.decay + trials
 
-    def tick(self) -> None:
-        self.successes *= RATE_DECAY
-        self.trials *= RATE_DECAY
+    def tick(self, factor: float = RATE_DECAY) -> None:
+        self.successes *= factor
+        self.trials *= factor
 
     def value(self, prior: float, weight: float = 1.0) -> float:
         return (self.successes + prior * weight) / (self.trials + weight)
@@ -144,6 +160,7 @@ class RoundCosts:
     hits: int
     misses: int
     backup: str
+    tokens: int = 0           # verified by the policy's sequences (accepted + 1 each)
 
 
 class RoundPolicy:
@@ -167,15 +184,35 @@ class RoundPolicy:
         self.last_seen: dict[Option, int] = {}              # the round each option was last measured
         self.rounds = 0
         self.rng = random.Random(seed)
+        self.explore_next = False       # drawn a round ahead: the decoder brings the drafter up to date first
+        # measured / predicted tokens of speculating rounds: the model assumes acceptance independent
+        # across positions and the rounds it chose were the ones it overestimated (winner's curse)
+        self.calibration = Rate(GLOBAL_DECAY)
+        self.raw_tokens: float | None = None    # the uncalibrated prediction of the round being run
+        self.held: tuple | None = None          # a plain step's choice kept for HOLD rounds, and for whom
+        self.hold = self.ticks = 0              # rounds it is still kept; rounds the rates have not ticked
+        self.plain_gap, self.refreshed = 0.0, 0   # the other cores' plain step: predicted slowdown, last run
 
     # -- choosing ---------------------------------------------------------------------------------
-    def choose(self, seq_ids: list[int], batch: int, wide_ok: bool) -> tuple[Option, Prediction | None]:
+    def choose(self, seq_ids: list[int], batch: int, wide_ok: bool,
+               drafter_busy: bool = False) -> tuple[Option, Prediction | None]:
         """The option for this round's policy sequences (seq_ids, of `batch` in the round), and
-        its prediction (None while trying an option nobody has measured)."""
-        for rate in (*self.hits.values(), *self.seq_accept.values()):
-            rate.tick()
+        its prediction (None while trying an option nobody has measured). drafter_busy: the
+        drafter has work before any drafting this round (new prompts, a catch-up)."""
+        if drafter_busy:   # a speculation would wait for that work (10-20 ms at batch 4 here)
+            return PLAIN_NARROW, self.predict(PLAIN_NARROW, seq_ids, batch)
         self.rounds += 1
-        explore = self.rng.random() < EXPLORE
+        self.ticks += 1
+        explore, self.explore_next = self.explore_next, self.rng.random() < EXPLORE
+        if self.hold > 0 and not explore and self.held[2:] == (wide_ok, batch, seq_ids):
+            self.hold -= 1
+            if self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) and (wide_ok or self.held[0].wide):
+                other, self.refreshed = (PLAIN_NARROW if self.held[0].wide else PLAIN_WIDE), self.rounds
+                return other, self.predict(other, seq_ids, batch)
+            return self.held[0], self.held[1]
+        self.hold, factor, self.ticks = 0, RATE_DECAY ** self.ticks, 0
+        for rate in (*self.hits.values(), *self.seq_accept.values()):
+            rate.tick(factor)
         options = [o for o in self.options if wide_ok or not o.wide]
         now = self._inputs(seq_ids, batch)
         if not self.measured:
@@ -184,19 +221,46 @@ class RoundPolicy:
                 if o in options:
                     return o, None
             self.measured = not unmeasured
+        # Plain steps are cheap to measure and their cost is what every other option is compared
+        # with: at each batch size, both cores' are measured a few times before one is trusted.
+        for o in (PLAIN_WIDE, PLAIN_NARROW):
+            line = self.verify[o.wide].lines.get(batch)
+            if o in options and (line is None or line.seen.get(1, (0.0,))[0] < PLAIN_SAMPLES):
+                return o, self._calibrated(o, self._predict(o, now))
         # Every option is scored every RERANK rounds and when exploring (costs change slowly), the
         # shortlist in the rounds between.
         shortlist = [o for o in self.shortlist if wide_ok or not o.wide]
         if explore or self.rounds % RERANK == 0 or not shortlist:
             shortlist = options
-        predictions = [self._predict(o, now) for o in shortlist]
-        rates = [x.tokens / max(x.ms, 1e-6) if x is not None else -1.0 for x in predictions]  # None: not measured
+        else:       # a plain step is always a candidate (the shortlist may hold only wide ones)
+            shortlist += [o for o in options if o.kind == "ar" and o not in shortlist]
+        rates = [self._score(o, now) for o in shortlist]
         order = sorted(range(len(shortlist)), key=rates.__getitem__, reverse=True)
         if shortlist is options:
             self.shortlist = [options[i] for i in order[:SHORTLIST]]
         best = self._neighbour(shortlist, rates, order[0]) if explore else order[0]
         # chosen by the rate it keeps up; predicted as this round will run, after the round before
-        return shortlist[best], self._predict(shortlist[best], now, cached=self.last_build is not None)
+        o = shortlist[best]
+        raw = self._predict(o, now, cached=self.last_build is not None)
+        self.raw_tokens = raw.tokens if raw is not None and o.kind != "ar" else None
+        if o.kind == "ar" and not explore:
+            self.held, self.hold = (o, raw, wide_ok, batch, list(seq_ids)), HOLD
+            other = self._predict(PLAIN_NARROW if o.wide else PLAIN_WIDE, now)
+            self.plain_gap = other.ms / raw.ms - 1 if other is not None and raw.ms > 0 else 0.0
+        return o, self._calibrated(o, raw)
+
+    def _score(self, o: Option, now: dict) -> float:
+        """What an option is ranked by: its predicted rate (-1 while not measured) over the rounds
+        it is expected to be kept, its first round included, less MARGIN for speculating."""
+        steady = self._calibrated(o, self._predict(o, now))
+        if steady is None:
+            return -1.0
+        tokens, ms = steady.tokens, steady.ms
+        if o.kind == "ssd" and self.last_build is None:     # entering SSD: its first round drafts as SD
+            first = self._calibrated(o, self._predict(o, now, cached=False))
+            tokens, ms = first.tokens + (HORIZON - 1) * tokens, first.ms + (HORIZON - 1) * ms
+        rate = tokens / max(ms, 1e-6)
+        return rate if o.kind == "ar" else rate / (1 + MARGIN)
 
     def _neighbour(self, options: list[Option], rates: list[float], best: int) -> int:
         """An option next to the best, the one measured longest ago: its kind with K +- 1, the other
@@ -218,7 +282,14 @@ class RoundPolicy:
     def predict(self, o: Option, seq_ids: list[int], batch: int) -> Prediction | None:
         """The speedup model (docs/design.md) with this machine's measured costs, for the
         sequences seq_ids in a round of `batch`; None until every cost it needs was measured."""
-        return self._predict(o, self._inputs(seq_ids, batch))
+        return self._calibrated(o, self._predict(o, self._inputs(seq_ids, batch)))
+
+    def _calibrated(self, o: Option, x: Prediction | None) -> Prediction | None:
+        """A speculating option's predicted tokens scaled by what such rounds delivered of their
+        predictions lately (between 0.5 and 1.2 of the model's)."""
+        if x is None or o.kind == "ar":
+            return x
+        return Prediction(x.tokens * min(1.2, max(0.5, self.calibration.value(1.0, CALIBRATION_PRIOR))), x.ms)
 
     def _inputs(self, seq_ids: list[int], batch: int) -> dict:
         """What one round's predictions read, looked up once: the cost lines at this batch size,
@@ -284,9 +355,20 @@ class RoundPolicy:
         self.accept.observe(accepted, accepted + rejected)
         self.seq_accept.setdefault(seq_id, Rate()).observe(accepted, accepted + rejected)
 
+    def observe_shadow(self, seq_id: int, accepted: float, scored: int) -> None:
+        """The draft scored on `scored` tokens of plain target steps (Drafter._ingest): `accepted`
+        is the sum of the probabilities that a speculation would have been accepted there. Plain
+        steps measure acceptance too, so a text that starts to pay is noticed without exploring."""
+        self.accept.observe(accepted, scored)
+        self.seq_accept.setdefault(seq_id, Rate()).observe(accepted, scored)
+        self.hold = 0
+
     def observe(self, r: RoundCosts) -> None:
         o, b = r.option, r.batch
         self.last_seen[o] = self.rounds
+        if self.raw_tokens is not None and o.kind != "ar":
+            self.calibration.observe(r.tokens, self.raw_tokens)
+        self.raw_tokens = None
         if r.build_ms > 0 and self.last_build is not None:
             # the drafter times its build; one that outlasted the verify is seen whole from here
             batch, k, exposed = self.last_build
