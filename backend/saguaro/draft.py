@@ -413,11 +413,12 @@ def shadow_acceptance(rows: torch.Tensor, s: _Seq, start: int, scored: list[tupl
     have been accepted: greedy, whether its argmax is the token; sampled (token x drawn from the
     target's p), min(1, q(x) / p(x)), whose mean over x ~ p is Σ min(p, q), the acceptance rate of
     a token drafted from q. rows[j] is the draft's logits after history[start + j]."""
-    at = torch.tensor([i - start - 1 for i, _ in scored])
-    tokens = torch.tensor([s.history[i] for i, _ in scored])
+    device = rows.device
+    at = torch.tensor([i - start - 1 for i, _ in scored], device=device)
+    tokens = torch.tensor([s.history[i] for i, _ in scored], device=device)
     x = rows[at, : s.vocab]
     if s.params.greedy:
         return float((greedy(x) == tokens).sum())
-    q = probs(x, s.params)[torch.arange(len(scored)), tokens]
-    p = torch.tensor([p for _, p in scored])
+    q = probs(x, s.params)[torch.arange(len(scored), device=device), tokens]
+    p = torch.tensor([p for _, p in scored], device=device)
     return float(torch.clamp(q / p, max=1.0).sum())
