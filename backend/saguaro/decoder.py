@@ -41,7 +41,6 @@ CATCH_UP = 16                        # plain target steps a sequence's outcomes 
 JOIN_READ = 2                        # plain steps a new sequence takes at least while the drafter prefills its prompt
 
 
-
 class DraftClient(Protocol):
     vocab_size: int
     max_draft_len: int
@@ -153,7 +152,6 @@ class Decoder:
         self.unread: PendingRound | None = None   # a round of joins only, read when the drafter is next told something
         self.unread_since, self.unread_tokens = 0.0, 0   # when it was sent, and its prompts' tokens
         self.join_ms_per_token = 0.0     # the drafter's prefill of a join, as last read
-        self.chosen: set[int] = set()             # this round's sequences whose K the policy chose
         self.history: list[RoundStats] = []
         backups = ("neural", "fast") if spec.backup == "auto" else (spec.backup,)
         self.policy = (RoundPolicy(max_k=min(self.max_draft_len, spec.policy_max_k), default_k=spec.k, backups=backups)
@@ -225,9 +223,9 @@ class Decoder:
         # plain target step, while the drafter prefills its copy and pre-drafts for its outcome.
         self._prefill(joining)
         prefill_ms = (time.perf_counter() - t_round) * 1e3
-        option, predicted = self._plan(seqs, joining)
+        option, predicted, chosen = self._plan(seqs, joining)
         joins_only = bool(self.joins) and not self.outcomes
-        join_tokens = sum(len(j.prompt) for j in self.joins)
+        join_tokens = sum(len(j.prompt) for j in self.joins) if joins_only else 0
         drained = self.unread is not None and self._has_news()
         t0 = time.perf_counter()
         pending = self._start_draft_round(option.backup if option else "")
@@ -283,7 +281,7 @@ class Decoder:
                 option=option, batch=len(seqs), tokens_per_seq=1 + max(stats.ks), verify_ms=stats.verify_ms,
                 spec_wait_ms=spec_wait, build_wait_ms=build_wait, build_ms=stats.build_ms, wall_ms=stats.wall_ms + gap_ms,
                 hits=stats.hits, misses=stats.misses, backup=stats.backup,
-                tokens=sum(e.accepted + 1 for e in events if e.seq_id in self.chosen)))
+                tokens=sum(e.accepted + 1 for e in events if e.seq_id in chosen)))
         self.last_round_end = time.perf_counter()
         return events
 
@@ -304,11 +302,11 @@ class Decoder:
             ids[i] = greedy(x[:, : self.vocab])
         return ids
 
-    def _plan(self, seqs: list[Sequence], joining: list[Sequence]) -> tuple[Option | None, Prediction | None]:
+    def _plan(self, seqs: list[Sequence], joining: list[Sequence]) -> tuple[Option | None, Prediction | None, set[int]]:
         """Each sequence's K and pre-drafting for this round (step 0), told to the drafter with the
-        outcomes. Returns the policy's option and prediction (None when no sequence is its)."""
+        outcomes. Returns the policy's option and prediction (None when no sequence is its), and
+        the ids of the sequences it chose for."""
         chosen = [s for s in seqs if self.policy is not None and s.mode == "ssd" and not s.pinned and not s.first_round]
-        self.chosen = {s.seq_id for s in chosen}
         for s in seqs:
             speculates = s.mode != "ar" and not s.first_round
             s.k, s.build = (s.request_k, s.mode == "ssd") if speculates else (0, False)
@@ -340,7 +338,7 @@ class Decoder:
             if s.k or s.build or catch_up:
                 told += self.held.pop(o.seq_id)
         self.outcomes = told
-        return option, predicted
+        return option, predicted, {s.seq_id for s in chosen}
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         for s in seqs:

@@ -160,8 +160,8 @@ class Drafter:
             t = time.perf_counter()
             specs.update(self._draft(jit))
             self.jit_ms = _ema(self.jit_ms, (time.perf_counter() - t) * 1e3)
-        told = {o.seq_id: self.seqs[o.seq_id] for o in rnd.outcomes}
-        shadow = self._ingest({i: s for i, s in told.items() if s.k == 0})   # next round a plain target step
+        shadow = self._ingest({o.seq_id: self.seqs[o.seq_id] for o in rnd.outcomes   # next round a plain target step
+                               if self.seqs[o.seq_id].k == 0})
         for seq_id, spec in specs.items():
             self.seqs[seq_id].spec = spec
         self.to_build = [i for i in specs if self.seqs[i].builds]
@@ -211,7 +211,11 @@ class Drafter:
         if not behind:
             return {}
         starts = [eng.length(s.slot) for s in behind.values()]
-        rows = eng.forward([s.slot for s in behind.values()], [s.history[n:-1] for s, n in zip(behind.values(), starts)])
+        scoring = any(s.plain for s in behind.values())   # else a prefill: no LM head to run
+        rows = eng.forward([s.slot for s in behind.values()], [s.history[n:-1] for s, n in zip(behind.values(), starts)],
+                           logits=scoring)
+        if not scoring:
+            return {}
         shadow = {}
         for (seq_id, s), x, n in zip(behind.items(), rows, starts):
             scored = [(i, p) for i, p in s.plain.items() if i > n]   # row i - n - 1 predicted token i

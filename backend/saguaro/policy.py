@@ -226,7 +226,7 @@ class RoundPolicy:
         for o in (PLAIN_WIDE, PLAIN_NARROW):
             line = self.verify[o.wide].lines.get(batch)
             if o in options and (line is None or line.seen.get(1, (0.0,))[0] < PLAIN_SAMPLES):
-                return o, self._calibrated(o, self._predict(o, now))
+                return o, self._predict(o, now)
         # Every option is scored every RERANK rounds and when exploring (costs change slowly), the
         # shortlist in the rounds between.
         shortlist = [o for o in self.shortlist if wide_ok or not o.wide]
