@@ -1,4 +1,5 @@
-"""The PyTorch engine against transformers (fp32 logit parity, max abs diff <= 1e-4) and its KV-slot
+"""The PyTorch engine against transformers (fp32 logit parity, max abs diff <= 1e-4; the demo target
+also with its weights held in fp16, the CPU default) and its KV-slot
 contract: chunked prefill, batched forwards of slots with different lengths, truncate (rollback),
 slot reuse, slot exhaustion, and branch decoding with tree attention off one or two parents."""
 from __future__ import annotations
@@ -28,9 +29,9 @@ RANDOM_MODELS = {
 class Pair:
     """Our engine and the transformers model over one checkpoint."""
 
-    def __init__(self, path, hf):
+    def __init__(self, path, hf, dtype="float32"):
         self.hf, self.path = hf, path
-        self.engine = TorchEngine(EngineConfig(checkpoint=str(path), dtype="float32", max_slots=MAX_SLOTS,
+        self.engine = TorchEngine(EngineConfig(checkpoint=str(path), dtype=dtype, max_slots=MAX_SLOTS,
                                                max_seq_len=64, max_draft_len=4, max_branches=8, threads=1),
                                   branches=True)
         self.vocab = self.engine.vocab_size
@@ -51,15 +52,19 @@ class Pair:
         return e.allocate()
 
 
-@pytest.fixture(scope="module", params=["demo-target", "demo-draft", *RANDOM_MODELS])
+@pytest.fixture(scope="module", params=["demo-target", "demo-target-fp16-weights", "demo-draft", *RANDOM_MODELS])
 def pair(request, tmp_path_factory) -> Pair:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
     name = request.param
     if name.startswith("demo"):
-        path = DEMO_TARGET if name == "demo-target" else DEMO_DRAFT
+        path = DEMO_DRAFT if name == "demo-draft" else DEMO_TARGET
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if name.endswith("fp16-weights"):      # the CPU default: fp32 math, weights held in fp16 (exactly)
+            pair = Pair(path, hf, dtype="auto")
+            assert pair.engine.half_weights == (4 * 4 + 1, 0)
+            return pair
     else:
         path = tmp_path_factory.mktemp(name)
         hf = save_random_model(path, **RANDOM_MODELS[name])
@@ -255,3 +260,38 @@ def test_greedy_is_torch_argmax_first_of_ties():
     assert torch.equal(greedy(x[:, ::3]), x[:, ::3].argmax(-1))      # strided rows
     assert int(greedy(x[0])) == int(x[0].argmax())                   # one row
     assert torch.equal(greedy(x.bfloat16()), x.bfloat16().float().argmax(-1))
+
+
+def test_fp16_weights_are_held_exactly_or_not_at_all():
+    """A weight is packed for FBGEMM only when fp16 holds every entry exactly, scaled by a power of
+    two: a one-hot input row reads one weight column back, so the layer must return the weights
+    themselves (plus the bias), bit for bit, on the fp16 path (few rows) and the fp32 one (many)."""
+    from torch import nn
+
+    from saguaro.model import FEW_ROWS, HalfWeightLinear, fbgemm_fp16_available
+
+    if not fbgemm_fp16_available():
+        pytest.skip("this CPU or torch build has no FBGEMM")
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(40, 24, bias=True)
+    with torch.no_grad():
+        w = torch.randn(24, 40, generator=g).bfloat16().float()   # what a bf16 checkpoint holds
+        w[0, 0], w[1, 1] = 1.5 * 2.0 ** -26, -1.75 * 2.0 ** -30    # below fp16's range unless scaled
+        linear.weight.copy_(w)
+        linear.bias.copy_(torch.randn(24, generator=g).bfloat16().float())
+    half = HalfWeightLinear.lossless(linear)
+    assert half is not None and half.unscale is not None
+    eye = torch.eye(40)
+    for rows in (1, 3, FEW_ROWS):
+        assert torch.equal(half(eye[:rows]), w.t()[:rows] + linear.bias), f"{rows} rows"
+    assert torch.equal(half(eye), w.t() + linear.bias)                  # 40 rows: the fp32 weight
+    x = torch.randn(2, 3, 40, generator=g)
+    ref = (x.double() @ w.double().t() + linear.bias.double()).float()
+    assert torch.allclose(half(x), ref, atol=1e-5) and half(x).shape == (2, 3, 24)
+
+    lossy = nn.Linear(40, 24, bias=False)       # fp32 weights with 24-bit mantissas: kept as they are
+    assert HalfWeightLinear.lossless(lossy) is None
+    with torch.no_grad():
+        lossy.weight.copy_(w)
+        lossy.weight[2, 2] = 2.0 ** -45            # 2^41 below the largest entry: more than fp16 spans
+    assert HalfWeightLinear.lossless(lossy) is None

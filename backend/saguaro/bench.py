@@ -318,8 +318,10 @@ def run_cell(args: argparse.Namespace) -> dict:
         finally:
             dec.close()
 
-    # SD drafts one row at a time, where fp32 can beat bf16: it gets whichever draft dtype is faster.
-    sd_dtypes = ["float32", "bfloat16"] if args.draft_dtype == "auto" else [args.draft_dtype]
+    # SD drafts one row at a time, where fp32 (auto: its weights held in fp16, docs/design.md, "The
+    # engine on CPU") can beat bf16: it gets whichever draft dtype is faster.
+    sd_dtypes = ["auto", "bfloat16"] if args.draft_dtype == "auto" else [args.draft_dtype]
+    auto_draft = str(resolve_dtype("auto", dcfg.device, draft=True)).removeprefix("torch.")
     runs: list[Run] = []
     configs: dict[str, tuple[int, int, str | None]] = {}   # mode -> threads, K, draft dtype
     for mode in [m for m in modes if m != "hf"]:
@@ -327,7 +329,7 @@ def run_cell(args: argparse.Namespace) -> dict:
             cores = os.cpu_count() or 1
             dec = build_decoder(replace(tcfg, prefill_threads=cores), dcfg, spec, draft_process=True,
                                 draft_core=cores - 1 if cores > 1 else None)
-            configs[mode] = (1, args.k, str(resolve_dtype(args.draft_dtype, dcfg.device, draft=True)).removeprefix("torch."))
+            configs[mode] = (1, args.k, auto_draft if args.draft_dtype == "auto" else args.draft_dtype)
         else:
             ks = [args.k] if mode == "ar" or args.sd_k != "auto" else [2, 3, 4, 5, 6]
             if mode == "sd" and args.sd_k != "auto":
@@ -336,7 +338,7 @@ def run_cell(args: argparse.Namespace) -> dict:
                           for d in (sd_dtypes if mode == "sd" else [None])]
             best = fastest(candidates, trial) if len(candidates) > 1 else candidates[0]
             dec = in_process(*best)
-            configs[mode] = (best[1], best[2], best[3] if mode == "sd" else None)
+            configs[mode] = (best[1], best[2], (auto_draft if best[3] == "auto" else best[3]) if mode == "sd" else None)
         runs.append(Run(dec, mode, params, ids[0]))
     try:
         run_side_by_side(runs, ids, args.batch_size, "+".join(r.mode for r in runs))

@@ -25,7 +25,8 @@ class EngineConfig:
     checkpoint: str = str(DEMO_TARGET)
     engine: str = "torch"            # torch | trtllm
     device: str = "cpu"
-    dtype: str = "auto"              # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"              # auto: bfloat16 on CUDA; on CPU float32 math, the weights held in
+                                     # fp16 where that is exact (float32: plain fp32 weights)
     max_slots: int = 16              # sequences live at once
     max_seq_len: int = 1024          # prompt + generated + one speculation
     max_draft_len: int = 8           # largest K a request may ask for

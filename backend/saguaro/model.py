@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,93 @@ def pack_linears(module: nn.Module, warm_rows: int = 0) -> None:
                 packed.warm(warm_rows)
         else:
             pack_linears(child, warm_rows)
+
+
+class HalfWeightLinear(nn.Module):
+    """nn.Linear in fp32 with a copy of its weight held in fp16 for FBGEMM's fp16-weight GEMM, used
+    for forwards of a few rows. Those are bound by reading the weights from memory: FBGEMM reads
+    half the bytes, once for all rows, where MKL's fp32 GEMM reads them again per row at 2-5 rows.
+    On the demo target (2 vCPUs) a 1-token forward went from 6.8 to 5.3 ms and a 3-token verify
+    from 11.2 to 6.7 ms (docs/design.md, "The engine on CPU"). Many rows (a prompt's prefill) are
+    bound by arithmetic, which MKL does faster and on every thread: they keep the fp32 weight.
+
+    Lossless: the weight is scaled by a power of two that brings its largest entry near fp16's
+    maximum, and packed only when every scaled entry converts to fp16 and back unchanged (a
+    bfloat16 checkpoint's weights do: 8 significant bits, fp16 has 11). Products and sums stay fp32
+    and scaling by a power of two is exact in floating point, so the output is the fp32 layer's up
+    to summation order, the freedom any other fp32 kernel has too."""
+
+    def __init__(self, linear: nn.Linear, packed: torch.Tensor, scale: float):
+        super().__init__()
+        self.weight, self.bias, self.packed = linear.weight, linear.bias, packed
+        self.packed_bias = None if linear.bias is None else linear.bias.detach() * scale
+        self.unscale = None if scale == 1.0 else torch.tensor(1.0 / scale)
+
+    @classmethod
+    def lossless(cls, linear: nn.Linear) -> "HalfWeightLinear | None":
+        """The layer with its weight also packed, or None when fp16 cannot hold the weight exactly."""
+        w = linear.weight.detach()
+        if w.dtype != torch.float32 or not w.numel() or not torch.isfinite(w).all():
+            return None
+        top = float(w.abs().max())
+        scale = 1.0 if top == 0 else 2.0 ** math.floor(math.log2(FP16_MAX / top))
+        scaled = w * scale
+        if not torch.equal(scaled.half().float(), scaled):
+            return None
+        with warnings.catch_warnings():   # deprecated in favour of torchao, which is not a dependency
+            warnings.simplefilter("ignore")
+            try:
+                packed = torch.fbgemm_pack_gemm_matrix_fp16(scaled)
+                # warns once per process, at the first call: that call is made here
+                torch.fbgemm_linear_fp16_weight_fp32_activation(torch.zeros(1, w.shape[1]), packed, None)
+            except RuntimeError:          # "Your CPU does not support FBGEMM."
+                return None
+        return cls(linear, packed, scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > (FEW_ROWS_ONE_THREAD if torch.get_num_threads() == 1 else FEW_ROWS):
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, x.shape[-1])
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        y = torch.fbgemm_linear_fp16_weight_fp32_activation(flat, self.packed, self.packed_bias)
+        if self.unscale is not None:
+            y.mul_(self.unscale)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+FP16_MAX = 32768.0      # a power of two below fp16's largest value (65504)
+# Rows up to which the fp16 weights are faster (measured, the demo target's layers on 2 vCPUs):
+# FBGEMM runs on one thread, MKL's fp32 GEMM on all of them, and from ~20 rows on two threads
+# (~64 on one) arithmetic outweighs reading the weights.
+FEW_ROWS, FEW_ROWS_ONE_THREAD = 16, 48
+
+
+def hold_weights_in_fp16(module: nn.Module) -> tuple[int, int]:
+    """Replace every fp32 nn.Linear whose weight fp16 holds exactly by a HalfWeightLinear; returns
+    (layers packed, layers left in fp32). Nothing changes where this CPU has no FBGEMM."""
+    if not fbgemm_fp16_available():
+        return 0, sum(isinstance(m, nn.Linear) for m in module.modules())
+    packed = kept = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            half = HalfWeightLinear.lossless(child)
+            if half is None:
+                kept += 1
+            else:
+                setattr(module, name, half)
+                packed += 1
+        else:
+            p, k = hold_weights_in_fp16(child)
+            packed, kept = packed + p, kept + k
+    return packed, kept
+
+
+def fbgemm_fp16_available() -> bool:
+    """This torch was built with FBGEMM and this CPU runs it (AVX2 or later)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch, "fbgemm_pack_gemm_matrix_fp16") \
+        and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 
 
 def cpu_has_fast_bf16() -> bool:

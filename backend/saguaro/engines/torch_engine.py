@@ -12,14 +12,15 @@ import torch
 from saguaro.config import EngineConfig
 from saguaro.engines.base import Engine, SlotTable
 from saguaro.errors import SaguaroError
-from saguaro.model import CacheView, Transformer, cpu_has_fast_bf16, pack_linears, rope_tables
+from saguaro.model import CacheView, Transformer, cpu_has_fast_bf16, hold_weights_in_fp16, pack_linears, rope_tables
 
 
 def resolve_dtype(dtype: str, device: str, draft: bool = False) -> torch.dtype:
     if dtype == "auto":
         if device != "cpu":
             return torch.bfloat16
-        # A CPU target stays fp32: greedy exactness needs a verify forward of K+1 tokens to pick
+        # A CPU target computes in fp32 (its weights held in fp16 where that is exact, see
+        # TorchEngine): greedy exactness needs a verify forward of K+1 tokens to pick
         # the tokens one-token forwards would, and bf16 rounding turns fp32's 1e-6 differences
         # between the two into whole-ulp logit changes. The draft's numerics never change the
         # output, so it takes the faster bf16 matmuls where the CPU has them.
@@ -38,11 +39,16 @@ class TorchEngine(SlotTable, Engine):
         self.cfg, self.device = cfg, torch.device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, cfg.device, draft=branches)
         self.model = Transformer.from_hf(cfg.checkpoint, dtype, cfg.device)
+        self.half_weights = (0, 0)       # linear layers held in fp16 (exactly), and left in fp32
         a = self.model.args
         if cfg.device == "cpu" and dtype == torch.bfloat16 and cpu_has_fast_bf16():
             self._use_threads(cfg.threads)
             # rows of one forward: a prompt's prefill, or every sequence's branches in a build
             pack_linears(self.model, warm_rows=max(cfg.max_seq_len, cfg.max_slots * cfg.max_branches if branches else 0))
+        elif cfg.device == "cpu" and cfg.dtype == "auto" and dtype == torch.float32:
+            # fp32 math on weights held in fp16 where that is exact (a bf16 checkpoint's are): half
+            # the bytes a memory-bound forward reads, read once for a verify's K + 1 rows
+            self.half_weights = hold_weights_in_fp16(self.model)
         self.vocab_size, self.max_slots, self.max_seq_len = a.vocab_size, cfg.max_slots, cfg.max_seq_len
         self.max_draft_len = cfg.max_draft_len
         self.wide_prefill = cfg.device == "cpu" and 0 < cfg.threads < cfg.prefill_threads
