@@ -38,7 +38,7 @@ from saguaro.sampling import distribution, greedy, token_log_probs, verify_greed
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
 CATCH_UP = 16                        # plain target steps a sequence's outcomes wait at most before the drafter is told
-JOIN_READ = 2                        # plain steps a new sequence takes at least while the drafter prefills its prompt
+JOIN_READ = 2                        # rounds an answer left unread waits at least before it is read, until reads are timed
 
 
 class DraftClient(Protocol):
@@ -149,9 +149,11 @@ class Decoder:
         self.last_round_end = 0.0        # perf_counter() when the last round ended
         self.draft_slots = 0             # draft KV slots in use, as of the drafter's last answer
         self.caches: CacheKeys = {}      # the drafter's pre-drafted speculations for the next outcomes
-        self.unread: PendingRound | None = None   # a round of joins only, read when the drafter is next told something
-        self.unread_since, self.unread_tokens = 0.0, 0   # when it was sent, and its prompts' tokens
-        self.join_ms_per_token = 0.0     # the drafter's prefill of a join, as last read
+        # A round whose answer nothing needed (joins' prompts, a catch-up): read once it should be done
+        self.unread: PendingRound | None = None
+        self.unread_since, self.unread_tokens, self.unread_rounds = 0.0, 0, 0   # sent when, tokens told, rounds since
+        self.unread_joins = False        # it prefills new prompts (else it catches up)
+        self.read_ms_per_token = {True: 0.0, False: 0.0}   # the drafter's time per token told, as last read, by joins
         self.history: list[RoundStats] = []
         backups = ("neural", "fast") if spec.backup == "auto" else (spec.backup,)
         self.policy = (RoundPolicy(max_k=min(self.max_draft_len, spec.policy_max_k), default_k=spec.k, backups=backups)
@@ -223,11 +225,17 @@ class Decoder:
         # plain target step, while the drafter prefills its copy and pre-drafts for its outcome.
         self._prefill(joining)
         prefill_ms = (time.perf_counter() - t_round) * 1e3
-        option, predicted, chosen = self._plan(seqs, joining)
-        joins_only = bool(self.joins) and not self.outcomes
-        join_tokens = sum(len(j.prompt) for j in self.joins) if joins_only else 0
-        drained = self.unread is not None and self._has_news()
         t0 = time.perf_counter()
+        drained = self.unread is not None and self._unread_done()
+        if drained:                     # the drafter is idle again: this round may use every core
+            self._drain()
+        option, predicted, chosen = self._plan(seqs, joining)
+        # nothing in this round needs the drafter's answer: it is left unread (prompts to prefill, plain
+        # steps to catch up on) and the drafter works on through the rounds after, on its own core;
+        # read now before the policy explores (its round must find the drafter idle and up to date)
+        unanswered = not any(s.k or s.build for s in seqs) and not (self.policy is not None and self.policy.explore_next)
+        told_joins, told_tokens = bool(self.joins), sum(len(j.prompt) for j in self.joins) + len(self.outcomes)
+        drained = drained or (self.unread is not None and self._has_news())
         pending = self._start_draft_round(option.backup if option else "")
         reply, spec_wait = None, (time.perf_counter() - t0) * 1e3 if drained else 0.0
         if pending and any(s.k and s.spec is None for s in seqs):
@@ -248,11 +256,10 @@ class Decoder:
             outputs = self.target.forward([s.slot for s in seqs], fed)
         verify_ms = (time.perf_counter() - t0) * 1e3
         build_wait = 0.0
-        if pending and joins_only:
-            # New sequences' draft prefill needs no answer this round: it goes on through the
-            # rounds after (on one core) and is read when the drafter is next told something.
+        if pending and unanswered:
             self.unread, pending, self.caches = pending, None, {}
-            self.unread_since, self.unread_tokens = time.perf_counter(), join_tokens
+            self.unread_since, self.unread_tokens, self.unread_rounds = time.perf_counter(), told_tokens, 0
+            self.unread_joins = told_joins
         if pending and reply is None:   # all hits: the answer (q's for sampling) came during the forward
             reply, build_wait = self._await(pending.reply)
         if pending and reply is not None:
@@ -312,17 +319,14 @@ class Decoder:
             s.k, s.build = (s.request_k, s.mode == "ssd") if speculates else (0, False)
         # A sequence's outcomes wait while it takes plain target steps: the drafter stays idle (and
         # off the target's cores). It is told them in a round on the target's own cores, and brings
-        # its KV up to date there: when the policy will explore next round, when new sequences'
-        # draft prefill should be done (timed by the last one read), and at the latest every
-        # CATCH_UP of them (a catch-up longer than the target's step would be waited for), so
-        # speculating again waits for no long catch-up.
+        # its KV up to date there and in the rounds after (the answer is read once it should be
+        # done, step): when the policy will explore next round, and at the latest every CATCH_UP of
+        # them, so speculating again waits for no long catch-up.
         held = max((len(self.held.get(o.seq_id, ())) + 1 for o in self.outcomes), default=0)
-        joined = self.unread is not None and held >= JOIN_READ and (   # its draft prefill is done, as last timed
-            time.perf_counter() - self.unread_since) * 1e3 >= self.unread_tokens * self.join_ms_per_token
-        catch_up = held >= CATCH_UP or joined or (held > 1 and self.policy is not None and self.policy.explore_next)
+        catch_up = held >= CATCH_UP or (held > 1 and self.policy is not None and self.policy.explore_next)
         option = predicted = None
         if chosen:
-            # the drafter prefills new prompts (~17 ms each here) or held outcomes in this round
+            # the drafter prefills new prompts or held outcomes in this round, or still does
             busy = bool(joining) or catch_up or self.unread is not None
             wide_ok = not busy and not any(s.build for s in seqs if s not in chosen)
             option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok, busy)
@@ -364,13 +368,22 @@ class Decoder:
             self._degrade()
             return None
 
+    def _unread_done(self) -> bool:
+        """Whether the answer left unread should be in: timed by the last such answer read (per
+        token told, joins' prompts apart from catch-ups), at least JOIN_READ rounds until one was."""
+        self.unread_rounds += 1
+        per_token = self.read_ms_per_token[self.unread_joins]
+        if per_token <= 0:
+            return self.unread_rounds >= JOIN_READ
+        return (time.perf_counter() - self.unread_since) * 1e3 >= self.unread_tokens * per_token
+
     def _drain(self) -> None:
-        """Read the answers of a joins-only round left unread."""
+        """Read the answers of a round left unread."""
         pending, self.unread = self.unread, None
         reply = self._await(pending.reply)[0] if pending is not None else None
         if reply is not None:
             self._await(pending.caches)
-            self.join_ms_per_token = reply.draft_ms / max(1, self.unread_tokens)
+            self.read_ms_per_token[self.unread_joins] = reply.draft_ms / max(1, self.unread_tokens)
 
     def _await(self, answer):
         """An answer from the drafter (a reply is applied to the sequences) and the ms spent
