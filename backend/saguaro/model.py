@@ -164,7 +164,8 @@ class HalfWeightLinear(nn.Module):
 
     Lossless: the weight is scaled by a power of two that brings its largest entry near fp16's
     maximum, and packed only when every scaled entry converts to fp16 and back unchanged (a
-    bfloat16 checkpoint's weights do: 8 significant bits, fp16 has 11). Products and sums stay fp32
+    bfloat16 checkpoint's weights do, 8 significant bits against fp16's 11, unless a layer's
+    entries span more than fp16's range; the demo pair's all do). Products and sums stay fp32
     and scaling by a power of two is exact in floating point, so the output is the fp32 layer's up
     to summation order, the freedom any other fp32 kernel has too."""
 
