@@ -142,16 +142,32 @@ class PackedLinear(nn.Module):
             self.forward(torch.zeros(rows, self.in_features, dtype=torch.bfloat16))
 
 
-def pack_linears(module: nn.Module, warm_rows: int = 0) -> None:
-    """Replace every nn.Linear by a PackedLinear, its kernels generated for up to warm_rows rows."""
+def replace_linears(module: nn.Module, make) -> tuple[int, int]:
+    """Replace every nn.Linear inside module by make(linear) where that returns a module (None:
+    keep it); returns (layers replaced, layers kept)."""
+    replaced = kept = 0
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            packed = PackedLinear(child)
-            setattr(module, name, packed)
-            if warm_rows:
-                packed.warm(warm_rows)
+            new = make(child)
+            if new is None:
+                kept += 1
+            else:
+                setattr(module, name, new)
+                replaced += 1
         else:
-            pack_linears(child, warm_rows)
+            r, k = replace_linears(child, make)
+            replaced, kept = replaced + r, kept + k
+    return replaced, kept
+
+
+def pack_linears(module: nn.Module, warm_rows: int = 0) -> None:
+    """Replace every nn.Linear by a PackedLinear, its kernels generated for up to warm_rows rows."""
+    def packed(linear: nn.Linear) -> PackedLinear:
+        layer = PackedLinear(linear)
+        if warm_rows:
+            layer.warm(warm_rows)
+        return layer
+    replace_linears(module, packed)
 
 
 class HalfWeightLinear(nn.Module):
@@ -219,21 +235,7 @@ FEW_ROWS, FEW_ROWS_ONE_THREAD = 16, 48
 def hold_weights_in_fp16(module: nn.Module) -> tuple[int, int]:
     """Replace every fp32 nn.Linear whose weight fp16 holds exactly by a HalfWeightLinear; returns
     (layers packed, layers left in fp32). Nothing changes where this CPU has no FBGEMM."""
-    if not fbgemm_fp16_available():
-        return 0, sum(isinstance(m, nn.Linear) for m in module.modules())
-    packed = kept = 0
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
-            half = HalfWeightLinear.lossless(child)
-            if half is None:
-                kept += 1
-            else:
-                setattr(module, name, half)
-                packed += 1
-        else:
-            p, k = hold_weights_in_fp16(child)
-            packed, kept = packed + p, kept + k
-    return packed, kept
+    return replace_linears(module, HalfWeightLinear.lossless if fbgemm_fp16_available() else lambda linear: None)
 
 
 def fbgemm_fp16_available() -> bool:
