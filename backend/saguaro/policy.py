@@ -163,6 +163,19 @@ class RoundCosts:
     tokens: int = 0           # verified by the policy's sequences (accepted + 1 each)
 
 
+@dataclass(frozen=True)
+class HeldChoice:
+    """A plain step's choice, kept for HOLD rounds while the round it was made for repeats."""
+    option: Option
+    prediction: Prediction | None
+    wide_ok: bool
+    batch: int
+    seq_ids: tuple[int, ...]
+
+    def fits(self, wide_ok: bool, batch: int, seq_ids: list[int]) -> bool:
+        return (wide_ok, batch) == (self.wide_ok, self.batch) and tuple(seq_ids) == self.seq_ids
+
+
 class RoundPolicy:
     def __init__(self, max_k: int, default_k: int, backups: tuple[str, ...] = ("neural", "fast"), seed: int = 0):
         ks = range(1, max_k + 1)
@@ -189,7 +202,7 @@ class RoundPolicy:
         # across positions and the rounds it chose were the ones it overestimated (winner's curse)
         self.calibration = Rate(GLOBAL_DECAY)
         self.raw_tokens: float | None = None    # the uncalibrated prediction of the round being run
-        self.held: tuple | None = None          # a plain step's choice kept for HOLD rounds, and for whom
+        self.held: HeldChoice | None = None
         self.hold = self.ticks = 0              # rounds it is still kept; rounds the rates have not ticked
         self.plain_gap, self.refreshed = 0.0, 0   # the other cores' plain step: predicted slowdown, last run
 
@@ -204,12 +217,13 @@ class RoundPolicy:
         self.rounds += 1
         self.ticks += 1
         explore, self.explore_next = self.explore_next, self.rng.random() < EXPLORE
-        if self.hold > 0 and not explore and self.held[2:] == (wide_ok, batch, seq_ids):
+        if self.hold > 0 and not explore and self.held.fits(wide_ok, batch, seq_ids):
             self.hold -= 1
-            if self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) and (wide_ok or self.held[0].wide):
-                other, self.refreshed = (PLAIN_NARROW if self.held[0].wide else PLAIN_WIDE), self.rounds
+            kept = self.held.option
+            if self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) and (wide_ok or kept.wide):
+                other, self.refreshed = (PLAIN_NARROW if kept.wide else PLAIN_WIDE), self.rounds
                 return other, self.predict(other, seq_ids, batch)
-            return self.held[0], self.held[1]
+            return kept, self.held.prediction
         self.hold, factor, self.ticks = 0, RATE_DECAY ** self.ticks, 0
         for rate in (*self.hits.values(), *self.seq_accept.values()):
             rate.tick(factor)
@@ -244,7 +258,7 @@ class RoundPolicy:
         raw = self._predict(o, now, cached=self.last_build is not None)
         self.raw_tokens = raw.tokens if raw is not None and o.kind != "ar" else None
         if o.kind == "ar" and not explore:
-            self.held, self.hold = (o, raw, wide_ok, batch, list(seq_ids)), HOLD
+            self.held, self.hold = HeldChoice(o, raw, wide_ok, batch, tuple(seq_ids)), HOLD
             other = self._predict(PLAIN_NARROW if o.wide else PLAIN_WIDE, now)
             self.plain_gap = other.ms / raw.ms - 1 if other is not None and raw.ms > 0 else 0.0
         return o, self._calibrated(o, raw)
