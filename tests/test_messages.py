@@ -93,6 +93,18 @@ def test_anything_but_a_message_is_refused_and_nothing_runs(payload):
     assert not os.path.exists(MARKER)
 
 
+def test_a_refusal_names_where_in_the_message_it_is():
+    rnd = msgpack.unpackb(encode(DraftRound(outcomes=[Outcome(0, 0, [5]), Outcome(1, 1, [6, 7])])))
+    rnd[1]["outcomes"][1]["emitted"][1] = "7"
+    with pytest.raises(MessageError, match=r"^DraftRound\.outcomes\[1\]\.emitted\[1\]: expected int, got str"):
+        decode(msgpack.packb(rnd))
+    reply = msgpack.unpackb(encode(DraftReply(specs={3: Speculation([1, 2], None, "cache")}, hits={}, backup="neural",
+                                              draft_ms=0.0, build_ms=0.0, active_slots=1)))
+    reply[1]["specs"][0][1]["tokens"] = [1, True]
+    with pytest.raises(MessageError, match=r"^DraftReply\.specs\[3\]\.tokens\[1\]: expected int, got bool"):
+        decode(msgpack.packb(reply))
+
+
 def test_only_message_types_are_sent():
     with pytest.raises(MessageError):
         encode({"op": "info"})

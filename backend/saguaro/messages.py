@@ -11,6 +11,7 @@ docs/design.md, "Processes and messages").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -121,11 +122,22 @@ def encode(msg) -> bytes:
     return msgpack.packb([name, _plain(msg)], use_bin_type=True)
 
 
+_FIELDS: dict[type, tuple[str, ...] | None] = {}   # per type sent: its field names (None: not a dataclass)
+
+
 def _plain(obj):
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+    tp = type(obj)
+    if obj is None or tp in (bool, int, float, str, bytes):
         return obj
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if tp not in _FIELDS:
+        _FIELDS[tp] = tuple(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(tp) else None
+    names = _FIELDS[tp]
+    if names is not None:
+        return {name: _plain(getattr(obj, name)) for name in names}
+    if tp is list and all(type(x) is int for x in obj):    # token lists
+        return obj
+    if isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
     if isinstance(obj, dict):                          # pairs: keys may be tuples
         return [[_plain(k), _plain(v)] for k, v in obj.items()]
     if isinstance(obj, (list, tuple)):
@@ -154,89 +166,124 @@ def decode(data: bytes):
     cls = MESSAGES.get(raw[0])
     if cls is None:
         raise MessageError(f"unknown message type {raw[0][:80]!r}")
-    return _build(cls, raw[1], cls.__name__)
+    return _builder(cls)(raw[1], cls.__name__)
 
 
-_HINTS: dict[type, dict[str, object]] = {}
+# Where a value sits in the message, for errors: a name, or (parent, step) with step an index
+# (int), a ".field" or " key" suffix (str), or a dict key to show by repr (a 1-tuple). Formatted
+# only when an error is raised: decoding a round of 256 outcomes took 11 ms when every element
+# formatted its own path.
+Where = typing.Union[str, tuple]
 
 
-def _hints(cls: type) -> dict[str, object]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+def _fmt(where: Where) -> str:
+    steps = []
+    while isinstance(where, tuple):
+        where, step = where
+        steps.append(f"[{step}]" if isinstance(step, int) else step if isinstance(step, str) else f"[{step[0]!r}]")
+    return where + "".join(reversed(steps))
 
 
-def _build(tp, value, where: str):
+@functools.cache
+def _builder(tp) -> typing.Callable[[object, Where], object]:
+    """The function that rebuilds a value of type tp from its wire form, checking it as it goes;
+    made once per type from its annotations."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
         arms = [a for a in args if a is not type(None)]
         if len(arms) != 1:
-            raise MessageError(f"{where}: unsupported union {tp}")
-        return _build(arms[0], value, where)
+            def unsupported(value, where):
+                raise MessageError(f"{_fmt(where)}: unsupported union {tp}")
+            return unsupported
+        arm, nullable = _builder(arms[0]), type(None) in args
+        return lambda value, where: None if value is None and nullable else arm(value, where)
     if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, where)
+        return _dataclass_builder(tp)
     if origin is list:
-        return [_build(args[0], x, f"{where}[{i}]") for i, x in enumerate(_expect(value, list, where))]
+        item = _builder(args[0])
+        if args[0] is int:                 # token lists: checked in one pass, kept as they came
+            def ints(value, where):
+                if all(type(x) is int for x in _expect(value, list, where)):
+                    return value
+                return [item(x, (where, i)) for i, x in enumerate(value)]
+            return ints
+        return lambda value, where: [item(x, (where, i)) for i, x in enumerate(_expect(value, list, where))]
     if origin is tuple:
-        items = _expect(value, list, where)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_build(args[0], x, f"{where}[{i}]") for i, x in enumerate(items))
-        if len(items) != len(args):
-            raise MessageError(f"{where}: expected {len(args)} items, got {len(items)}")
-        return tuple(_build(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, items)))
+            item = _builder(args[0])
+            return lambda value, where: tuple(item(x, (where, i)) for i, x in enumerate(_expect(value, list, where)))
+        items = [_builder(a) for a in args]
+
+        def fixed(value, where):
+            if len(_expect(value, list, where)) != len(items):
+                raise MessageError(f"{_fmt(where)}: expected {len(items)} items, got {len(value)}")
+            return tuple(b(x, (where, i)) for i, (b, x) in enumerate(zip(items, value)))
+        return fixed
     if origin is dict:
-        out = {}
-        for pair in _expect(value, list, where):
-            if not (isinstance(pair, list) and len(pair) == 2):
-                raise MessageError(f"{where}: expected [key, value] pairs")
-            out[_build(args[0], pair[0], f"{where} key")] = _build(args[1], pair[1], f"{where}[{pair[0]!r}]")
-        return out
+        key, val = _builder(args[0]), _builder(args[1])
+
+        def pairs(value, where):
+            out = {}
+            for pair in _expect(value, list, where):
+                if not (isinstance(pair, list) and len(pair) == 2):
+                    raise MessageError(f"{_fmt(where)}: expected [key, value] pairs")
+                out[key(pair[0], (where, " key"))] = val(pair[1], (where, (pair[0],)))
+            return out
+        return pairs
     if tp is bool:
-        return _expect(value, bool, where)
+        return lambda value, where: _expect(value, bool, where)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise MessageError(f"{where}: expected int, got {type(value).__name__}")
-        return value
+        def integer(value, where):
+            if type(value) is not int:
+                raise MessageError(f"{_fmt(where)}: expected int, got {type(value).__name__}")
+            return value
+        return integer
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise MessageError(f"{where}: expected a number, got {value!r}"[:200])
-        return float(value)
+        def number(value, where):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise MessageError(f"{_fmt(where)}: expected a number, got {value!r}"[:200])
+            return float(value)
+        return number
     if tp in (str, bytes):
-        return _expect(value, tp, where)
+        return lambda value, where: _expect(value, tp, where)
     if tp is np.ndarray:
-        return _array(value, where)
+        return _array
     if tp is torch.Tensor:
-        return torch.from_numpy(_array(value, where).copy())
-    raise MessageError(f"{where}: no wire form for {tp}")
+        return lambda value, where: torch.from_numpy(_array(value, where).copy())
+
+    def none(value, where):
+        raise MessageError(f"{_fmt(where)}: no wire form for {tp}")
+    return none
 
 
-def _build_dataclass(cls: type, value, where: str):
-    fields = _expect(value, dict, where)
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown, missing = set(fields) - names, names - set(fields)
-    if unknown or missing:
-        raise MessageError(f"{where}: fields {sorted(unknown)} unknown, {sorted(missing)} missing"[:300])
-    return cls(**{name: _build(hints[name], v, f"{where}.{name}") for name, v in fields.items()})
+def _dataclass_builder(cls: type):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: (_builder(hints[f.name]), "." + f.name) for f in dataclasses.fields(cls)}
+
+    def build(value, where):
+        given = _expect(value, dict, where)
+        if given.keys() != fields.keys():
+            unknown, missing = set(given) - set(fields), set(fields) - set(given)
+            raise MessageError(f"{_fmt(where)}: fields {sorted(unknown)} unknown, {sorted(missing)} missing"[:300])
+        return cls(**{name: fields[name][0](v, (where, fields[name][1])) for name, v in given.items()})
+    return build
 
 
-def _array(value, where: str) -> np.ndarray:
+def _array(value, where: Where) -> np.ndarray:
     spec = _expect(value, dict, where)
     dtype, shape, data = spec.get("dtype"), spec.get("shape"), spec.get("data")
     if set(spec) != {"dtype", "shape", "data"} or dtype not in DTYPES or not isinstance(data, bytes):
-        raise MessageError(f"{where}: an array is {{dtype in {sorted(DTYPES)}, shape, data}}")
+        raise MessageError(f"{_fmt(where)}: an array is {{dtype in {sorted(DTYPES)}, shape, data}}")
     if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
-        raise MessageError(f"{where}: bad array shape {shape!r}"[:200])
+        raise MessageError(f"{_fmt(where)}: bad array shape {shape!r}"[:200])
     dt = np.dtype(dtype)
     if math.prod(shape) * dt.itemsize != len(data):
-        raise MessageError(f"{where}: {len(data)} bytes do not hold a {dtype} array of shape {shape}")
+        raise MessageError(f"{_fmt(where)}: {len(data)} bytes do not hold a {dtype} array of shape {shape}")
     return np.frombuffer(data, dtype=dt).reshape(shape)
 
 
-def _expect(value, tp: type, where: str):
+def _expect(value, tp: type, where: Where):
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise MessageError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
+        raise MessageError(f"{_fmt(where)}: expected {tp.__name__}, got {type(value).__name__}")
     return value
 
