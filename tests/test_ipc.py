@@ -7,6 +7,7 @@ import os
 import pickle
 import socket
 import stat
+import threading
 import time
 from multiprocessing.connection import Connection
 
@@ -99,6 +100,31 @@ def test_socket_answers_only_peers_with_the_secret(folder):
     finally:
         server.close()
     assert not (folder / "target.sock").exists()
+
+
+def test_ready_tells_without_waiting_whether_an_answer_has_arrived(folder):
+    """The decoder reads a round it left unread once its answer is in (WireClient.ready)."""
+    go = threading.Event()
+
+    def handle(msg):
+        go.wait(10)
+        yield EngineInfo(vocab_size=7, max_seq_len=8, max_slots=1, max_draft_len=2)
+
+    server = listen(folder / "target.sock", server_secret(folder), handle, "target")
+    client = WireClient(lambda: connect(folder / "target.sock", server_secret(folder)), 5, "target")
+    try:
+        assert client.wait_connected(5)
+        answers = client(EngineInfoQuery())
+        time.sleep(0.05)
+        assert not client.ready()                    # the peer is still working
+        go.set()
+        deadline = time.monotonic() + 5
+        while not client.ready() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert client.ready() and next(answers).vocab_size == 7
+    finally:
+        client.close()
+        server.close()
 
 
 def test_an_authenticated_peer_sending_a_pickle_gets_an_error_and_runs_nothing(folder):

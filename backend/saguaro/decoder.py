@@ -369,9 +369,13 @@ class Decoder:
             return None
 
     def _unread_done(self) -> bool:
-        """Whether the answer left unread should be in: timed by the last such answer read (per
-        token told, joins' prompts apart from catch-ups), at least JOIN_READ rounds until one was."""
+        """Whether the answer left unread is in, where the drafter's channel can tell without
+        waiting; else whether it should be: timed by the last such answer read (per token told,
+        joins' prompts apart from catch-ups), at least JOIN_READ rounds until one was."""
         self.unread_rounds += 1
+        arrived = self.unread.arrived()
+        if arrived is not None:
+            return arrived
         per_token = self.read_ms_per_token[self.unread_joins]
         if per_token <= 0:
             return self.unread_rounds >= JOIN_READ

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -82,10 +82,15 @@ CacheKeys = dict[int, dict[tuple[int, int], list[int]]]
 
 
 class PendingRound:
-    """A draft round in flight: its reply, then the next round's cache keys, read when needed."""
+    """A draft round in flight: its reply, then the next round's cache keys, read when needed.
+    ready(): whether the reply has arrived, where the drafter's channel can tell without waiting."""
 
-    def __init__(self, answers: Iterator):
-        self._answers, self._reply = answers, None
+    def __init__(self, answers: Iterator, ready: Callable[[], bool] | None = None):
+        self._answers, self._reply, self._ready = answers, None, ready
+
+    def arrived(self) -> bool | None:
+        """Whether the reply is in (None: this channel cannot tell)."""
+        return True if self._reply is not None else self._ready() if self._ready is not None else None
 
     def reply(self) -> DraftReply:
         if self._reply is None:

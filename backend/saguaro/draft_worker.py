@@ -67,6 +67,9 @@ class DraftWorker:
     def __call__(self, msg) -> Iterator:
         return self.client(msg)
 
+    def ready(self) -> bool:
+        return self.client.ready()
+
     def close(self) -> None:
         self.client.close()
         with self.lock:

@@ -166,6 +166,15 @@ class WireClient:
         self.open = True
         return self._answers(conn)
 
+    def ready(self) -> bool:
+        """Whether the open call's next answer has arrived (a broken connection counts: reading
+        it raises at once)."""
+        conn = self.conn
+        try:
+            return conn is None or not self.open or conn.poll(0)
+        except (EOFError, OSError):
+            return True
+
     def _answers(self, conn: Connection) -> Iterator:
         while self.open:
             answer = self._recv(conn)

@@ -158,7 +158,7 @@ class RemoteDraft:
             answers = self.call(rnd)
         except Exception as e:
             raise DraftFailure(str(e)) from e
-        return PendingRound(self._answers(answers))
+        return PendingRound(self._answers(answers), getattr(self.call, "ready", None))
 
     def _answers(self, answers: Iterator) -> Iterator:
         try:
