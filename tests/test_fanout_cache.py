@@ -11,7 +11,7 @@ import torch
 
 from saguaro.backup import matched_prefix, ngram_proposal
 from saguaro.config import DEMO_DRAFT, EngineConfig, SamplingParams, SpecConfig
-from saguaro.draft import DraftRound, Drafter, Join, Outcome
+from saguaro.draft import SHADOW_ROWS, DraftRound, Drafter, Join, Outcome
 from saguaro.engines.torch_engine import TorchEngine
 from saguaro.fanout import FanoutFit, backup_threshold, expected_tokens, geometric_fanout, uniform_fanout
 from saguaro.sampling import probs
@@ -403,6 +403,27 @@ def test_a_catch_up_scores_the_draft_on_the_plain_steps_tokens(draft_engine, par
     # told again with nothing new to score: no second count of the same tokens
     reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [h2], next_k=3, build=False)]))
     assert reply.shadow == {}
+    d.release_all()
+
+
+def test_a_long_catch_up_scores_only_its_last_tokens(draft_engine):
+    """A catch-up longer than SHADOW_ROWS per sequence (by 2 * SHADOW_ROWS in all) prefills the
+    older tokens without the LM head and scores the draft on the latest SHADOW_ROWS only, each as
+    a forward over the whole catch-up would have: greedy, whether its argmax is the token."""
+    n = 4 * SHADOW_ROWS
+    d = _drafter(draft_engine, "neural")
+    _join(d, SamplingParams())                                   # speculating from [5]
+    context = PROMPT + [5]
+    guesses = []
+    for _ in range(n):                                           # the draft's own greedy continuation,
+        [[g]] = _neural_drafts(draft_engine, [context], 1)       # so every scored token is its guess
+        guesses.append(g)
+        context = context + [g]
+    tokens = guesses[:-1] + [(guesses[-1] + 1) % 4000]           # ... but the last
+    reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [t], next_k=0, build=False) for t in tokens]))
+    assert reply.shadow[0] == (SHADOW_ROWS - 1, SHADOW_ROWS)
+    s = d.seqs[0]
+    assert draft_engine.length(s.slot) == len(s.history) - 1     # the KV holds every committed token
     d.release_all()
 
 

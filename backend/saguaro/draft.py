@@ -124,6 +124,9 @@ class _Seq:
     plain: dict[int, float | None] = field(default_factory=dict)   # history index of a plain step's token -> p_bonus
 
 
+SHADOW_ROWS = 16            # a catch-up's tokens scored per sequence (shadow acceptance), the latest
+
+
 class Drafter:
     def __init__(self, engine: Engine, spec: SpecConfig):
         self.engine, self.spec = engine, spec
@@ -215,10 +218,16 @@ class Drafter:
         behind = {i: s for i, s in told.items() if eng.length(s.slot) < len(s.history) - 1}
         if not behind:
             return {}
-        starts = [eng.length(s.slot) for s in behind.values()]
+        slots = [s.slot for s in behind.values()]
         scoring = any(s.plain for s in behind.values())   # else a prefill: no LM head to run
-        rows = eng.forward([s.slot for s in behind.values()], [s.history[n:-1] for s, n in zip(behind.values(), starts)],
-                           logits=scoring)
+        # A long catch-up scores only its last SHADOW_ROWS tokens per sequence: the LM head is most
+        # of the draft's work per token (a vocabulary-wide row against a 1-layer model here)
+        # (split off only where that saves more than the extra forward costs)
+        unscored = {s.slot: s.history[eng.length(s.slot): len(s.history) - 1 - SHADOW_ROWS] for s in behind.values()}
+        if scoring and sum(map(len, unscored.values())) >= 2 * SHADOW_ROWS:
+            eng.forward([slot for slot, t in unscored.items() if t], [t for t in unscored.values() if t], logits=False)
+        starts = [eng.length(s.slot) for s in behind.values()]
+        rows = eng.forward(slots, [s.history[n:-1] for s, n in zip(behind.values(), starts)], logits=scoring)
         if not scoring:
             return {}
         shadow = {}
