@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 
 from saguaro.config import DEMO_DRAFT, DEMO_TARGET, DEV_PROMPTS, EngineConfig, SamplingParams, SpecConfig
-from saguaro.decoder import CATCH_UP, JOIN_READ
+from saguaro.decoder import JOIN_READ
 from saguaro.llm import build_decoder
-from saguaro.policy import Option, RoundPolicy
+from saguaro.policy import CATCH_UP, Option, RoundPolicy
 from saguaro.text import load_tokenizer
 from random_rounds import RandomRounds
 
@@ -147,3 +147,25 @@ def test_the_drafter_catches_up_during_plain_steps_and_joins_are_read_later(prom
     assert behind and max(behind) <= CATCH_UP + JOIN_READ + 1, behind
     narrow = [i for i, ok in enumerate(policy.wide_ok) if not ok]
     assert narrow and len(narrow) <= (len(policy.wide_ok) // CATCH_UP + 1) * JOIN_READ, narrow
+
+
+def test_with_the_draft_worker_an_unread_answer_is_read_as_soon_as_it_has_arrived(prompts, ar_outputs):
+    """Over the worker's pipe the decoder can tell without waiting whether the drafter has
+    answered a round it left unread (joins' prefill, a catch-up): it reads it in the first round
+    that starts after the answer arrived."""
+    dec = build_decoder(replace(TARGET, prefill_threads=2), DRAFT, SpecConfig(k=2), draft_process=True)
+    dec.policy = LongPlainStretches(every=CATCH_UP + 3)
+    try:
+        dec.add(prompts[0], PARAMS)
+        out = dec.step()[0].tokens
+        reads = 0
+        while dec.active:
+            pending = dec.unread
+            arrived = pending.arrived() if pending is not None else None
+            out += dec.step()[0].tokens
+            if arrived:                               # in before the round started: read in it
+                assert dec.unread is not pending
+                reads += 1
+    finally:
+        dec.close()
+    assert out == ar_outputs[0] and reads >= 2        # the join and at least one catch-up

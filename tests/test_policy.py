@@ -10,9 +10,8 @@ from collections import Counter
 import pytest
 
 import saguaro.policy as policy_module
-from saguaro.decoder import CATCH_UP
 from saguaro.fanout import expected_tokens
-from saguaro.policy import EXPLORE, Costs, Line, Option, RoundCosts, RoundPolicy
+from saguaro.policy import CATCH_UP, CATCH_UP_FAR, EXPLORE, Costs, Line, Option, RoundCosts, RoundPolicy
 
 
 def test_line_fits_and_extrapolates_upwards_only():
@@ -85,12 +84,12 @@ class Machine:
 
     def shadow(self, policy: RoundPolicy, o: Option, b: int) -> None:
         """Plain steps score the draft at the decoder's catch-ups (before an exploring round, at
-        the latest every CATCH_UP steps, and when speculation resumes): Drafter._ingest."""
+        the latest every policy.catch_up steps, and when speculation resumes): Drafter._ingest."""
         for seq_id in range(b):
             held = self.held.setdefault(seq_id, [])
             if o.kind == "ar":
                 held.append(self.rng.random() < self.a)
-            if held and (o.kind != "ar" or policy.explore_next or len(held) >= CATCH_UP):
+            if held and (o.kind != "ar" or policy.explore_next or len(held) >= policy.catch_up):
                 policy.observe_shadow(seq_id, sum(held), len(held))
                 held.clear()
 
@@ -180,14 +179,17 @@ def test_policy_notices_when_speculation_starts_and_stops_paying():
 
 def test_plain_steps_measure_acceptance_so_speculation_resumes_without_exploring(monkeypatch):
     """The catch-ups of plain steps score the draft (shadow acceptance): with exploring switched
-    off, a text that starts to pay is still noticed, within a catch-up or two."""
+    off, a text that starts to pay is still noticed, within a catch-up or two. Far from paying,
+    catch-ups come every CATCH_UP_FAR plain steps, and the noticing takes that much longer."""
     monkeypatch.setattr(policy_module, "EXPLORE", 0.0)
     policy, machine = RoundPolicy(max_k=6, default_k=3), Machine(a=0.05)
     drive(policy, machine, 300)
     assert set(drive(policy, machine, 100)) <= {Option("ar", 0, True), Option("ar", 0, False)}
+    assert policy.far and policy.catch_up == CATCH_UP_FAR
     machine.a = 0.95
-    drive(policy, machine, 2 * CATCH_UP)
+    drive(policy, machine, 2 * CATCH_UP_FAR)
     assert drive(policy, machine, 100).most_common(1)[0][0].kind != "ar"
+    assert not policy.far and policy.catch_up == CATCH_UP
 
 
 def test_a_round_where_the_drafter_works_first_is_a_plain_step_on_the_targets_cores():
@@ -250,6 +252,24 @@ def test_the_backup_rule_falls_out_of_the_model():
         seqs = list(range(b))
         chosen = max(ssd, key=lambda o: policy.predict(o, seqs, b).tokens_per_s)
         assert chosen.backup == want, (b, chosen)
+
+
+def test_a_batch_that_ran_only_plain_steps_reads_verify_costs_per_row_off_another():
+    """A verify of K + 1 tokens at batch b is about b * (K + 1) rows of work: where a batch has
+    measured only plain steps (or nothing), the slope comes from the nearest batch that measured
+    one, scaled by the batches' ratio, so a wider verify is not taken to cost what a plain step does."""
+    c = Costs(per_row=True)
+    for x in (1, 2, 3, 4) * 3:
+        c.observe(1, x, 5.0 + 0.5 * (x - 1))
+    c.observe(4, 1, 8.0)
+    assert c.predict(4, 1) == pytest.approx(8.0)                 # what batch 4 measured itself
+    assert c.predict(4, 3) == pytest.approx(8.0 + 0.5 * 4 * 2)   # its plain step + batch 1's slope per row
+    assert c.predict(2, 2) == pytest.approx(6.5)                 # never seen: 4 rows at batch 1
+    flat = Costs()
+    flat.observe(1, 1, 5.0)
+    flat.observe(1, 2, 6.0)
+    flat.observe(4, 1, 8.0)
+    assert flat.predict(4, 3) == pytest.approx(8.0)              # other costs: batch 4's own constant
 
 
 def test_a_cost_the_load_made_stale_is_measured_again():

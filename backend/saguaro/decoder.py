@@ -37,7 +37,6 @@ from saguaro.policy import Option, Prediction, RoundCosts, RoundPolicy
 from saguaro.sampling import distribution, greedy, token_log_probs, verify_greedy, verify_sampled
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
-CATCH_UP = 16                        # plain target steps a sequence's outcomes wait at most before the drafter is told
 JOIN_READ = 2                        # rounds an answer left unread waits at least before it is read, until reads are timed
 
 
@@ -320,10 +319,10 @@ class Decoder:
         # A sequence's outcomes wait while it takes plain target steps: the drafter stays idle (and
         # off the target's cores). It is told them in a round on the target's own cores, and brings
         # its KV up to date there and in the rounds after (the answer is read once it should be
-        # done, step): when the policy will explore next round, and at the latest every CATCH_UP of
-        # them, so speculating again waits for no long catch-up.
+        # done, step): when the policy will explore next round, and at the latest every
+        # policy.catch_up of them, so speculating again waits for no long catch-up.
         held = max((len(self.held.get(o.seq_id, ())) + 1 for o in self.outcomes), default=0)
-        catch_up = held >= CATCH_UP or (held > 1 and self.policy is not None and self.policy.explore_next)
+        catch_up = held > 1 and self.policy is not None and (held >= self.policy.catch_up or self.policy.explore_next)
         option = predicted = None
         if chosen:
             # the drafter prefills new prompts or held outcomes in this round, or still does

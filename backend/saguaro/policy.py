@@ -40,6 +40,15 @@ MARGIN = 0.03             # a speculating option is chosen over a plain step onl
                           # much faster: the best of many noisy estimates is biased up (winner's curse)
 HORIZON = 8               # rounds an SSD option is expected to be kept: its first round, with no cache
                           # to look in, is counted as 1 of HORIZON
+CATCH_UP = 16             # plain steps a sequence's outcomes wait at most before the drafter is told them
+# Far from paying: the best speculating option is predicted below FAR of a plain step's rate. Staying
+# ready then costs more than it can win back soon: a plain choice is kept FAR_HOLD rounds, exploring
+# drops to FAR_EXPLORE of EXPLORE, and the drafter catches up every CATCH_UP_FAR plain steps (at
+# batch 4 here a catch-up kept the target on its own core for 2-4 rounds of every 16)
+FAR = 0.9
+FAR_HOLD = 16
+FAR_EXPLORE = 0.25
+CATCH_UP_FAR = 64
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,7 @@ class Line:
         self.seen: dict[float, list[float]] = {}   # x -> [weight, weighted sum of y]: what x itself measured
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.mx = self.my = self.slope = 0.0      # the fit, refreshed by each observation
+        self.fitted = False                       # two different x seen: the slope is measured
 
     def observe(self, x: float, y: float) -> None:
         d = COST_DECAY
@@ -111,7 +121,8 @@ class Line:
         self.sxx, self.sxy = self.sxx * d + x * x, self.sxy * d + x * y
         self.mx, self.my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - self.mx * self.mx
-        if var > 1e-6:
+        self.fitted = var > 1e-6
+        if self.fitted:
             self.slope = max(0.0, (self.sxy / self.w - self.mx * self.my) / var)
         else:
             self.slope = self.my / self.mx if self.proportional and self.mx > 0 else 0.0
@@ -126,24 +137,48 @@ class Line:
 
 class Costs:
     """Measured ms of one kind of work, a Line over its size per batch size; a batch never seen
-    borrows the nearest one's."""
+    borrows the nearest one's. per_row (a forward over x tokens per sequence): what a batch has not
+    measured is read off the nearest batch with a measured slope as work of batch * x rows (a
+    plain step at batch 4 costs about what a 4-token verify at batch 1 does), so a batch that has
+    only run plain steps does not take a verify of more tokens for free."""
 
-    def __init__(self, proportional: bool = False):
+    def __init__(self, proportional: bool = False, per_row: bool = False):
         self.lines: dict[int, Line] = {}
-        self.proportional = proportional
+        self.proportional, self.per_row = proportional, per_row
 
     def observe(self, batch: int, x: float, ms: float) -> None:
         self.lines.setdefault(batch, Line(self.proportional)).observe(x, ms)
 
-    def at(self, batch: int) -> Line | None:
+    def at(self, batch: int) -> "Line | RowScaled | None":
         if not self.lines:
             return None
+        nearest = lambda bs: min(bs, key=lambda b: (abs(b - batch), b))
         line = self.lines.get(batch)
-        return line if line is not None else self.lines[min(self.lines, key=lambda b: (abs(b - batch), b))]
+        if self.per_row and (line is None or not line.fitted):
+            fitted = [b for b, other in self.lines.items() if other.fitted and b != batch]
+            if fitted:
+                b = nearest(fitted)
+                return RowScaled(line, self.lines[b], batch / b)
+        return line if line is not None else self.lines[nearest(self.lines)]
 
     def predict(self, batch: int, x: float) -> float | None:
         line = self.at(batch)
         return None if line is None else line.predict(x)
+
+
+@dataclass
+class RowScaled:
+    """A batch's cost line where it has no slope of its own: another batch's (ref), its rows
+    scaled by `scale` (this batch / ref's), anchored at what this batch measured if anything."""
+    own: Line | None
+    ref: Line
+    scale: float
+
+    def predict(self, x: float) -> float:
+        if self.own is None:
+            return self.ref.predict(x * self.scale)
+        at = self.own.seen.get(x)
+        return at[1] / at[0] if at else max(0.0, self.own.my + self.ref.slope * self.scale * (x - self.own.mx))
 
 
 @dataclass
@@ -183,7 +218,7 @@ class RoundPolicy:
                         + [Option("ssd", k, False, b) for k in ks for b in backups])
         self.first = [Option("sd", default_k, True), Option("sd", default_k, False), Option("ssd", default_k, False, backups[0]),
                       Option("ar", 0, True), Option("ar", 0, False)]   # tried first, in this order
-        self.verify = {True: Costs(), False: Costs()}     # by wide
+        self.verify = {True: Costs(per_row=True), False: Costs(per_row=True)}     # by wide
         self.jit, self.build = Costs(proportional=True), Costs(proportional=True)    # by K
         self.miss = {"neural": Costs(proportional=True), "fast": Costs()}  # the wait for a backup after a miss, by K
         self.other: dict[str, Costs] = {"ar": Costs(), "sd": Costs(), "ssd": Costs()}   # wall minus the above
@@ -205,6 +240,13 @@ class RoundPolicy:
         self.held: HeldChoice | None = None
         self.hold = self.ticks = 0              # rounds it is still kept; rounds the rates have not ticked
         self.plain_gap, self.refreshed = 0.0, 0   # the other cores' plain step: predicted slowdown, last run
+        self.reach = 0.0                        # the best speculating option's score / the best plain step's
+        self.far = False                        # speculation is predicted far from paying (reach < FAR)
+
+    @property
+    def catch_up(self) -> int:
+        """Plain steps a sequence's outcomes may wait before the drafter is told them."""
+        return CATCH_UP_FAR if self.far else CATCH_UP
 
     # -- choosing ---------------------------------------------------------------------------------
     def choose(self, seq_ids: list[int], batch: int, wide_ok: bool,
@@ -216,7 +258,7 @@ class RoundPolicy:
             return PLAIN_NARROW, self.predict(PLAIN_NARROW, seq_ids, batch)
         self.rounds += 1
         self.ticks += 1
-        explore, self.explore_next = self.explore_next, self.rng.random() < EXPLORE
+        explore, self.explore_next = self.explore_next, self.rng.random() < EXPLORE * (FAR_EXPLORE if self.far else 1.0)
         if self.hold > 0 and not explore and self.held.fits(wide_ok, batch, seq_ids):
             self.hold -= 1
             kept = self.held.option
@@ -252,13 +294,16 @@ class RoundPolicy:
         order = sorted(range(len(shortlist)), key=rates.__getitem__, reverse=True)
         if shortlist is options:
             self.shortlist = [options[i] for i in order[:SHORTLIST]]
+        plain = max((r for o, r in zip(shortlist, rates) if o.kind == "ar"), default=0.0)
+        self.reach = max((r for o, r in zip(shortlist, rates) if o.kind != "ar"), default=0.0) / max(plain, 1e-9)
+        self.far = self.measured and self.reach < FAR
         best = self._neighbour(shortlist, rates, order[0]) if explore else order[0]
         # chosen by the rate it keeps up; predicted as this round will run, after the round before
         o = shortlist[best]
         raw = self._predict(o, now, cached=self.last_build is not None)
         self.raw_tokens = raw.tokens if raw is not None and o.kind != "ar" else None
         if o.kind == "ar" and not explore:
-            self.held, self.hold = HeldChoice(o, raw, wide_ok, batch, tuple(seq_ids)), HOLD
+            self.held, self.hold = HeldChoice(o, raw, wide_ok, batch, tuple(seq_ids)), FAR_HOLD if self.far else HOLD
             other = self._predict(PLAIN_NARROW if o.wide else PLAIN_WIDE, now)
             self.plain_gap = other.ms / raw.ms - 1 if other is not None and raw.ms > 0 else 0.0
         return o, self._calibrated(o, raw)
