@@ -11,7 +11,7 @@ import pytest
 
 import saguaro.policy as policy_module
 from saguaro.fanout import expected_tokens
-from saguaro.policy import CATCH_UP, CATCH_UP_FAR, EXPLORE, Costs, Line, Option, RoundCosts, RoundPolicy
+from saguaro.policy import CATCH_UP, CATCH_UP_FAR, EXPLORE, RECENT, Costs, Line, Option, RoundCosts, RoundPolicy
 
 
 def test_line_fits_and_extrapolates_upwards_only():
@@ -38,6 +38,21 @@ def test_a_measured_size_predicts_its_own_cost_and_drafting_scales_with_k():
     drafting.observe(3, 6.0)
     assert drafting.predict(6) == pytest.approx(12.0)                  # not what K = 3 cost
     assert Line().predict(6) == 0.0 and Costs(proportional=True).predict(1, 2) is None
+
+
+def test_one_stalled_round_does_not_make_a_size_look_dear():
+    """A stall only ever adds time: a size's cost is the least of its first measurements, then the
+    median of its last RECENT, so one slow round (a GC pause, the OS) is outvoted at once, and a
+    load that lasts is believed after RECENT // 2 + 1 rounds."""
+    line = Line()
+    line.observe(2, 0.5)
+    line.observe(2, 4.5)                           # a stalled round
+    assert line.predict(2) == 0.5
+    line.observe(2, 0.4)
+    assert line.predict(2) == 0.5                  # the median of 0.5, 4.5, 0.4
+    for _ in range(RECENT // 2 + 1):
+        line.observe(2, 3.0)                       # slower for good
+    assert line.predict(2) == 3.0
 
 
 def test_costs_borrow_the_nearest_batch():

@@ -19,6 +19,8 @@ was drawn from, so the output does not depend on the choice.
 from __future__ import annotations
 
 import random
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 from saguaro.fanout import expected_tokens
@@ -35,6 +37,7 @@ RATE_DECAY = 0.97         # per round, of a sequence's acceptance and a K's hit 
 GLOBAL_DECAY = 0.98       # per observed speculation (or lookup round), of the global rates: the last ~50
 COST_DECAY = 0.9          # per observation, of a cost: the last ~10 (an estimate the load made stale
                           # must recover from the few rounds exploring gives it)
+RECENT = 3                # measurements of one size a cost's median is taken over
 SEQ_PRIOR = 1.0           # weight of the global acceptance rate in a sequence's own estimate
 MARGIN = 0.03             # a speculating option is chosen over a plain step only when predicted this
                           # much faster: the best of many noisy estimates is biased up (winner's curse)
@@ -108,15 +111,16 @@ class Line:
 
     def __init__(self, proportional: bool = False):
         self.proportional = proportional
-        self.seen: dict[float, list[float]] = {}   # x -> [weight, weighted sum of y]: what x itself measured
+        self.weight: dict[float, float] = {}        # x -> decaying count of its measurements
+        self.recent: dict[float, deque[float]] = {}   # x -> its last RECENT measurements
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.mx = self.my = self.slope = 0.0      # the fit, refreshed by each observation
         self.fitted = False                       # two different x seen: the slope is measured
 
     def observe(self, x: float, y: float) -> None:
         d = COST_DECAY
-        at = self.seen.setdefault(x, [0.0, 0.0])
-        at[0], at[1] = at[0] * d + 1, at[1] * d + y
+        self.weight[x] = self.weight.get(x, 0.0) * d + 1
+        self.recent.setdefault(x, deque(maxlen=RECENT)).append(y)
         self.w, self.sx, self.sy = self.w * d + 1, self.sx * d + x, self.sy * d + y
         self.sxx, self.sxy = self.sxx * d + x * x, self.sxy * d + x * y
         self.mx, self.my = self.sx / self.w, self.sy / self.w
@@ -128,11 +132,20 @@ class Line:
             self.slope = self.my / self.mx if self.proportional and self.mx > 0 else 0.0
 
     def predict(self, x: float) -> float:
-        """What x itself measured (decaying mean), else the line: a forward's cost is not linear in
-        its tokens here (7.1, 10.0, 11.6, 13.4 ms for 1-4 tokens), and a line through widths 1-7
-        misjudged width 1 by ~5%, enough to keep plain steps off the second core."""
-        at = self.seen.get(x)
-        return at[1] / at[0] if at else max(0.0, self.my + self.slope * (x - self.mx))
+        """What x itself measured, else the line: a forward's cost is not linear in its tokens here
+        (7.1, 10.0, 11.6, 13.4 ms for 1-4 tokens), and a line through widths 1-7 misjudged width 1
+        by ~5%, enough to keep plain steps off the second core. What x measured is the median of
+        its last RECENT measurements (the least, until there are RECENT): a stall (a GC pause, the
+        OS) only ever adds time, and one such round made an option look 10x dearer for as long as
+        it then went unchosen."""
+        measured = self.measured(x)
+        return measured if measured is not None else max(0.0, self.my + self.slope * (x - self.mx))
+
+    def measured(self, x: float) -> float | None:
+        recent = self.recent.get(x)
+        if not recent:
+            return None
+        return statistics.median(recent) if len(recent) == RECENT else min(recent)
 
 
 class Costs:
@@ -177,8 +190,8 @@ class RowScaled:
     def predict(self, x: float) -> float:
         if self.own is None:
             return self.ref.predict(x * self.scale)
-        at = self.own.seen.get(x)
-        return at[1] / at[0] if at else max(0.0, self.own.my + self.ref.slope * self.scale * (x - self.own.mx))
+        measured = self.own.measured(x)
+        return measured if measured is not None else max(0.0, self.own.my + self.ref.slope * self.scale * (x - self.own.mx))
 
 
 @dataclass
@@ -281,7 +294,7 @@ class RoundPolicy:
         # with: at each batch size, both cores' are measured a few times before one is trusted.
         for o in (PLAIN_WIDE, PLAIN_NARROW):
             line = self.verify[o.wide].lines.get(batch)
-            if o in options and (line is None or line.seen.get(1, (0.0,))[0] < PLAIN_SAMPLES):
+            if o in options and (line is None or line.weight.get(1, 0.0) < PLAIN_SAMPLES):
                 return o, self._predict(o, now)
         # Every option is scored every RERANK rounds and when exploring (costs change slowly), the
         # shortlist in the rounds between.
