@@ -234,7 +234,7 @@ class Decoder:
         # read now before the policy explores (its round must find the drafter idle and up to date)
         unanswered = not any(s.k or s.build for s in seqs) and not (self.policy is not None and self.policy.explore_next)
         told_joins, told_tokens = bool(self.joins), sum(len(j.prompt) for j in self.joins) + len(self.outcomes)
-        drained = drained or (self.unread is not None and self._has_news())
+        drained = drained or (self.unread is not None and self._has_news(urgent=True))
         pending = self._start_draft_round(option.backup if option else "")
         reply, spec_wait = None, (time.perf_counter() - t0) * 1e3 if drained else 0.0
         if pending and any(s.k and s.spec is None for s in seqs):
@@ -254,7 +254,7 @@ class Decoder:
         else:
             outputs = self.target.forward([s.slot for s in seqs], fed)
         verify_ms = (time.perf_counter() - t0) * 1e3
-        build_wait = 0.0
+        build_wait = built_ms = 0.0
         if pending and unanswered:
             self.unread, pending, self.caches = pending, None, {}
             self.unread_since, self.unread_tokens, self.unread_rounds = time.perf_counter(), told_tokens, 0
@@ -263,7 +263,8 @@ class Decoder:
             reply, build_wait = self._await(pending.reply)
         if pending and reply is not None:
             caches, w = self._await(pending.caches)       # built during the forward
-            self.caches, build_wait = caches or {}, build_wait + w
+            self.caches, build_wait = (caches.keys if caches else {}), build_wait + w
+            built_ms = caches.build_ms if caches else 0.0
         t0 = time.perf_counter()
         events = [self._verify(s, out, start, ids_only) for s, out, start in zip(seqs, outputs, starts)]
         self.last_verify_ms = verify_ms + (time.perf_counter() - t0) * 1e3
@@ -285,7 +286,7 @@ class Decoder:
         if option is not None and not joining and not drained and not stats.degraded:
             self.policy.observe(RoundCosts(
                 option=option, batch=len(seqs), tokens_per_seq=1 + max(stats.ks), verify_ms=stats.verify_ms,
-                spec_wait_ms=spec_wait, build_wait_ms=build_wait, build_ms=stats.build_ms, wall_ms=stats.wall_ms + gap_ms,
+                spec_wait_ms=spec_wait, build_wait_ms=build_wait, build_ms=built_ms, wall_ms=stats.wall_ms + gap_ms,
                 hits=stats.hits, misses=stats.misses, backup=stats.backup,
                 tokens=sum(e.accepted + 1 for e in events if e.seq_id in chosen)))
         self.last_round_end = time.perf_counter()
@@ -321,8 +322,10 @@ class Decoder:
         # its KV up to date there and in the rounds after (the answer is read once it should be
         # done, step): when the policy will explore next round, and at the latest every
         # policy.catch_up of them, so speculating again waits for no long catch-up.
+        # (not while an answer is unread: telling it more would wait for that answer)
         held = max((len(self.held.get(o.seq_id, ())) + 1 for o in self.outcomes), default=0)
-        catch_up = held > 1 and self.policy is not None and (held >= self.policy.catch_up or self.policy.explore_next)
+        catch_up = (held > 1 and self.policy is not None and self.unread is None
+                    and (held >= self.policy.catch_up or self.policy.explore_next))
         option = predicted = None
         if chosen:
             # the drafter prefills new prompts or held outcomes in this round, or still does
@@ -351,11 +354,13 @@ class Decoder:
     def _spec_tokens(self, s: Sequence) -> list[int]:
         return s.spec.tokens[: s.k] if s.spec is not None and s.k else []
 
-    def _has_news(self) -> bool:
-        return self.draft is not None and bool(self.joins or self.outcomes or self.leaves)
+    def _has_news(self, urgent: bool = False) -> bool:
+        """Something to tell the drafter; urgent: something that cannot wait for an answer left
+        unread to be read (leaves can: they only free the drafter's slots)."""
+        return self.draft is not None and bool(self.joins or self.outcomes or (self.leaves and not urgent))
 
     def _start_draft_round(self, backup: str = "") -> PendingRound | None:
-        if not self._has_news():
+        if not self._has_news(urgent=self.unread is not None):
             return None
         self._drain()                   # one round in flight at a time
         rnd = DraftRound(joins=self.joins, outcomes=self.outcomes, leaves=self.leaves, verify_ms=self.last_verify_ms,
@@ -501,6 +506,7 @@ class Decoder:
     def _flush_leaves(self) -> None:
         # With no round left to carry them, tell the drafter now so its slots are freed.
         if not self.seqs and self.draft is not None and self.leaves:
+            self._drain()
             pending = self._start_draft_round()
             if pending is not None and self._await(pending.reply)[0] is not None:
                 self._await(pending.caches)

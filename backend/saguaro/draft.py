@@ -81,6 +81,13 @@ class DraftReply:
 CacheKeys = dict[int, dict[tuple[int, int], list[int]]]
 
 
+@dataclass
+class NextCaches:
+    """The drafter's second answer to a round: per sequence, outcome (accepted, bonus) -> tokens."""
+    keys: CacheKeys
+    build_ms: float = 0.0            # the build that made them (0: nothing was built)
+
+
 class PendingRound:
     """A draft round in flight: its reply, then the next round's cache keys, read when needed.
     ready(): whether the reply has arrived, where the drafter's channel can tell without waiting."""
@@ -100,9 +107,9 @@ class PendingRound:
                 raise DraftFailure("the drafter closed the round without answering") from None
         return self._reply
 
-    def caches(self) -> CacheKeys:
+    def caches(self) -> NextCaches:
         self.reply()
-        return next(self._answers, {})
+        return next(self._answers, NextCaches(keys={}))
 
 
 @dataclass
@@ -135,7 +142,7 @@ class Drafter:
         self.top_next: dict[int, int] = {}          # draft's top-1 after a token (fast backup)
         self.to_build: list[int] = []
         self.build_ms = self.jit_ms = 0.0           # decaying averages, for the backup rule
-        self.last_build_ms = 0.0                    # the last build, reported with the next reply
+        self.last_build_ms = 0.0                    # the last build: sent with its keys and again with the next reply (stats)
         self.hit_rate = 0.5
 
     # -- one round ------------------------------------------------------------------------------
@@ -194,7 +201,8 @@ class Drafter:
     def answer(self, rnd: DraftRound) -> Iterator:
         """The two answers to a round: the reply, then (after building) the next cache keys."""
         yield self.step(rnd)
-        yield self.build()
+        keys = self.build()
+        yield NextCaches(keys=keys, build_ms=self.last_build_ms if keys else 0.0)
 
     # -- sequences ------------------------------------------------------------------------------
     def _join(self, j: Join) -> None:

@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 import torch
 
-from saguaro.draft import CacheKeys, DraftReply, DraftRound
+from saguaro.draft import DraftReply, DraftRound, NextCaches
 
 
 class MessageError(ValueError):
@@ -85,12 +85,6 @@ class ResetDraft:
 @dataclass
 class Done:
     """Acknowledges a reset."""
-
-
-@dataclass
-class NextCaches:
-    """The drafter's second answer to a round: per sequence, outcome (accepted, bonus) -> tokens."""
-    keys: CacheKeys
 
 
 @dataclass

@@ -105,9 +105,9 @@ class Rate:
 
 class Line:
     """A decaying least-squares line y = a + b x (b >= 0: a cost never falls with more work). Until
-    two different x have been seen it is a constant, or, for work made of x equal steps
-    (`proportional`: drafting K tokens), y proportional to x: K = 6 is not assumed to cost what the
-    K = 3 seen so far did."""
+    two different x have been seen it is a constant, or, for work that grows with x
+    (`proportional`: drafting K tokens, verifying n), y proportional to x: K = 6 is not assumed to
+    cost what the K = 3 seen so far did."""
 
     def __init__(self, proportional: bool = False):
         self.proportional = proportional
@@ -115,7 +115,6 @@ class Line:
         self.recent: dict[float, deque[float]] = {}   # x -> its last RECENT measurements
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.mx = self.my = self.slope = 0.0      # the fit, refreshed by each observation
-        self.fitted = False                       # two different x seen: the slope is measured
 
     def observe(self, x: float, y: float) -> None:
         d = COST_DECAY
@@ -125,8 +124,7 @@ class Line:
         self.sxx, self.sxy = self.sxx * d + x * x, self.sxy * d + x * y
         self.mx, self.my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - self.mx * self.mx
-        self.fitted = var > 1e-6
-        if self.fitted:
+        if var > 1e-6:
             self.slope = max(0.0, (self.sxy / self.w - self.mx * self.my) / var)
         else:
             self.slope = self.my / self.mx if self.proportional and self.mx > 0 else 0.0
@@ -150,48 +148,24 @@ class Line:
 
 class Costs:
     """Measured ms of one kind of work, a Line over its size per batch size; a batch never seen
-    borrows the nearest one's. per_row (a forward over x tokens per sequence): what a batch has not
-    measured is read off the nearest batch with a measured slope as work of batch * x rows (a
-    plain step at batch 4 costs about what a 4-token verify at batch 1 does), so a batch that has
-    only run plain steps does not take a verify of more tokens for free."""
+    borrows the nearest one's."""
 
-    def __init__(self, proportional: bool = False, per_row: bool = False):
+    def __init__(self, proportional: bool = False):
         self.lines: dict[int, Line] = {}
-        self.proportional, self.per_row = proportional, per_row
+        self.proportional = proportional
 
     def observe(self, batch: int, x: float, ms: float) -> None:
         self.lines.setdefault(batch, Line(self.proportional)).observe(x, ms)
 
-    def at(self, batch: int) -> "Line | RowScaled | None":
+    def at(self, batch: int) -> Line | None:
         if not self.lines:
             return None
-        nearest = lambda bs: min(bs, key=lambda b: (abs(b - batch), b))
         line = self.lines.get(batch)
-        if self.per_row and (line is None or not line.fitted):
-            fitted = [b for b, other in self.lines.items() if other.fitted and b != batch]
-            if fitted:
-                b = nearest(fitted)
-                return RowScaled(line, self.lines[b], batch / b)
-        return line if line is not None else self.lines[nearest(self.lines)]
+        return line if line is not None else self.lines[min(self.lines, key=lambda b: (abs(b - batch), b))]
 
     def predict(self, batch: int, x: float) -> float | None:
         line = self.at(batch)
         return None if line is None else line.predict(x)
-
-
-@dataclass
-class RowScaled:
-    """A batch's cost line where it has no slope of its own: another batch's (ref), its rows
-    scaled by `scale` (this batch / ref's), anchored at what this batch measured if anything."""
-    own: Line | None
-    ref: Line
-    scale: float
-
-    def predict(self, x: float) -> float:
-        if self.own is None:
-            return self.ref.predict(x * self.scale)
-        measured = self.own.measured(x)
-        return measured if measured is not None else max(0.0, self.own.my + self.ref.slope * self.scale * (x - self.own.mx))
 
 
 @dataclass
@@ -203,7 +177,7 @@ class RoundCosts:
     verify_ms: float
     spec_wait_ms: float       # waited before the forward: SD drafting, backups after misses
     build_wait_ms: float      # waited after the forward for the next caches
-    build_ms: float           # the drafter's cache build that ran during the previous round
+    build_ms: float           # the drafter's cache build during this round (0: none)
     wall_ms: float            # the round and the caller's work since the round before
     hits: int
     misses: int
@@ -231,7 +205,10 @@ class RoundPolicy:
                         + [Option("ssd", k, False, b) for k in ks for b in backups])
         self.first = [Option("sd", default_k, True), Option("sd", default_k, False), Option("ssd", default_k, False, backups[0]),
                       Option("ar", 0, True), Option("ar", 0, False)]   # tried first, in this order
-        self.verify = {True: Costs(per_row=True), False: Costs(per_row=True)}     # by wide
+        # by wide; a batch that has run only plain steps takes a verify of n tokens to cost n of them
+        # (taking it for free, or reading it off batch 1's per-row cost, tried SD at batch 4 and
+        # lost: a 4-token verify there costs 2.2x a plain step)
+        self.verify = {True: Costs(proportional=True), False: Costs(proportional=True)}
         self.jit, self.build = Costs(proportional=True), Costs(proportional=True)    # by K
         self.miss = {"neural": Costs(proportional=True), "fast": Costs()}  # the wait for a backup after a miss, by K
         self.other: dict[str, Costs] = {"ar": Costs(), "sd": Costs(), "ssd": Costs()}   # wall minus the above
@@ -239,7 +216,7 @@ class RoundPolicy:
         self.seq_accept: dict[int, Rate] = {}
         self.hits: dict[int, Rate] = {}                    # by K
         self.all_hits = Rate(GLOBAL_DECAY)
-        self.last_build: tuple[int, int, float] | None = None   # (batch, K, ms seen) of the build now running
+        self.built = False                                  # the last round pre-drafted (SSD): its caches are in
         self.measured = False                               # every option has a prediction
         self.shortlist: list[Option] = []                   # the best options of the last full ranking
         self.last_seen: dict[Option, int] = {}              # the round each option was last measured
@@ -313,7 +290,7 @@ class RoundPolicy:
         best = self._neighbour(shortlist, rates, order[0]) if explore else order[0]
         # chosen by the rate it keeps up; predicted as this round will run, after the round before
         o = shortlist[best]
-        raw = self._predict(o, now, cached=self.last_build is not None)
+        raw = self._predict(o, now, cached=self.built)
         self.raw_tokens = raw.tokens if raw is not None and o.kind != "ar" else None
         if o.kind == "ar" and not explore:
             self.held, self.hold = HeldChoice(o, raw, wide_ok, batch, tuple(seq_ids)), FAR_HOLD if self.far else HOLD
@@ -328,7 +305,7 @@ class RoundPolicy:
         if steady is None:
             return -1.0
         tokens, ms = steady.tokens, steady.ms
-        if o.kind == "ssd" and self.last_build is None:     # entering SSD: its first round drafts as SD
+        if o.kind == "ssd" and not self.built:     # entering SSD: its first round drafts as SD
             first = self._calibrated(o, self._predict(o, now, cached=False))
             tokens, ms = first.tokens + (HORIZON - 1) * tokens, first.ms + (HORIZON - 1) * ms
         rate = tokens / max(ms, 1e-6)
@@ -441,12 +418,11 @@ class RoundPolicy:
         if self.raw_tokens is not None and o.kind != "ar":
             self.calibration.observe(r.tokens, self.raw_tokens)
         self.raw_tokens = None
-        if r.build_ms > 0 and self.last_build is not None:
+        if o.kind == "ssd" and r.build_ms > 0:
             # the drafter times its build; one that outlasted the verify is seen whole from here
-            batch, k, exposed = self.last_build
-            self.build.observe(batch, k, max(r.build_ms, exposed))
-        exposed = r.verify_ms + r.build_wait_ms if r.build_wait_ms > 0.1 else 0.0
-        self.last_build = (b, o.k, exposed) if o.kind == "ssd" else None
+            exposed = r.verify_ms + r.build_wait_ms if r.build_wait_ms > 0.1 else 0.0
+            self.build.observe(b, o.k, max(r.build_ms, exposed))
+        self.built = o.kind == "ssd"
         self.verify[o.wide].observe(b, r.tokens_per_seq, r.verify_ms)
         if o.kind == "sd" and not r.hits + r.misses:     # (after an SSD round the hits needed no drafting)
             self.jit.observe(b, o.k, r.spec_wait_ms)

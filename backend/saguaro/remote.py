@@ -127,9 +127,7 @@ class DraftServer:
         elif isinstance(msg, DraftRound):
             if msg.inject_fault:
                 raise RuntimeError("injected draft fault (test switch)")
-            answers = d.answer(msg)
-            yield next(answers)
-            yield NextCaches(keys=next(answers))
+            yield from d.answer(msg)
         else:
             raise SaguaroError(f"the drafter does not answer {type(msg).__name__}")
 
@@ -164,7 +162,7 @@ class RemoteDraft:
         try:
             yield next(answers)
             caches = next(answers, None)
-            yield caches.keys if isinstance(caches, NextCaches) else {}
+            yield caches if isinstance(caches, NextCaches) else NextCaches(keys={})
         except DraftFailure:
             raise
         except Exception as e:
