@@ -116,7 +116,7 @@ class _ThreadRound:
                 if stream is not None:
                     stream.synchronize()
                 self._reply_ready.set()
-                self._caches = next(answers, {})
+                self._caches = next(answers, None)
                 if stream is not None:
                     stream.synchronize()
         except Exception as e:          # handed to the round loop, which degrades to the target alone
@@ -124,6 +124,9 @@ class _ThreadRound:
         finally:
             self._reply_ready.set()
             self._done.set()
+
+    def arrived(self) -> bool:
+        return self._reply_ready.is_set()
 
     def reply(self):
         self._reply_ready.wait()
@@ -133,8 +136,9 @@ class _ThreadRound:
         return self._reply
 
     def caches(self):
+        from saguaro.draft import NextCaches
         self._done.wait()
-        return self._caches or {}
+        return self._caches if self._caches is not None else NextCaches(keys={})
 
 
 def sync(device: str) -> None:
