@@ -11,7 +11,7 @@ import pytest
 
 import saguaro.policy as policy_module
 from saguaro.fanout import expected_tokens
-from saguaro.policy import CATCH_UP, CATCH_UP_FAR, EXPLORE, RECENT, Costs, Line, Option, RoundCosts, RoundPolicy
+from saguaro.policy import CATCH_UP, CATCH_UP_FAR, EXPLORE, RECENT, Costs, Rate, Line, Option, RoundCosts, RoundPolicy
 
 
 def test_line_fits_and_extrapolates_upwards_only():
@@ -205,6 +205,18 @@ def test_plain_steps_measure_acceptance_so_speculation_resumes_without_exploring
     drive(policy, machine, 2 * CATCH_UP_FAR)
     assert drive(policy, machine, 100).most_common(1)[0][0].kind != "ar"
     assert not policy.far and policy.catch_up == CATCH_UP
+
+
+def test_a_dip_in_one_texts_acceptance_is_not_far_from_paying():
+    """Far from paying is judged at the acceptance speculation has had here lately, so a sequence
+    whose own rate dips takes plain steps but keeps catch-ups and exploring at their usual pace."""
+    policy, machine = RoundPolicy(max_k=6, default_k=3), Machine(a=0.85, p=0.9)
+    drive(policy, machine, 300)
+    assert not policy.far
+    policy.seq_accept[0] = Rate()
+    policy.seq_accept[0].observe(0.0, 20.0)                   # this text: the draft guesses nothing
+    chosen = Counter(policy.choose([0], 1, wide_ok=True)[0].kind for _ in range(10))
+    assert chosen["ar"] >= 9 and not policy.far and policy.catch_up == CATCH_UP
 
 
 def test_a_round_where_the_drafter_works_first_is_a_plain_step_on_the_targets_cores():

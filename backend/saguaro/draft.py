@@ -3,7 +3,7 @@ while the target verifies, its lookup, and the backups on a miss (docs/design.md
 
 The decoder talks to a Drafter through one message per round, `DraftRound`, answered twice:
 first a `DraftReply` (this round's speculations: cache hits, backups for misses, SD drafts), then,
-once built, the `CacheKeys` of the next round (SSD). The decoder looks its next outcome up in
+once built, the next round's cache keys and the build's time (`NextCaches`, SSD). The decoder looks its next outcome up in
 those keys itself, so on a hit it starts verifying without waiting for the first answer at all
 (it reads it after the target forward, for the q's that sampled verification needs). The same
 Drafter runs in-process (`LocalDraft`), in a worker process (draft_worker.py) or in Triton's

@@ -44,10 +44,11 @@ MARGIN = 0.03             # a speculating option is chosen over a plain step onl
 HORIZON = 8               # rounds an SSD option is expected to be kept: its first round, with no cache
                           # to look in, is counted as 1 of HORIZON
 CATCH_UP = 16             # plain steps a sequence's outcomes wait at most before the drafter is told them
-# Far from paying: the best speculating option is predicted below FAR of a plain step's rate. Staying
-# ready then costs more than it can win back soon: a plain choice is kept FAR_HOLD rounds, exploring
-# drops to FAR_EXPLORE of EXPLORE, and the drafter catches up every CATCH_UP_FAR plain steps (at
-# batch 4 here a catch-up kept the target on its own core for 2-4 rounds of every 16)
+# Far from paying: the best speculating option is predicted below FAR of a plain step's rate, at the
+# acceptance speculation has had here lately (`reach`). Staying ready then costs more than it can
+# win back soon: a plain choice is kept FAR_HOLD rounds, exploring drops to FAR_EXPLORE of EXPLORE,
+# and the drafter catches up every CATCH_UP_FAR plain steps (at batch 4 here a catch-up kept the
+# target on its own core for 2-4 rounds of every 16)
 FAR = 0.9
 FAR_HOLD = 16
 FAR_EXPLORE = 0.25
@@ -230,7 +231,7 @@ class RoundPolicy:
         self.held: HeldChoice | None = None
         self.hold = self.ticks = 0              # rounds it is still kept; rounds the rates have not ticked
         self.plain_gap, self.refreshed = 0.0, 0   # the other cores' plain step: predicted slowdown, last run
-        self.reach = 0.0                        # the best speculating option's score / the best plain step's
+        self.reach = 0.0                        # the best speculating option's score at the global acceptance / the best plain step's
         self.far = False                        # speculation is predicted far from paying (reach < FAR)
 
     @property
@@ -284,8 +285,12 @@ class RoundPolicy:
         order = sorted(range(len(shortlist)), key=rates.__getitem__, reverse=True)
         if shortlist is options:
             self.shortlist = [options[i] for i in order[:SHORTLIST]]
+        # Far from paying is judged at the acceptance speculation has had here lately (the global
+        # rate), not at these sequences' own: a text's dip (acceptance swung 0.4-0.9 within the
+        # dev prompts at batch 1) must not slow down noticing that it pays again
+        typical = self._inputs(seq_ids, batch, typical=True)
         plain = max((r for o, r in zip(shortlist, rates) if o.kind == "ar"), default=0.0)
-        self.reach = max((r for o, r in zip(shortlist, rates) if o.kind != "ar"), default=0.0) / max(plain, 1e-9)
+        self.reach = max((self._score(o, typical) for o in shortlist if o.kind != "ar"), default=0.0) / max(plain, 1e-9)
         self.far = self.measured and self.reach < FAR
         best = self._neighbour(shortlist, rates, order[0]) if explore else order[0]
         # chosen by the rate it keeps up; predicted as this round will run, after the round before
@@ -340,11 +345,11 @@ class RoundPolicy:
             return x
         return Prediction(x.tokens * min(1.2, max(0.5, self.calibration.value(1.0, CALIBRATION_PRIOR))), x.ms)
 
-    def _inputs(self, seq_ids: list[int], batch: int) -> dict:
+    def _inputs(self, seq_ids: list[int], batch: int, typical: bool = False) -> dict:
         """What one round's predictions read, looked up once: the cost lines at this batch size,
-        and per K the expected tokens of these sequences (Σ_s E(a_s, K)), of the fast backup, and
-        the hit rate."""
-        a = [self.acceptance(i) for i in seq_ids]
+        and per K the expected tokens of these sequences (Σ_s E(a_s, K); typical: each at the
+        global rate), of the fast backup, and the hit rate."""
+        a = [self.accept.value(0.5, 2.0) if typical else self.acceptance(i) for i in seq_ids]
         a_fast = self.accept_fast.value(0.3)
         ks = range(1, max(o.k for o in self.options) + 1)
         return {"n": len(a), "verify": {w: c.at(batch) for w, c in self.verify.items()},
