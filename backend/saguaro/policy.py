@@ -424,8 +424,10 @@ class RoundPolicy:
             self.calibration.observe(r.tokens, self.raw_tokens)
         self.raw_tokens = None
         if o.kind == "ssd" and r.build_ms > 0:
-            # the drafter times its build; one that outlasted the verify is seen whole from here
-            exposed = r.verify_ms + r.build_wait_ms if r.build_wait_ms > 0.1 else 0.0
+            # the drafter times its build; one that outlasted the verify is seen whole from here,
+            # where the build started with the round (all hits: no drafting before it, whose time
+            # the model counts as J or M, not as the build's)
+            exposed = r.verify_ms + r.build_wait_ms if r.build_wait_ms > 0.1 and r.hits and not r.misses else 0.0
             self.build.observe(b, o.k, max(r.build_ms, exposed))
         self.built = o.kind == "ssd"
         self.verify[o.wide].observe(b, r.tokens_per_seq, r.verify_ms)
