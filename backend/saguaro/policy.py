@@ -201,7 +201,7 @@ class HeldChoice:
 
 class RoundPolicy:
     def __init__(self, max_k: int, default_k: int, backups: tuple[str, ...] = ("neural", "fast"), seed: int = 0):
-        ks = range(1, max_k + 1)
+        self.ks = ks = range(1, max_k + 1)
         self.options = ([Option("ar", 0, w) for w in (True, False)] + [Option("sd", k, w) for k in ks for w in (True, False)]
                         + [Option("ssd", k, False, b) for k in ks for b in backups])
         self.first = [Option("sd", default_k, True), Option("sd", default_k, False), Option("ssd", default_k, False, backups[0]),
@@ -288,7 +288,7 @@ class RoundPolicy:
         # Far from paying is judged at the acceptance speculation has had here lately (the global
         # rate), not at these sequences' own: a text's dip (acceptance swung 0.4-0.9 within the
         # dev prompts at batch 1) must not slow down noticing that it pays again
-        typical = self._inputs(seq_ids, batch, typical=True)
+        typical = {**now, "tokens": self._tokens([self.accept.value(0.5, 2.0)] * now["n"])}
         plain = max((r for o, r in zip(shortlist, rates) if o.kind == "ar"), default=0.0)
         self.reach = max((self._score(o, typical) for o in shortlist if o.kind != "ar"), default=0.0) / max(plain, 1e-9)
         self.far = self.measured and self.reach < FAR
@@ -345,18 +345,20 @@ class RoundPolicy:
             return x
         return Prediction(x.tokens * min(1.2, max(0.5, self.calibration.value(1.0, CALIBRATION_PRIOR))), x.ms)
 
-    def _inputs(self, seq_ids: list[int], batch: int, typical: bool = False) -> dict:
+    def _inputs(self, seq_ids: list[int], batch: int) -> dict:
         """What one round's predictions read, looked up once: the cost lines at this batch size,
-        and per K the expected tokens of these sequences (Σ_s E(a_s, K); typical: each at the
-        global rate), of the fast backup, and the hit rate."""
-        a = [self.accept.value(0.5, 2.0) if typical else self.acceptance(i) for i in seq_ids]
+        and per K the expected tokens of these sequences, of the fast backup, and the hit rate."""
         a_fast = self.accept_fast.value(0.3)
-        ks = range(1, max(o.k for o in self.options) + 1)
-        return {"n": len(a), "verify": {w: c.at(batch) for w, c in self.verify.items()},
+        ks = self.ks
+        return {"n": len(seq_ids), "verify": {w: c.at(batch) for w, c in self.verify.items()},
                 "other": {kind: c.at(batch) for kind, c in self.other.items()}, "jit": self.jit.at(batch),
                 "build": self.build.at(batch), "miss": {x: c.at(batch) for x, c in self.miss.items()},
-                "tokens": {k: sum(expected_tokens(x, k) for x in a) for k in ks}, "hit": {k: self.hit_rate(k) for k in ks},
-                "fast_tokens": {k: len(a) * expected_tokens(a_fast, k) for k in ks}}
+                "tokens": self._tokens([self.acceptance(i) for i in seq_ids]), "hit": {k: self.hit_rate(k) for k in ks},
+                "fast_tokens": {k: len(seq_ids) * expected_tokens(a_fast, k) for k in ks}}
+
+    def _tokens(self, a: list[float]) -> dict[int, float]:
+        """Per K, the expected tokens of sequences with acceptance rates a: Σ_s E(a_s, K)."""
+        return {k: sum(expected_tokens(x, k) for x in a) for k in self.ks}
 
     def _predict(self, o: Option, now: dict, cached: bool | None = None) -> Prediction | None:
         """cached: whether the round before pre-drafted (None: the steady state of the option,
