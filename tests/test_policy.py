@@ -104,7 +104,7 @@ class Machine:
             held = self.held.setdefault(seq_id, [])
             if o.kind == "ar":
                 held.append(self.rng.random() < self.a)
-            if held and (o.kind != "ar" or policy.explore_next or len(held) >= policy.catch_up):
+            if held and (o.kind != "ar" or policy.explore_soon or len(held) >= policy.catch_up):
                 policy.observe_shadow(seq_id, sum(held), len(held))
                 held.clear()
 

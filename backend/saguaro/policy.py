@@ -25,7 +25,10 @@ from dataclasses import dataclass
 
 from saguaro.fanout import expected_tokens
 
-EXPLORE = 1 / 96          # share of rounds that try a neighbour of the best option
+EXPLORE = 1 / 96          # share of rounds that try a neighbour of the best option, evenly spaced (drawn at
+                          # random, seed 0 put 3 of its first 256 at 1/384: a batch-4 cell's whole run)
+EXPLORE_LEAD = 4          # rounds before exploring that the drafter starts catching up (on its own core; the
+                          # round before would otherwise wait for it: 17 ms of a 64-step catch-up at batch 4)
 RERANK = 8                # every RERANK-th round scores every option; the others its last SHORTLIST best
 SHORTLIST = 4
 PLAIN_REFRESH = 0.003     # a kept plain step runs on the other cores once every (gap / this) rounds, at
@@ -69,7 +72,8 @@ class Option:
 
 PLAIN_WIDE, PLAIN_NARROW = Option("ar", 0, True), Option("ar", 0, False)
 PLAIN_SAMPLES = 2.5       # decayed weight of the ~3 measurements of a plain step trusted at a batch size
-CALIBRATION_PRIOR = 20.0  # predicted tokens' worth of belief that the model's token counts are right
+CALIBRATION_PRIOR = 50.0  # predicted tokens' worth of belief that the model's token counts are right (at 20,
+                          # two unlucky first rounds of a = 0.9 priced speculation out for 300 rounds)
 
 
 @dataclass
@@ -223,7 +227,8 @@ class RoundPolicy:
         self.last_seen: dict[Option, int] = {}              # the round each option was last measured
         self.rounds = 0
         self.rng = random.Random(seed)
-        self.explore_next = False       # drawn a round ahead: the decoder brings the drafter up to date first
+        self.explore_next = False       # known a round ahead: the decoder brings the drafter up to date first
+        self.explore_credit = 0.0       # exploring rounds owed: grows by the exploring rate per round
         # measured / predicted tokens of speculating rounds: the model assumes acceptance independent
         # across positions and the rounds it chose were the ones it overestimated (winner's curse)
         self.calibration = Rate(GLOBAL_DECAY)
@@ -233,6 +238,14 @@ class RoundPolicy:
         self.plain_gap, self.refreshed = 0.0, 0   # the other cores' plain step: predicted slowdown, last run
         self.reach = 0.0                        # the best speculating option's score at the global acceptance / the best plain step's
         self.far = False                        # speculation is predicted far from paying (reach < FAR)
+
+    @property
+    def explore_soon(self) -> bool:
+        """A round explores within EXPLORE_LEAD rounds: time to start bringing the drafter up to date."""
+        return self.explore_next or self.explore_credit + EXPLORE_LEAD * self._explore_rate() >= 1
+
+    def _explore_rate(self) -> float:
+        return EXPLORE * (FAR_EXPLORE if self.far else 1.0)
 
     @property
     def catch_up(self) -> int:
@@ -249,7 +262,9 @@ class RoundPolicy:
             return PLAIN_NARROW, self.predict(PLAIN_NARROW, seq_ids, batch)
         self.rounds += 1
         self.ticks += 1
-        explore, self.explore_next = self.explore_next, self.rng.random() < EXPLORE * (FAR_EXPLORE if self.far else 1.0)
+        self.explore_credit += self._explore_rate()
+        explore, self.explore_next = self.explore_next, self.explore_credit >= 1
+        self.explore_credit -= self.explore_next
         if self.hold > 0 and not explore and self.held.fits(wide_ok, batch, seq_ids):
             self.hold -= 1
             kept = self.held.option
