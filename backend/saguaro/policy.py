@@ -34,6 +34,9 @@ SHORTLIST = 4
 PLAIN_REFRESH = 0.003     # a kept plain step runs on the other cores once every (gap / this) rounds, at
                           # least 16 apart (gap: how much slower the other is predicted): 0.3% of the
                           # rate, so one unlucky early measurement of either cannot stick
+SPEC_HOLD = 2             # rounds a speculating choice is kept unscored after it was chosen: scoring took
+                          # ~190 us of a ~6 ms round at batch 1 here, and a sequence's acceptance moves a
+                          # few % a round
 HOLD = 3                  # rounds a plain step's choice is kept unscored after it was chosen (until news
                           # of acceptance): in a long plain stretch scoring cost ~1.5% of each step
 RATE_DECAY = 0.97         # per round, of a sequence's acceptance and a K's hit rate: a horizon of ~30 rounds
@@ -118,13 +121,18 @@ class Line:
         self.proportional = proportional
         self.weight: dict[float, float] = {}        # x -> decaying count of its measurements
         self.recent: dict[float, deque[float]] = {}   # x -> its last RECENT measurements
+        self.cost: dict[float, float] = {}          # x -> what x measured (predict), updated by observe
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.mx = self.my = self.slope = 0.0      # the fit, refreshed by each observation
 
     def observe(self, x: float, y: float) -> None:
         d = COST_DECAY
         self.weight[x] = self.weight.get(x, 0.0) * d + 1
-        self.recent.setdefault(x, deque(maxlen=RECENT)).append(y)
+        recent = self.recent.get(x)
+        if recent is None:
+            recent = self.recent[x] = deque(maxlen=RECENT)
+        recent.append(y)
+        self.cost[x] = statistics.median(recent) if len(recent) == RECENT else min(recent)
         self.w, self.sx, self.sy = self.w * d + 1, self.sx * d + x, self.sy * d + y
         self.sxx, self.sxy = self.sxx * d + x * x, self.sxy * d + x * y
         self.mx, self.my = self.sx / self.w, self.sy / self.w
@@ -141,14 +149,8 @@ class Line:
         its last RECENT measurements (the least, until there are RECENT): a stall (a GC pause, the
         OS) only ever adds time, and one such round made an option look 10x dearer for as long as
         it then went unchosen."""
-        measured = self.measured(x)
+        measured = self.cost.get(x)
         return measured if measured is not None else max(0.0, self.my + self.slope * (x - self.mx))
-
-    def measured(self, x: float) -> float | None:
-        recent = self.recent.get(x)
-        if not recent:
-            return None
-        return statistics.median(recent) if len(recent) == RECENT else min(recent)
 
 
 class Costs:
@@ -160,7 +162,10 @@ class Costs:
         self.proportional = proportional
 
     def observe(self, batch: int, x: float, ms: float) -> None:
-        self.lines.setdefault(batch, Line(self.proportional)).observe(x, ms)
+        line = self.lines.get(batch)
+        if line is None:
+            line = self.lines[batch] = Line(self.proportional)
+        line.observe(x, ms)
 
     def at(self, batch: int) -> Line | None:
         if not self.lines:
@@ -192,7 +197,8 @@ class RoundCosts:
 
 @dataclass(frozen=True)
 class HeldChoice:
-    """A plain step's choice, kept for HOLD rounds while the round it was made for repeats."""
+    """A choice kept for HOLD (a plain step) or SPEC_HOLD rounds while the round it was made for
+    repeats; prediction: uncalibrated (_predict)."""
     option: Option
     prediction: Prediction | None
     wide_ok: bool
@@ -267,11 +273,13 @@ class RoundPolicy:
         self.explore_credit -= self.explore_next
         if self.hold > 0 and not explore and self.held.fits(wide_ok, batch, seq_ids):
             self.hold -= 1
-            kept = self.held.option
-            if self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) and (wide_ok or kept.wide):
+            kept, raw = self.held.option, self.held.prediction
+            if kept.kind == "ar" and self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) \
+                    and (wide_ok or kept.wide):
                 other, self.refreshed = (PLAIN_NARROW if kept.wide else PLAIN_WIDE), self.rounds
                 return other, self.predict(other, seq_ids, batch)
-            return kept, self.held.prediction
+            self.raw_tokens = raw.tokens if raw is not None and kept.kind != "ar" else None
+            return kept, self._calibrated(kept, raw)
         self.hold, factor, self.ticks = 0, RATE_DECAY ** self.ticks, 0
         for rate in (*self.hits.values(), *self.seq_accept.values()):
             rate.tick(factor)
@@ -302,18 +310,23 @@ class RoundPolicy:
             self.shortlist = [options[i] for i in order[:SHORTLIST]]
         # Far from paying is judged at the acceptance speculation has had here lately (the global
         # rate), not at these sequences' own: a text's dip (acceptance swung 0.4-0.9 within the
-        # dev prompts at batch 1) must not slow down noticing that it pays again
-        typical = {**now, "tokens": self._tokens([self.accept.value(0.5, 2.0)] * now["n"])}
-        plain = max((r for o, r in zip(shortlist, rates) if o.kind == "ar"), default=0.0)
-        self.reach = max((self._score(o, typical) for o in shortlist if o.kind != "ar"), default=0.0) / max(plain, 1e-9)
-        self.far = self.measured and self.reach < FAR
+        # dev prompts at batch 1) must not slow down noticing that it pays again. It moves slowly:
+        # judged when every option is scored.
+        if shortlist is options:
+            typical = {**now, "tokens": self._tokens([self.accept.value(0.5, 2.0)] * now["n"])}
+            plain = max((r for o, r in zip(options, rates) if o.kind == "ar"), default=0.0)
+            self.reach = max((self._score(o, typical) for o in options if o.kind != "ar"), default=0.0) / max(plain, 1e-9)
+            self.far = self.measured and self.reach < FAR
         best = self._neighbour(shortlist, rates, order[0]) if explore else order[0]
         # chosen by the rate it keeps up; predicted as this round will run, after the round before
         o = shortlist[best]
         raw = self._predict(o, now, cached=self.built)
         self.raw_tokens = raw.tokens if raw is not None and o.kind != "ar" else None
+        # kept a few rounds (a speculating option once its steady state runs: SSD entered drafts as SD first)
+        if not explore and (o.kind != "ssd" or self.built):
+            hold = (FAR_HOLD if self.far else HOLD) if o.kind == "ar" else SPEC_HOLD
+            self.held, self.hold = HeldChoice(o, raw, wide_ok, batch, tuple(seq_ids)), hold
         if o.kind == "ar" and not explore:
-            self.held, self.hold = HeldChoice(o, raw, wide_ok, batch, tuple(seq_ids)), FAR_HOLD if self.far else HOLD
             other = self._predict(PLAIN_NARROW if o.wide else PLAIN_WIDE, now)
             self.plain_gap = other.ms / raw.ms - 1 if other is not None and raw.ms > 0 else 0.0
         return o, self._calibrated(o, raw)
