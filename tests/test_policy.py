@@ -11,7 +11,7 @@ import pytest
 
 import saguaro.policy as policy_module
 from saguaro.fanout import expected_tokens
-from saguaro.policy import CATCH_UP, CATCH_UP_FAR, EXPLORE, RECENT, Costs, Rate, Line, Option, RoundCosts, RoundPolicy
+from saguaro.policy import CATCH_UP, CATCH_UP_FAR, EXPLORE, EXPLORE_LEAD, FAR_EXPLORE, RECENT, SPEC_HOLD, Costs, Rate, Line, Option, RoundCosts, RoundPolicy
 
 
 def test_line_fits_and_extrapolates_upwards_only():
@@ -178,6 +178,49 @@ def test_policy_keeps_exploring_cheaply():
     assert others >= 0.5 * EXPLORE * 2000 and len(chosen) >= 5, chosen   # it keeps trying others
     best_rate = max(machine.expected_rate(o) for o in policy.options)
     assert achieved(machine, chosen) >= 0.97 * best_rate, chosen       # and that costs < 3%
+
+
+def test_exploring_rounds_are_evenly_spaced_and_announced_ahead():
+    """One round in 1 / rate explores, never several in a clump (a seeded random draw put 3 of a
+    batch-4 run's 256 rounds at 1/384), and explore_soon says so EXPLORE_LEAD rounds ahead: the
+    decoder starts the drafter's catch-up then, on its own core, instead of waiting for it."""
+    policy, machine = RoundPolicy(max_k=4, default_k=2), Machine(a=0.02)
+    drive(policy, machine, 300)
+    assert policy.far
+    explored, soon = [], []
+    for i in range(2000):
+        soon.append(policy.explore_soon)
+        if policy.explore_next:
+            explored.append(i)
+        o, _ = policy.choose([0], 1, wide_ok=True)
+        machine.run(policy, o)
+    every = 1 / (EXPLORE * FAR_EXPLORE)
+    gaps = [b - a for a, b in zip(explored, explored[1:])]
+    assert len(explored) >= 4 and all(abs(gap - every) <= 1 for gap in gaps), explored
+    assert all(all(soon[i - EXPLORE_LEAD: i + 1]) for i in explored if i >= EXPLORE_LEAD)
+    assert sum(soon) <= len(explored) * (EXPLORE_LEAD + 2)      # and not otherwise
+
+
+def test_a_speculating_choice_is_kept_a_few_rounds_with_its_prediction():
+    """Scoring every option is most of a round's bookkeeping at batch 1; a speculating choice is
+    kept SPEC_HOLD rounds (an SSD one once it runs with a cache), each of them predicted as when
+    it was chosen (calibrated as of now) and counted in the calibration."""
+    policy, machine = RoundPolicy(max_k=4, default_k=3), Machine(a=0.9, p=0.9)
+    drive(policy, machine, 400)
+    last, kept = None, 0
+    for _ in range(300):
+        exploring = policy.explore_next
+        scored = policy.hold == 0 or exploring
+        o, predicted = policy.choose([0], 1, wide_ok=True)
+        if o.kind != "ar" and not scored and last is not None:
+            assert o == last and policy.raw_tokens == policy.held.prediction.tokens
+            assert predicted == policy._calibrated(o, policy.held.prediction)
+            kept += 1
+        if o.kind != "ar" and scored and not exploring and (o.kind != "ssd" or policy.built):
+            assert policy.hold == SPEC_HOLD
+        last = o
+        machine.run(policy, o)
+    assert kept >= 150                     # most rounds speculated unscored
 
 
 def test_policy_notices_when_speculation_starts_and_stops_paying():
