@@ -203,7 +203,7 @@ def test_exploring_rounds_are_evenly_spaced_and_announced_ahead():
 
 def test_a_speculating_choice_is_kept_a_few_rounds_with_its_prediction():
     """Scoring every option is most of a round's bookkeeping at batch 1; a speculating choice is
-    kept SPEC_HOLD rounds (an SSD one once it runs with a cache), each of them predicted as when
+    kept SPEC_HOLD rounds (once it runs in its steady state), each of them predicted as when
     it was chosen (calibrated as of now) and counted in the calibration."""
     policy, machine = RoundPolicy(max_k=4, default_k=3), Machine(a=0.9, p=0.9)
     drive(policy, machine, 400)
@@ -216,7 +216,7 @@ def test_a_speculating_choice_is_kept_a_few_rounds_with_its_prediction():
             assert o == last and policy.raw_tokens == policy.held.prediction.tokens
             assert predicted == policy._calibrated(o, policy.held.prediction)
             kept += 1
-        if o.kind != "ar" and scored and not exploring and (o.kind != "ssd" or policy.built):
+        if o.kind != "ar" and scored and not exploring and policy.built == (o.kind == "ssd"):
             assert policy.hold == SPEC_HOLD
         last = o
         machine.run(policy, o)

@@ -322,8 +322,10 @@ class RoundPolicy:
         o = shortlist[best]
         raw = self._predict(o, now, cached=self.built)
         self.raw_tokens = raw.tokens if raw is not None and o.kind != "ar" else None
-        # kept a few rounds (a speculating option once its steady state runs: SSD entered drafts as SD first)
-        if not explore and (o.kind != "ssd" or self.built):
+        # kept a few rounds, a speculating option once it runs in its steady state (its prediction
+        # then holds for the rounds after): SSD after SSD (entered, it drafts as SD first), SD after SD
+        # (after SSD, its first round uses the hits)
+        if not explore and (o.kind == "ar" or self.built == (o.kind == "ssd")):
             hold = (FAR_HOLD if self.far else HOLD) if o.kind == "ar" else SPEC_HOLD
             self.held, self.hold = HeldChoice(o, raw, wide_ok, batch, tuple(seq_ids)), hold
         if o.kind == "ar" and not explore:
