@@ -11,7 +11,7 @@ import pytest
 
 import saguaro.policy as policy_module
 from saguaro.fanout import expected_tokens
-from saguaro.policy import CATCH_UP, CATCH_UP_FAR, EXPLORE, EXPLORE_LEAD, FAR_EXPLORE, RECENT, SPEC_HOLD, Costs, Rate, Line, Option, RoundCosts, RoundPolicy
+from saguaro.policy import CATCH_UP, CATCH_UP_FAR, EXPLORE, EXPLORE_LEAD, FAR_EXPLORE, RECENT, Costs, Rate, Line, Option, RoundCosts, RoundPolicy
 
 
 def test_line_fits_and_extrapolates_upwards_only():
@@ -199,28 +199,6 @@ def test_exploring_rounds_are_evenly_spaced_and_announced_ahead():
     assert len(explored) >= 4 and all(abs(gap - every) <= 1 for gap in gaps), explored
     assert all(all(soon[i - EXPLORE_LEAD: i + 1]) for i in explored if i >= EXPLORE_LEAD)
     assert sum(soon) <= len(explored) * (EXPLORE_LEAD + 2)      # and not otherwise
-
-
-def test_a_speculating_choice_is_kept_a_few_rounds_with_its_prediction():
-    """Scoring every option is most of a round's bookkeeping at batch 1; a speculating choice is
-    kept SPEC_HOLD rounds (once it runs in its steady state), each of them predicted as when
-    it was chosen (calibrated as of now) and counted in the calibration."""
-    policy, machine = RoundPolicy(max_k=4, default_k=3), Machine(a=0.9, p=0.9)
-    drive(policy, machine, 400)
-    last, kept = None, 0
-    for _ in range(300):
-        exploring = policy.explore_next
-        scored = policy.hold == 0 or exploring
-        o, predicted = policy.choose([0], 1, wide_ok=True)
-        if o.kind != "ar" and not scored and last is not None:
-            assert o == last and policy.raw_tokens == policy.held.prediction.tokens
-            assert predicted == policy._calibrated(o, policy.held.prediction)
-            kept += 1
-        if o.kind != "ar" and scored and not exploring and policy.built == (o.kind == "ssd"):
-            assert policy.hold == SPEC_HOLD
-        last = o
-        machine.run(policy, o)
-    assert kept >= 150                     # most rounds speculated unscored
 
 
 def test_policy_notices_when_speculation_starts_and_stops_paying():

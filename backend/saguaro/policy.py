@@ -34,9 +34,6 @@ SHORTLIST = 4
 PLAIN_REFRESH = 0.003     # a kept plain step runs on the other cores once every (gap / this) rounds, at
                           # least 16 apart (gap: how much slower the other is predicted): 0.3% of the
                           # rate, so one unlucky early measurement of either cannot stick
-SPEC_HOLD = 2             # rounds a speculating choice is kept unscored after it was chosen: scoring took
-                          # ~190 us of a ~6 ms round at batch 1 here, and a sequence's acceptance moves a
-                          # few % a round
 HOLD = 3                  # rounds a plain step's choice is kept unscored after it was chosen (until news
                           # of acceptance): in a long plain stretch scoring cost ~1.5% of each step
 RATE_DECAY = 0.97         # per round, of a sequence's acceptance and a K's hit rate: a horizon of ~30 rounds
@@ -197,8 +194,7 @@ class RoundCosts:
 
 @dataclass(frozen=True)
 class HeldChoice:
-    """A choice kept for HOLD (a plain step) or SPEC_HOLD rounds while the round it was made for
-    repeats; prediction: uncalibrated (_predict)."""
+    """A plain step's choice, kept for HOLD rounds while the round it was made for repeats."""
     option: Option
     prediction: Prediction | None
     wide_ok: bool
@@ -273,13 +269,11 @@ class RoundPolicy:
         self.explore_credit -= self.explore_next
         if self.hold > 0 and not explore and self.held.fits(wide_ok, batch, seq_ids):
             self.hold -= 1
-            kept, raw = self.held.option, self.held.prediction
-            if kept.kind == "ar" and self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) \
-                    and (wide_ok or kept.wide):
+            kept = self.held.option
+            if self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) and (wide_ok or kept.wide):
                 other, self.refreshed = (PLAIN_NARROW if kept.wide else PLAIN_WIDE), self.rounds
                 return other, self.predict(other, seq_ids, batch)
-            self.raw_tokens = raw.tokens if raw is not None and kept.kind != "ar" else None
-            return kept, self._calibrated(kept, raw)
+            return kept, self.held.prediction
         self.hold, factor, self.ticks = 0, RATE_DECAY ** self.ticks, 0
         for rate in (*self.hits.values(), *self.seq_accept.values()):
             rate.tick(factor)
@@ -322,13 +316,11 @@ class RoundPolicy:
         o = shortlist[best]
         raw = self._predict(o, now, cached=self.built)
         self.raw_tokens = raw.tokens if raw is not None and o.kind != "ar" else None
-        # kept a few rounds, a speculating option once it runs in its steady state (its prediction
-        # then holds for the rounds after): SSD after SSD (entered, it drafts as SD first), SD after SD
-        # (after SSD, its first round uses the hits)
-        if not explore and (o.kind == "ar" or self.built == (o.kind == "ssd")):
-            hold = (FAR_HOLD if self.far else HOLD) if o.kind == "ar" else SPEC_HOLD
-            self.held, self.hold = HeldChoice(o, raw, wide_ok, batch, tuple(seq_ids)), hold
+        # A speculating choice is scored every round: kept two rounds with its prediction (SPEC_HOLD,
+        # tried at a653444), the policy chose SSD in 16% of the greedy batch-1 dev rounds instead of
+        # 49%, and SSD fell from 1.07 to 0.99 of SD there
         if o.kind == "ar" and not explore:
+            self.held, self.hold = HeldChoice(o, raw, wide_ok, batch, tuple(seq_ids)), FAR_HOLD if self.far else HOLD
             other = self._predict(PLAIN_NARROW if o.wide else PLAIN_WIDE, now)
             self.plain_gap = other.ms / raw.ms - 1 if other is not None and raw.ms > 0 else 0.0
         return o, self._calibrated(o, raw)
