@@ -307,7 +307,7 @@ class RoundPolicy:
         # dev prompts at batch 1) must not slow down noticing that it pays again. It moves slowly:
         # judged when every option is scored.
         if shortlist is options:
-            typical = {**now, "tokens": self._tokens([self.accept.value(0.5, 2.0)] * now["n"])}
+            typical = {**now, "tokens": self._tokens([self.global_acceptance()] * now["n"])}
             plain = max((r for o, r in zip(options, rates) if o.kind == "ar"), default=0.0)
             self.reach = max((self._score(o, typical) for o in options if o.kind != "ar"), default=0.0) / max(plain, 1e-9)
             self.far = self.measured and self.reach < FAR
@@ -411,8 +411,12 @@ class RoundPolicy:
         wait = miss.predict(o.k) if miss is not None else 0.0
         return Prediction(tokens, max(v, build.predict(o.k)) + (1 - p ** now["n"]) * wait + rest)
 
+    def global_acceptance(self) -> float:
+        """What speculation has had here lately: every sequence's prior, and the far judgement's rate."""
+        return self.accept.value(0.5, 2.0)
+
     def acceptance(self, seq_id: int) -> float:
-        prior = self.accept.value(0.5, 2.0)
+        prior = self.global_acceptance()
         rate = self.seq_accept.get(seq_id)
         return min(rate.value(prior, SEQ_PRIOR) if rate else prior, 0.999)
 
