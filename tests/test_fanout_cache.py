@@ -377,20 +377,24 @@ def test_a_plain_target_step_drafts_nothing_and_the_next_speculation_catches_up(
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, top_k=50, seed=3)],
                          ids=["greedy", "sampled"])
-def test_a_catch_up_scores_the_draft_on_the_plain_steps_tokens(draft_engine, params):
+@pytest.mark.parametrize("merged", [False, True], ids=["one-per-step", "merged"])
+def test_a_catch_up_scores_the_draft_on_the_plain_steps_tokens(draft_engine, params, merged):
     """Shadow acceptance: the catch-up's forward scores the draft on the tokens plain target steps
     committed, as a speculation there would have been accepted (greedy: its argmax is the token;
     sampled: min(1, q(x) / p(x)), x drawn from the target's p). The speculating round's own outcome
-    is not scored (no p for its bonus)."""
+    is not scored (no p for its bonus). The decoder tells a run of plain steps as one outcome
+    (merged): scored the same."""
     context = PROMPT + [5, 7]
     [[h1, h2]] = _neural_drafts(draft_engine, [context], 2)   # the draft's greedy guesses after 7
     wrong = (h2 + 1) % 4000
     d = _drafter(draft_engine, "neural")
     _join(d, params)                                          # speculating from [5]
     p1, p2 = (None, None) if params.greedy else (0.3, 0.05)
-    reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [7], next_k=0, build=False),
-                                        Outcome(0, 0, [h1], next_k=0, build=False, p_bonus=p1),
-                                        Outcome(0, 0, [wrong], next_k=0, build=False, p_bonus=p2)]))
+    sampled = not params.greedy
+    steps = ([Outcome(0, 0, [h1, wrong], next_k=0, build=False, p_plain=[p1, p2] if sampled else None)] if merged else
+             [Outcome(0, 0, [h1], next_k=0, build=False, p_plain=[p1] if sampled else None),
+              Outcome(0, 0, [wrong], next_k=0, build=False, p_plain=[p2] if sampled else None)])
+    reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [7], next_k=0, build=False)] + steps))
     slot = draft_engine.allocate()
     rows = draft_engine.forward([slot], [context + [h1]])[0][-2:]      # after 7 and after h1
     draft_engine.release(slot)
@@ -406,7 +410,8 @@ def test_a_catch_up_scores_the_draft_on_the_plain_steps_tokens(draft_engine, par
     d.release_all()
 
 
-def test_a_long_catch_up_scores_only_its_last_tokens(draft_engine):
+@pytest.mark.parametrize("merged", [False, True], ids=["one-per-step", "merged"])
+def test_a_long_catch_up_scores_only_its_last_tokens(draft_engine, merged):
     """A catch-up longer than SHADOW_ROWS per sequence (by 2 * SHADOW_ROWS in all) prefills the
     older tokens without the LM head and scores the draft on the latest SHADOW_ROWS only, each as
     a forward over the whole catch-up would have: greedy, whether its argmax is the token."""
@@ -420,7 +425,10 @@ def test_a_long_catch_up_scores_only_its_last_tokens(draft_engine):
         guesses.append(g)
         context = context + [g]
     tokens = guesses[:-1] + [(guesses[-1] + 1) % 4000]           # ... but the last
-    reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [t], next_k=0, build=False) for t in tokens]))
+    # (the first outcome is the speculating round's; the plain steps' follow, merged as the decoder tells them)
+    told = ([Outcome(0, 0, tokens[:1], next_k=0, build=False), Outcome(0, 0, tokens[1:], next_k=0, build=False)] if merged else
+            [Outcome(0, 0, [t], next_k=0, build=False) for t in tokens])
+    reply = d.step(DraftRound(outcomes=told))
     assert reply.shadow[0] == (SHADOW_ROWS - 1, SHADOW_ROWS)
     s = d.seqs[0]
     assert draft_engine.length(s.slot) == len(s.history) - 1     # the KV holds every committed token

@@ -120,6 +120,9 @@ def test_the_drafter_catches_up_during_plain_steps_and_joins_are_read_later(prom
     dec = build_decoder(replace(TARGET, prefill_threads=2), DRAFT, SpecConfig(k=2), draft_process=False)
     assert NEW_TOKENS >= 2 * CATCH_UP
     dec.policy = policy = LongPlainStretches(every=CATCH_UP + CATCH_UP // 2 + 1)
+    told = []                                   # outcomes per round told to the drafter
+    start = dec.draft.start
+    dec.draft.start = lambda rnd: told.append(len(rnd.outcomes)) or start(rnd)
     try:
         [seq] = [dec.add(prompts[0], PARAMS)]
         out = dec.step()[0].tokens
@@ -143,6 +146,7 @@ def test_the_drafter_catches_up_during_plain_steps_and_joins_are_read_later(prom
     # while the drafter works (a catch-up, an answer unread) the target keeps to its own cores
     assert all(not ok for ok, u in zip(policy.wide_ok, unread) if u), (policy.wide_ok, unread)
     assert most_held < CATCH_UP, most_held                        # never a longer stretch untold
+    assert max(told) <= 2, told               # a catch-up tells its plain steps as one outcome
     # never the whole stretch to prefill at once (this in-process drafter works when its answer is read)
     assert behind and max(behind) <= CATCH_UP + JOIN_READ + 1, behind
     narrow = [i for i, ok in enumerate(policy.wide_ok) if not ok]

@@ -342,7 +342,7 @@ class Decoder:
             if not (s.k or s.build):
                 s.spec = None           # a plain target step: a pre-drafted speculation goes unused
             if s.k or s.build or catch_up:
-                told += self.held.pop(o.seq_id)
+                told += _merged(self.held.pop(o.seq_id))
         self.outcomes = told
         return option, predicted, {s.seq_id for s in chosen}
 
@@ -438,14 +438,14 @@ class Decoder:
         draft = self._spec_tokens(s)   # empty if the drafter failed after the forward: an AR step
         kind = "ar" if not draft else "ssd" if s.build else "sd"
         x = None if ids_only else self._scaled(s, out, draft)
-        p_bonus = None
+        p_plain = None
         if s.params.greedy:
             k, bonus = verify_greedy((out if ids_only else greedy(x)).tolist(), draft)
         else:
             q = s.spec.q[: len(draft)] if draft else None
             p = distribution(x, s.params)
             k, bonus = verify_sampled(p, q, draft, s.generator)
-            p_bonus = None if draft else float(p[0, bonus])    # a plain step: what the drafter scores itself on
+            p_plain = None if draft else [float(p[0, bonus])]    # a plain step: what the drafter scores itself on
         new = draft[:k] + [bonus]
         log_probs = token_log_probs(x, new) if s.params.return_log_probs else None
         s.first_round = False
@@ -461,7 +461,7 @@ class Decoder:
         event = Event(s.seq_id, new, s.finish_reason, st, s.spec.source if draft else "ar", len(draft), k, kind,
                       log_probs[: len(new)] if log_probs is not None else None)
         if s.finish_reason is None and s.mode != "ar":
-            self.outcomes.append(Outcome(s.seq_id, k, draft[:k] + [bonus], p_bonus=p_bonus))
+            self.outcomes.append(Outcome(s.seq_id, k, draft[:k] + [bonus], p_plain=p_plain))
             # SSD: the next speculation, if the drafter pre-drafted this outcome (else it sends one)
             tokens = self.caches.get(s.seq_id, {}).get((k, bonus)) if s.build else None
             s.spec = Speculation(tokens, None, "cache") if tokens else None
@@ -528,6 +528,18 @@ class Decoder:
         if self.draft is not None:
             self.draft.close()
         self.target.close()
+
+
+def _merged(held: list[Outcome]) -> list[Outcome]:
+    """A sequence's held outcomes as told: after the first, each is a plain target step's (it was
+    held because the round after it was one), so they go as one outcome of all their tokens
+    (a 64-step catch-up at batch 4 took 2.1 ms to send as 256 outcomes, 0.6 ms as 4)."""
+    if len(held) <= 2:
+        return held
+    first, steps = held[0], held[1:]
+    sampled = steps[0].p_plain is not None
+    return [first, Outcome(first.seq_id, 0, [o.emitted[0] for o in steps], next_k=steps[-1].next_k,
+                           build=steps[-1].build, p_plain=[o.p_plain[0] for o in steps] if sampled else None)]
 
 
 def _ends_with(tokens: list[int], stop: tuple[int, ...]) -> bool:

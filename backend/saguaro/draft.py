@@ -51,7 +51,9 @@ class Outcome:
     emitted: list[int]               # d_1..d_k followed by the bonus token
     next_k: int | None = None        # the next round's K (0: no speculation); None: the K it joined with
     build: bool | None = None        # pre-draft during the next round; None: as its mode (ssd builds)
-    p_bonus: float | None = None     # a sampled plain step: the target's probability of its token
+    # Plain target steps (no speculation verified): a catch-up tells a run of them as one outcome,
+    # every emitted token a step's (accepted 0); sampled, the target's probability of each token
+    p_plain: list[float] | None = None
 
 
 @dataclass
@@ -128,7 +130,7 @@ class _Seq:
     cache: dict[tuple[int, int], Speculation] = field(default_factory=dict)
     fanout: list[int] = field(default_factory=list)
     fast_guess: list[int] = field(default_factory=list)
-    plain: dict[int, float | None] = field(default_factory=dict)   # history index of a plain step's token -> p_bonus
+    plain: dict[int, float | None] = field(default_factory=dict)   # history index of a plain step's token -> p_plain's
 
 
 SHADOW_ROWS = 16            # a catch-up's tokens scored per sequence (shadow acceptance), the latest
@@ -265,8 +267,9 @@ class Drafter:
             self.fit.observe_cache(s.fanout[o.accepted], (o.accepted, bonus) in s.cache)
         if s.fast_guess:
             self.fit.observe_fast(matched_prefix(s.fast_guess, o.emitted), len(s.fast_guess))
-        if s.spec is None and len(o.emitted) == 1 and (s.params.greedy or o.p_bonus is not None):
-            s.plain[len(s.history)] = o.p_bonus        # a plain step's token: scored at the catch-up
+        if s.spec is None and (s.params.greedy or o.p_plain is not None):   # plain steps' tokens:
+            for i, p in enumerate(o.p_plain or [None] * len(o.emitted)):      # scored at the catch-up
+                s.plain[len(s.history) + i] = p
         elif s.spec is not None:
             s.plain.clear()
         s.history.extend(o.emitted)
