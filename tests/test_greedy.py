@@ -153,6 +153,24 @@ def test_the_drafter_catches_up_during_plain_steps_and_joins_are_read_later(prom
     assert narrow and len(narrow) <= (len(policy.wide_ok) // CATCH_UP + 1) * JOIN_READ, narrow
 
 
+def test_the_last_round_waits_for_no_drafter_answer_and_settle_frees_its_slots(prompts, ar_outputs):
+    """The round in which the last sequence finishes tells the drafter its leave but returns its
+    tokens without waiting for the answer (nor for an unread catch-up's); `settle` (generate's end,
+    an idle server) reads what is owed, and the drafter's slots are free."""
+    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=2), draft_process=True)
+    try:
+        for p in prompts[:2]:
+            dec.add(p, PARAMS)
+        while dec.active:
+            dec.step()
+        assert dec.unsettled                  # the leaves' answer (or the leaves, behind a catch-up) owed
+        dec.settle()
+        assert not dec.unsettled and dec.draft_slots == 0
+        assert dec.generate(prompts[:1], PARAMS) == ar_outputs[:1] and dec.draft_slots == 0
+    finally:
+        dec.close()
+
+
 def test_with_the_draft_worker_an_unread_answer_is_read_as_soon_as_it_has_arrived(prompts, ar_outputs):
     """Over the worker's pipe the decoder can tell without waiting whether the drafter has
     answered a round it left unread (joins' prefill, a catch-up): it reads it in the first round

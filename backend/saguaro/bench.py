@@ -101,6 +101,7 @@ class Run:
                     self.sums["drafted"] += e.stats.drafted
                     self.sums["accepted"] += e.stats.accepted
                     self.sums["seq_rounds"] += e.stats.rounds
+        dec.settle()       # what the drafter still owes is this mode's time, not the next one's
         self.busy += time.perf_counter() - t0
         self.outputs += [out[i] for i in seq_ids]
         self.produced += sum(len(out[i]) for i in seq_ids)

@@ -256,9 +256,7 @@ class Decoder:
         verify_ms = (time.perf_counter() - t0) * 1e3
         build_wait = built_ms = 0.0
         if pending and unanswered:
-            self.unread, pending, self.caches = pending, None, {}
-            self.unread_since, self.unread_tokens, self.unread_rounds = time.perf_counter(), told_tokens, 0
-            self.unread_joins = told_joins
+            pending, self.caches = self._leave_unread(pending, told_tokens, told_joins), {}
         if pending and reply is None:   # all hits: the answer (q's for sampling) came during the forward
             reply, build_wait = self._await(pending.reply)
         if pending and reply is not None:
@@ -372,6 +370,11 @@ class Decoder:
             self._degrade()
             return None
 
+    def _leave_unread(self, pending: PendingRound, tokens: int, joins: bool) -> None:
+        """A round whose answer nothing needs now: the drafter works on, and it is read once done."""
+        self.unread, self.unread_since, self.unread_tokens, self.unread_rounds = pending, time.perf_counter(), tokens, 0
+        self.unread_joins = joins
+
     def _unread_done(self) -> bool:
         """Whether the answer left unread is in, where the drafter's channel can tell without
         waiting; else whether it should be: timed by the last such answer read (per token told,
@@ -391,7 +394,8 @@ class Decoder:
         reply = self._await(pending.reply)[0] if pending is not None else None
         if reply is not None:
             self._await(pending.caches)
-            self.read_ms_per_token[self.unread_joins] = reply.draft_ms / max(1, self.unread_tokens)
+            if self.unread_tokens:      # (not a round of leaves alone)
+                self.read_ms_per_token[self.unread_joins] = reply.draft_ms / self.unread_tokens
 
     def _await(self, answer):
         """An answer from the drafter (a reply is applied to the sequences) and the ms spent
@@ -504,9 +508,37 @@ class Decoder:
             self.leaves.append(s.seq_id)
 
     def _flush_leaves(self) -> None:
-        # With no round left to carry them, tell the drafter now so its slots are freed.
-        if not self.seqs and self.draft is not None and self.leaves:
-            self._drain()
+        """With no round left to carry them, tell the drafter the leaves now, so its slots are
+        freed, and leave its answer unread: a request's last tokens wait for nothing (draining an
+        unread catch-up first cost up to a round's time). While the drafter still works on another
+        answer they wait for the next round or `settle`, since telling it more waits for that answer."""
+        if self.seqs or self.draft is None or not self.leaves:
+            return
+        if self.unread is not None:
+            if self.unread.arrived() is False:
+                return
+            self._drain()               # arrived, or an in-process drafter, which works when read
+        pending = self._start_draft_round()
+        if pending is None:
+            return
+        if pending.arrived() is None:   # an in-process drafter works when read: nothing to overlap
+            if self._await(pending.reply)[0] is not None:
+                self._await(pending.caches)
+        else:
+            self._leave_unread(pending, 0, False)
+
+    @property
+    def unsettled(self) -> bool:
+        """The drafter owes an answer or has leaves untold (`settle`)."""
+        return self.unread is not None or bool(self.leaves)
+
+    def settle(self) -> None:
+        """With no sequence left (generate's end, an idle server): read what the drafter still owes
+        and tell it the leaves not yet told, waiting for both, so its slots are free."""
+        if self.seqs or self.draft is None:
+            return
+        self._drain()
+        if self.leaves:
             pending = self._start_draft_round()
             if pending is not None and self._await(pending.reply)[0] is not None:
                 self._await(pending.caches)
@@ -520,6 +552,7 @@ class Decoder:
         while self.seqs:
             for e in self.step():
                 out[e.seq_id].extend(e.tokens)
+        self.settle()
         return [out[i] for i in ids]
 
     def close(self) -> None:
@@ -533,7 +566,7 @@ class Decoder:
 def _merged(held: list[Outcome]) -> list[Outcome]:
     """A sequence's held outcomes as told: after the first, each is a plain target step's (it was
     held because the round after it was one), so they go as one outcome of all their tokens
-    (a 64-step catch-up at batch 4 took 2.1 ms to send as 256 outcomes, 0.6 ms as 4)."""
+    (a 64-step catch-up round at batch 4 spent 2.1 ms beyond its forward as 256 outcomes, 0.6 as 4)."""
     if len(held) <= 2:
         return held
     first, steps = held[0], held[1:]

@@ -512,6 +512,9 @@ class ServingLoop:
                 self._drop_cancelled()
                 if self.decoder is not None and self.decoder.active:
                     self._round()
+                elif self.decoder is not None and self.decoder.unsettled:
+                    self.decoder.settle()        # idle: the drafter's last answers read, its slots freed
+                    self.on_change(self.decoder, None)
             except PeerUnavailable as e:   # the target's process is gone, and its KV caches with it
                 self._fail_all(Unavailable(f"the target engine was lost mid-request ({e}); retry the request"))
                 self.decoder = None
