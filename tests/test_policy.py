@@ -104,7 +104,7 @@ class Machine:
             held = self.held.setdefault(seq_id, [])
             if o.kind == "ar":
                 held.append(self.rng.random() < self.a)
-            if held and (o.kind != "ar" or policy.explore_soon or len(held) >= policy.catch_up):
+            if held and (o.kind != "ar" or policy.catch_up_now(len(held))):
                 policy.observe_shadow(seq_id, sum(held), len(held))
                 held.clear()
 
@@ -183,13 +183,18 @@ def test_policy_keeps_exploring_cheaply():
 def test_exploring_rounds_are_evenly_spaced_and_announced_ahead():
     """One round in 1 / rate explores, never several in a clump (a seeded random draw put 3 of a
     batch-4 run's 256 rounds at 1/384), and explore_soon says so EXPLORE_LEAD rounds ahead: the
-    decoder starts the drafter's catch-up then, on its own core, instead of waiting for it."""
+    decoder starts the drafter's catch-up then, on its own core, instead of waiting for it; once,
+    not in every round of the lead."""
     policy, machine = RoundPolicy(max_k=4, default_k=2), Machine(a=0.02)
     drive(policy, machine, 300)
     assert policy.far
-    explored, soon = [], []
+    explored, soon, caught, held = [], [], [], 0
     for i in range(2000):
         soon.append(policy.explore_soon)
+        held += 1                                   # as the decoder counts a sequence's untold plain steps
+        if policy.catch_up_now(held):
+            caught.append(i)
+            held = 0
         if policy.explore_next:
             explored.append(i)
         o, _ = policy.choose([0], 1, wide_ok=True)
@@ -199,6 +204,11 @@ def test_exploring_rounds_are_evenly_spaced_and_announced_ahead():
     assert len(explored) >= 4 and all(abs(gap - every) <= 1 for gap in gaps), explored
     assert all(all(soon[i - EXPLORE_LEAD: i + 1]) for i in explored if i >= EXPLORE_LEAD)
     assert sum(soon) <= len(explored) * (EXPLORE_LEAD + 2)      # and not otherwise
+    # one catch-up in each lead (the exploring round finds at most EXPLORE_LEAD steps untold), and
+    # between leads one every catch_up steps
+    for i in explored:
+        assert len([c for c in caught if i - EXPLORE_LEAD <= c <= i]) == 1, (i, caught)
+    assert len(caught) <= len(explored) + 2000 // policy.catch_up + 1, caught
 
 
 def test_policy_notices_when_speculation_starts_and_stops_paying():
@@ -338,3 +348,15 @@ def test_rounds_that_cannot_use_every_core_measure_what_they_can():
         assert not o.wide
         machine.run(policy, o)
     assert policy.predict(Option("ar", 0, False), [0], 1) is not None
+
+
+def test_catch_ups_come_less_often_the_further_speculation_is_from_paying():
+    """Every CATCH_UP plain steps while speculation at the acceptance it has had here would pay (or
+    nothing is measured yet), twice that below it, CATCH_UP_FAR far from paying: a catch-up costs a
+    round or two on the target's own core whatever its length."""
+    policy = RoundPolicy(max_k=4, default_k=2)
+    assert policy.catch_up == CATCH_UP                          # nothing measured yet
+    policy.measured = True
+    for reach, far, every in ((1.1, False, CATCH_UP), (0.95, False, 2 * CATCH_UP), (0.5, True, CATCH_UP_FAR)):
+        policy.reach, policy.far = reach, far
+        assert policy.catch_up == every, reach

@@ -318,12 +318,11 @@ class Decoder:
         # A sequence's outcomes wait while it takes plain target steps: the drafter stays idle (and
         # off the target's cores). It is told them in a round on the target's own cores, and brings
         # its KV up to date there and in the rounds after (the answer is read once it should be
-        # done, step): when the policy explores soon, and at the latest every policy.catch_up of
-        # them, so speculating again waits for no long catch-up.
+        # done, step): once as the policy's exploring comes near, and at the latest every
+        # policy.catch_up of them (policy.catch_up_now), so speculating again waits for no long catch-up.
         # (not while an answer is unread: telling it more would wait for that answer)
         held = max((len(self.held.get(o.seq_id, ())) + 1 for o in self.outcomes), default=0)
-        catch_up = (held > 1 and self.policy is not None and self.unread is None
-                    and (held >= self.policy.catch_up or self.policy.explore_soon))
+        catch_up = held > 1 and self.policy is not None and self.unread is None and self.policy.catch_up_now(held)
         option = predicted = None
         if chosen:
             # the drafter prefills new prompts or held outcomes in this round, or still does
