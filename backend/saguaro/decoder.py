@@ -233,7 +233,8 @@ class Decoder:
         # steps to catch up on) and the drafter works on through the rounds after, on its own core;
         # read now before the policy explores (its round must find the drafter idle and up to date)
         unanswered = not any(s.k or s.build for s in seqs) and not (self.policy is not None and self.policy.explore_next)
-        told_joins, told_tokens = bool(self.joins), sum(len(j.prompt) for j in self.joins) + len(self.outcomes)
+        told_joins = bool(self.joins)
+        told_tokens = sum(len(j.prompt) for j in self.joins) + sum(len(o.emitted) for o in self.outcomes)
         drained = drained or (self.unread is not None and self._has_news(urgent=True))
         pending = self._start_draft_round(option.backup if option else "")
         reply, spec_wait = None, (time.perf_counter() - t0) * 1e3 if drained else 0.0
