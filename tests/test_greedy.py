@@ -153,6 +153,26 @@ def test_the_drafter_catches_up_during_plain_steps_and_joins_are_read_later(prom
     assert narrow and len(narrow) <= (len(policy.wide_ok) // CATCH_UP + 1) * JOIN_READ, narrow
 
 
+def test_rounds_that_keep_the_drafter_idle_give_the_target_every_core_whoever_chose_them(prompts, ar_outputs):
+    """The target takes every core whenever the drafter has nothing to do during its forward: in
+    rounds of requests' own ar and sd modes too (served, whose target has one thread of its own,
+    those ran on it alone). A round that pre-drafts (SSD with K pinned) or in which the drafter
+    prefills a new prompt does not."""
+    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=2), draft_process=True)
+    cores = []
+    use = dec.target.use_all_cores
+    dec.target.use_all_cores = lambda on: cores.append(on) or use(on)
+    try:
+        for mode, k, wide in (("ar", None, True), ("sd", None, True), ("ssd", 2, False)):
+            cores.clear()
+            assert dec.generate(prompts[:1], PARAMS, mode, k=k) == ar_outputs[:1]
+            # the first round prefills the prompt (the drafter's copy too, but for ar)
+            assert cores[0] is False or mode == "ar", (mode, cores)
+            assert set(cores[1:]) == {wide}, (mode, cores)
+    finally:
+        dec.close()
+
+
 def test_the_last_round_waits_for_no_drafter_answer_and_settle_frees_its_slots(prompts, ar_outputs):
     """The round in which the last sequence finishes tells the drafter its leave but returns its
     tokens without waiting for the answer (nor for an unread catch-up's); `settle` (generate's end,

@@ -242,8 +242,12 @@ class Decoder:
             reply, waited = self._await(pending.reply)  # misses and SD: drafted for this round
             spec_wait += waited
             pending = pending if reply is not None else None
-        # The target may take every core when the drafter has nothing to do during the forward.
-        self.target.use_all_cores(option is not None and option.wide and not joining and not any(s.build for s in seqs))
+        # The target may take every core when the drafter has nothing to do during the forward (no
+        # pre-drafting, no prompt or catch-up to prefill), whoever chose the round: the policy, or
+        # requests' own ar and sd modes (served, where the target's own threads are one, those ran
+        # on one core)
+        idle = not joining and not any(s.build for s in seqs) and self.unread is None and (pending is None or reply is not None)
+        self.target.use_all_cores(idle and (option is None or option.wide))
         t0 = time.perf_counter()
         starts = [self.target.length(s.slot) for s in seqs]
         fed = [[s.pending] + self._spec_tokens(s) for s in seqs]
