@@ -236,11 +236,15 @@ class Decoder:
         told_joins = bool(self.joins)
         told_tokens = sum(len(j.prompt) for j in self.joins) + sum(len(o.emitted) for o in self.outcomes)
         drained = drained or (self.unread is not None and self._has_news(urgent=True))
+        t_send = time.perf_counter()
         pending = self._start_draft_round(option.backup if option else "")
         reply, spec_wait = None, (time.perf_counter() - t0) * 1e3 if drained else 0.0
         if pending and any(s.k and s.spec is None for s in seqs):
-            reply, waited = self._await(pending.reply)  # misses and SD: drafted for this round
-            spec_wait += waited
+            reply = self._await(pending.reply)[0]       # misses and SD: drafted for this round
+            # the wait for this round's drafting counts from the send: after a round on every core,
+            # sending held the decoder ~3 ms at batch 1 while the drafter woke and drafted, and
+            # counted apart (as other per-round time, K-independent) it priced SD at every K by K = 6
+            spec_wait = (time.perf_counter() - (t0 if drained else t_send)) * 1e3
             pending = pending if reply is not None else None
         # The target may take every core when the drafter has nothing to do during the forward (no
         # pre-drafting, no prompt or catch-up to prefill), whoever chose the round: the policy, or
