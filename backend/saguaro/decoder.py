@@ -265,7 +265,8 @@ class Decoder:
         verify_ms = (time.perf_counter() - t0) * 1e3
         build_wait = built_ms = 0.0
         if pending and unanswered:
-            pending, self.caches = self._leave_unread(pending, told_tokens, told_joins), {}
+            self._leave_unread(pending, told_tokens, told_joins)
+            pending, self.caches = None, {}
         if pending and reply is None:   # all hits: the answer (q's for sampling) came during the forward
             reply, build_wait = self._await(pending.reply)
         if pending and reply is not None:

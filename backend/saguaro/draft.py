@@ -130,7 +130,7 @@ class _Seq:
     cache: dict[tuple[int, int], Speculation] = field(default_factory=dict)
     fanout: list[int] = field(default_factory=list)
     fast_guess: list[int] = field(default_factory=list)
-    plain: dict[int, float | None] = field(default_factory=dict)   # history index of a plain step's token -> p_plain's
+    plain: dict[int, float | None] = field(default_factory=dict)   # history index of a plain step's token -> its p (Outcome.p_plain)
 
 
 SHADOW_ROWS = 16            # a catch-up's tokens scored per sequence (shadow acceptance), the latest
