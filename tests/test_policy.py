@@ -339,6 +339,23 @@ def test_a_cost_the_load_made_stale_is_measured_again():
     assert drive(policy, machine, 100).most_common(1)[0][0] == Option("ar", 0, True)
 
 
+def test_two_stalled_rounds_on_every_core_do_not_move_plain_steps_to_one_core():
+    """A plain step on every core that stalls twice running (7.6 and 5.1 ms against 3.3, batch 4
+    here), scored again right after (a catch-up's news), still beats the target's own core: the
+    cores are judged by their least recent cost, not the median the stalls made, which kept the
+    target on one core for the rest of a run; a lasting load still moves them (the test above)."""
+    policy, machine = RoundPolicy(max_k=6, default_k=3), Machine(a=0.05)
+    drive(policy, machine, 300, b=4)
+    assert drive(policy, machine, 50, b=4).most_common(1)[0][0] == Option("ar", 0, True)
+    machine.load = 2.5
+    stalled = drive(policy, machine, 2, b=4)
+    machine.load = 1.0
+    assert stalled == Counter({Option("ar", 0, True): 2})
+    for seq_id in range(4):         # a catch-up's news: the plain choice is scored again at once
+        policy.observe_shadow(seq_id, 1.0, 16)
+    assert drive(policy, machine, 200, b=4)[Option("ar", 0, False)] <= 200 * 0.02
+
+
 def test_rounds_that_cannot_use_every_core_measure_what_they_can():
     """A batch that always holds a sequence pinned to SSD never allows the target every core: the
     policy measures and chooses among the options on the target's own threads."""

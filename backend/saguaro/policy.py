@@ -44,6 +44,9 @@ RECENT = 3                # measurements of one size a cost's median is taken ov
 SEQ_PRIOR = 1.0           # weight of the global acceptance rate in a sequence's own estimate
 MARGIN = 0.03             # a speculating option is chosen over a plain step only when predicted this
                           # much faster: the best of many noisy estimates is biased up (winner's curse)
+NARROW_MARGIN = 0.05      # a plain step runs on the target's own core, the drafter idle, only when that measured
+                          # this much faster than every core (`_plain_cores`), which was measured in the last
+WIDE_FRESH = 32           # this many rounds
 HORIZON = 8               # rounds an SSD option is expected to be kept: its first round, with no cache
                           # to look in, is counted as 1 of HORIZON
 CATCH_UP = 16             # plain steps a sequence's outcomes wait at most before the drafter is told them
@@ -138,6 +141,12 @@ class Line:
             self.slope = max(0.0, (self.sxy / self.w - self.mx * self.my) / var)
         else:
             self.slope = self.my / self.mx if self.proportional and self.mx > 0 else 0.0
+
+    def floor(self, x: float) -> float | None:
+        """The least of x's last RECENT measurements (None: x never measured): what x costs
+        without a stall."""
+        recent = self.recent.get(x)
+        return min(recent) if recent else None
 
     def predict(self, x: float) -> float:
         """What x itself measured, else the line: a forward's cost is not linear in its tokens here
@@ -327,6 +336,8 @@ class RoundPolicy:
         best = self._neighbour(shortlist, rates, order[0]) if explore else order[0]
         # chosen by the rate it keeps up; predicted as this round will run, after the round before
         o = shortlist[best]
+        if o.kind == "ar" and wide_ok and not explore:
+            o = self._plain_cores(batch)
         raw = self._predict(o, now, cached=self.built)
         self.raw_tokens = raw.tokens if raw is not None and o.kind != "ar" else None
         # A speculating choice is scored every round: kept two rounds with its prediction (SPEC_HOLD,
@@ -334,9 +345,26 @@ class RoundPolicy:
         # 49%, and SSD fell from 1.07 to 0.99 of SD there
         if o.kind == "ar" and not explore:
             self.held, self.hold = HeldChoice(o, raw, wide_ok, batch, tuple(seq_ids)), FAR_HOLD if self.far else HOLD
-            other = self._predict(PLAIN_NARROW if o.wide else PLAIN_WIDE, now)
-            self.plain_gap = other.ms / raw.ms - 1 if other is not None and raw.ms > 0 else 0.0
+            kept, other = self._plain_floor(o.wide, batch), self._plain_floor(not o.wide, batch)
+            self.plain_gap = other / kept - 1 if kept and other else 0.0
         return o, self._calibrated(o, raw)
+
+    def _plain_cores(self, batch: int) -> Option:
+        """A plain step's cores while the drafter is idle: every core unless the target's own
+        measured NARROW_MARGIN faster than every core did lately (in the last WIDE_FRESH rounds),
+        each judged by the least of its last measurements (a stall only ever adds time). Judged by
+        their medians, like every other cost, with the one not kept measured once in (gap /
+        PLAIN_REFRESH) rounds, the costs of a stall or a passing load stuck to every core for 80-150
+        rounds: greedy batch-4 held-out ran 81 of its 254 rounds on one core, 0.87 of AR, where one
+        core is 1.2x slower."""
+        if self.rounds - self.last_seen.get(PLAIN_WIDE, -WIDE_FRESH) > WIDE_FRESH:
+            return PLAIN_WIDE
+        wide, narrow = self._plain_floor(True, batch), self._plain_floor(False, batch)
+        return PLAIN_NARROW if wide and narrow and narrow * (1 + NARROW_MARGIN) < wide else PLAIN_WIDE
+
+    def _plain_floor(self, wide: bool, batch: int) -> float | None:
+        line = self.verify[wide].at(batch)
+        return line.floor(1) if line is not None else None
 
     def _score(self, o: Option, now: dict) -> float:
         """What an option is ranked by: its predicted rate (-1 while not measured) over the rounds
