@@ -146,6 +146,22 @@ def test_end_to_end_client_defaults_give_our_greedy_text_with_perf_metrics(servi
     assert drafted == sorted(drafted) and drafted[-1] > 0                        # running totals
 
 
+@pytest.mark.parametrize("model,stream", [("ensemble", True), ("ensemble_sync", False), ("ssd", True)])
+def test_a_client_that_asks_for_some_outputs_gets_those_alone(serving, model, stream):
+    """What the client asked for, and only that, whether our models leave the rest out (they do:
+    Triton 2.51's stub frees the others without the GIL, test_triton_glue.py) or the server prunes it."""
+    asked = ("text_output", "total_draft_tokens") if model != "ssd" else ("text_output",)
+    changes = {"max_tokens": 8, "stream": stream, "return_perf_metrics": True}
+    inputs = (e2e_client_inputs(PROMPT, **changes) if model != "ssd" else
+              {"text_input": np.array([PROMPT], dtype=object), "max_tokens": np.array([8], dtype=np.int32),
+               "stream": np.array([True])})
+    results = send(serving, inputs, asked, model=model)
+    assert results and all({o.name for o in r.get_response().outputs} == set(asked) for r in results)
+    assert any(r.as_numpy("text_output") is not None for r in results)
+    everything = send(serving, inputs, model=model)         # asked for none: every output it sends
+    assert {"text_output"} < {o.name for o in everything[-1].get_response().outputs}
+
+
 def test_batched_rows_each_equal_their_single_request(serving):
     one = lambda prompt: send(serving, e2e_client_inputs(prompt, max_tokens=16, exclude_input_in_output=True))
     singles = [text_of(one(p)[0]) for p in PROMPTS]

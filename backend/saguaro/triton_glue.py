@@ -3,6 +3,7 @@ calls to our own models, error responses and the Prometheus metrics. Imported on
 Python-backend stubs (pb_utils is passed in, so the rest of the package never needs it)."""
 from __future__ import annotations
 
+import collections
 import json
 import queue
 import re
@@ -10,7 +11,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import numpy as np
 
@@ -95,8 +96,33 @@ def outputs_of(reply) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in reply.output_tensors()}
 
 
-def response(pb_utils, outputs: Mapping[str, np.ndarray]):
-    return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
+def response(pb_utils, outputs: Mapping[str, np.ndarray], wanted: Collection[str] = ()):
+    """A response of the outputs the request asked for (wanted: its requested_output_names(); empty:
+    all). The others are never built: Triton 2.51's stub prunes them in ResponseSender::Send with the
+    GIL released (python_backend r24.10, src/response_sender.cc), freeing their numpy arrays there."""
+    return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items() if not wanted or k in wanted])
+
+
+class KeptCalls:
+    """Finished decoupled BLS calls, held KEEP_S before Python lets them go. Triton 2.51's stub
+    (python_backend r24.10, Stub::SendCleanupId) drops its own reference to a finished call's
+    response iterator on a C++ thread without the GIL; where that reference was the last, every
+    response of the call and its numpy arrays were freed there, beside our Python threads, which
+    corrupts the interpreter's heap. The `ensemble` stub segfaulted in libpython about once in two
+    hours of load (upstream frees them with the GIL from r24.12, python_backend PR #390). Held here,
+    the last reference is ours, let go with the GIL."""
+
+    KEEP_S = 5.0
+
+    def __init__(self):
+        self.lock, self.calls = threading.Lock(), collections.deque()
+
+    def keep(self, replies) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.calls.append((now, replies))
+            while now - self.calls[0][0] > self.KEEP_S:
+                self.calls.popleft()
 
 
 class Outbox:
@@ -171,23 +197,30 @@ def bls_call(pb_utils, model: str, decoupled: bool, timeout_s: float | None = No
     """call(msg) -> the answers of one of our engine models (messages: saguaro.messages), with the
     server's secret. The request is sent at once; a decoupled model's answers are read as they arrive."""
     auth = np.array([server_secret(runtime_dir())], dtype=np.object_)
+    kept = KeptCalls()
 
     def call(msg) -> Iterator:
         req = pb_utils.InferenceRequest(model_name=model, requested_output_names=["response"],
                                         inputs=[pb_utils.Tensor("request", np.array([encode(msg)], dtype=np.object_)),
                                                 pb_utils.Tensor("auth", auth)],
                                         **({"timeout": int(timeout_s * 1e6)} if timeout_s else {}))
-        return _answers(pb_utils, model, req.exec(decoupled=True) if decoupled else [req.exec()])
+        if not decoupled:
+            return _answers(pb_utils, model, [req.exec()])
+        replies = req.exec(decoupled=True)
+        return _answers(pb_utils, model, replies, lambda: kept.keep(replies))
     return call
 
 
-def _answers(pb_utils, model: str, responses) -> Iterator:
-    for r in responses:
-        if r.has_error():
-            raise PeerUnavailable(f"{model}: {r.error().message()}")
-        out = pb_utils.get_output_tensor_by_name(r, "response")
-        if out is not None:
-            yield decode(out.as_numpy().reshape(-1)[0])
+def _answers(pb_utils, model: str, responses, done: Callable[[], None] = lambda: None) -> Iterator:
+    try:
+        for r in responses:
+            if r.has_error():
+                raise PeerUnavailable(f"{model}: {r.error().message()}")
+            out = pb_utils.get_output_tensor_by_name(r, "response")
+            if out is not None:
+                yield decode(out.as_numpy().reshape(-1)[0])
+    finally:
+        done()
 
 
 def carries_secret(auth: np.ndarray | None, secret: bytes) -> bool:

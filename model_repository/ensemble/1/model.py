@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from saguaro.private_dir import runtime_dir, server_secret
 from saguaro.serving import nvidia_outputs, nvidia_rows
-from saguaro.triton_glue import RELAYED_OUTPUTS, error_response, inputs_of, model_params, outputs_of, response
+from saguaro.triton_glue import RELAYED_OUTPUTS, KeptCalls, error_response, inputs_of, model_params, outputs_of, response
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -69,7 +69,10 @@ class ClientStream:
 class TritonPythonModel:
     def initialize(self, args):
         params = model_params(args)
-        self.auth = pb_utils.Tensor("auth", np.array([server_secret(runtime_dir())], dtype=np.object_))
+        # the server's secret, as a new tensor for each call: a tensor is written to shared memory
+        # the first time a call sends it, with the GIL released (PbTensor::SaveToSharedMemory, r24.10)
+        self.secret = np.array([server_secret(runtime_dir())], dtype=np.object_)
+        self.kept = KeptCalls()
         self.poll_s = float(params.get("cancel_poll_ms", "100")) / 1e3
         self.max_sequences = int(params.get("max_num_return_sequences", "8"))
         self.in_flight: dict[int, object] = {}      # relay id -> the client's request
@@ -88,18 +91,21 @@ class TritonPythonModel:
             with self.lock:
                 self.in_flight.update((relay_id, request) for relay_id in ids)
             stream = ClientStream(request.get_response_sender(), len(rows), lambda ids=ids: self._forget(ids))
+            wanted = set(request.requested_output_names())
             for row, relay_id in zip(rows, ids):
-                threading.Thread(target=self._relay, args=(request, row, relay_id, stream, ids), daemon=True).start()
+                threading.Thread(target=self._relay, args=(request, row, relay_id, stream, ids, wanted), daemon=True).start()
         return None
 
-    def _relay(self, request, row, relay_id: int, stream: ClientStream, siblings: list[int]) -> None:
-        """One row's request to `ssd`, its responses onto the client's stream."""
-        ended = False
+    def _relay(self, request, row, relay_id: int, stream: ClientStream, siblings: list[int], wanted: set[str]) -> None:
+        """One row's request to `ssd`, its responses (the outputs the client asked for) onto the
+        client's stream."""
+        ended, replies = False, ()
         try:
             inputs = [pb_utils.Tensor(name, value) for name, value in row.inputs.items()]
-            inputs += [pb_utils.Tensor("relay_id", np.array([relay_id], dtype=np.uint64)), self.auth]
+            inputs += [pb_utils.Tensor("relay_id", np.array([relay_id], dtype=np.uint64)), self._auth()]
             call = pb_utils.InferenceRequest(model_name="ssd", inputs=inputs, requested_output_names=RELAYED_OUTPUTS)
-            for reply in call.exec(decoupled=True):
+            replies = call.exec(decoupled=True)
+            for reply in replies:
                 if ended:
                     continue                    # drain `ssd`'s end of the call
                 error = _error_of(reply)
@@ -107,7 +113,7 @@ class TritonPythonModel:
                     ended = True
                     self._fail(stream, error, siblings)
                 elif reply.output_tensors() and relay_id not in self.cancelled:
-                    out = response(pb_utils, nvidia_outputs(outputs_of(reply), row))
+                    out = response(pb_utils, nvidia_outputs(outputs_of(reply), row), wanted)
                     # the totals come with `ssd`'s last response of the row
                     if pb_utils.get_output_tensor_by_name(reply, "generated_tokens") is not None:
                         ended = True
@@ -124,9 +130,13 @@ class TritonPythonModel:
                 except Exception:
                     pass
         finally:
+            self.kept.keep(replies)
             with self.lock:
                 self.in_flight.pop(relay_id, None)
                 self.cancelled.discard(relay_id)
+
+    def _auth(self):
+        return pb_utils.Tensor("auth", self.secret)
 
     def _fail(self, stream: ClientStream, error_response_, siblings: list[int]) -> None:
         """An error ends the client's request: its other rows are cancelled in `ssd`."""
@@ -159,9 +169,11 @@ class TritonPythonModel:
     def _cancel(self, relay_id: int) -> None:
         cancel = pb_utils.InferenceRequest(
             model_name="ssd", requested_output_names=[],
-            inputs=[pb_utils.Tensor("cancel_relay_id", np.array([relay_id], dtype=np.uint64)), self.auth])
-        for _ in cancel.exec(decoupled=True):
+            inputs=[pb_utils.Tensor("cancel_relay_id", np.array([relay_id], dtype=np.uint64)), self._auth()])
+        replies = cancel.exec(decoupled=True)
+        for _ in replies:
             pass
+        self.kept.keep(replies)
 
     def finalize(self):
         """Waits (a little) for the relays in flight: `ssd`, unloading beside us, ends them, and

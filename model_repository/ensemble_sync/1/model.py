@@ -6,12 +6,13 @@ import triton_python_backend_utils as pb_utils
 
 from saguaro.errors import SaguaroError
 from saguaro.serving import nvidia_outputs, nvidia_rows, stacked
-from saguaro.triton_glue import RELAYED_OUTPUTS, error_response, inputs_of, model_params, outputs_of, response
+from saguaro.triton_glue import RELAYED_OUTPUTS, KeptCalls, error_response, inputs_of, model_params, outputs_of, response
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.max_sequences = int(model_params(args).get("max_num_return_sequences", "8"))
+        self.kept = KeptCalls()
 
     def execute(self, requests):
         return [self._answer(request) for request in requests]
@@ -22,19 +23,22 @@ class TritonPythonModel:
             with ThreadPoolExecutor(len(rows)) as pool:
                 answers = list(pool.map(self._row, rows))
             errors = [a for a in answers if not isinstance(a, dict)]
-            return errors[0] if errors else response(pb_utils, stacked(answers))
+            return errors[0] if errors else response(pb_utils, stacked(answers), set(request.requested_output_names()))
         except Exception as e:
             return error_response(pb_utils, e)
 
-    @staticmethod
-    def _row(row):
+    def _row(self, row):
         """The row's outputs in NVIDIA's shapes, or `ssd`'s error response."""
         stream = row.inputs.get("stream")
         if stream is not None and stream.any():
             raise SaguaroError("stream: ensemble_sync answers once; send stream false, or stream from `ensemble`")
         inputs = [pb_utils.Tensor(name, value) for name, value in row.inputs.items()]
         call = pb_utils.InferenceRequest(model_name="ssd", inputs=inputs, requested_output_names=RELAYED_OUTPUTS)
-        reply = next(r for r in call.exec(decoupled=True) if r.has_error() or r.output_tensors())
+        replies = call.exec(decoupled=True)
+        # read to the end (a call left unfinished is never cleaned up: the stub keeps it), and kept
+        answers = [r for r in replies if r.has_error() or r.output_tensors()]
+        self.kept.keep(replies)
+        reply = answers[0]
         if reply.has_error():
             return pb_utils.InferenceResponse(error=reply.error())
         return nvidia_outputs(outputs_of(reply), row)

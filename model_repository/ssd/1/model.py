@@ -30,10 +30,11 @@ class TritonChannel(Channel):
         super().__init__(request, tokenizer, stream_interval_s)
         self.triton_request, self.sender, self.outbox = triton_request, triton_request.get_response_sender(), outbox
         self.polled = time.monotonic()
+        self.wanted = set(triton_request.requested_output_names())
         self.relay_id, self.relay_cancels = relay_id, relay_cancels   # cancels `ensemble` passed on
 
     def send(self, outputs, final):
-        self.outbox.send(self.sender, lambda: response(pb_utils, outputs), FINAL if final else 0)
+        self.outbox.send(self.sender, lambda: response(pb_utils, outputs, self.wanted), FINAL if final else 0)
 
     def error(self, exc):
         if self.relay_id is None:
