@@ -34,6 +34,8 @@ class EngineConfig:
     threads: int = 1                 # intra-op threads on CPU (0: leave torch's default)
     prefill_threads: int = 0         # threads for prompt prefill (0: same as threads); a prompt is
                                      # one big matmul-bound forward that all cores can share
+    draft_core: int | None = None    # CPU target: the core its draft is pinned to. Forwards on `threads`
+                                     # run off it, those on prefill_threads (every core) on it too
     device_ids: tuple[int, ...] = ()  # trtllm: one GPU per tensor-parallel rank (empty: the instance's GPU)
     kv_cache_free_gpu_memory_fraction: float = 0.4  # trtllm: KV cache share of free GPU memory; 0.4 is
                                      # safe for two engines on one GPU, build_engines sets 0.9 on a GPU of its own
@@ -44,6 +46,8 @@ class EngineConfig:
         for name in ("max_slots", "max_seq_len", "max_draft_len"):
             if getattr(self, name) < 1:
                 raise SaguaroError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.draft_core is not None and self.draft_core < 0:
+            raise SaguaroError(f"draft_core={self.draft_core}: a CPU core number (0 or more), or unset")
         if not 0.0 < self.kv_cache_free_gpu_memory_fraction < 1.0:
             raise SaguaroError(f"kv_cache_free_gpu_memory_fraction={self.kv_cache_free_gpu_memory_fraction}: must be "
                                f"in (0, 1); 0.4 when target and draft share a GPU, up to 0.9 on a GPU of its own")

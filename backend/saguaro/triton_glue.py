@@ -49,8 +49,9 @@ def resolve_repo_path(value: str, args: Mapping[str, str]) -> Path:
     return (path if path.is_absolute() else repo / path).resolve()
 
 
-def engine_config(params: Mapping[str, str], args: Mapping[str, str]) -> EngineConfig:
-    """An engine model's EngineConfig: KIND_GPU instances run on their GPU, KIND_CPU on the CPU."""
+def engine_config(params: Mapping[str, str], args: Mapping[str, str], draft_core: int | None = None) -> EngineConfig:
+    """An engine model's EngineConfig: KIND_GPU instances run on their GPU, KIND_CPU on the CPU
+    (the target's forwards on its `threads` off draft_core, the core the draft is pinned to)."""
     gpu = args.get("model_instance_kind") == "GPU"
     return EngineConfig(
         checkpoint=str(resolve_repo_path(params["checkpoint"], args)), engine=params.get("engine", "torch"),
@@ -58,6 +59,7 @@ def engine_config(params: Mapping[str, str], args: Mapping[str, str]) -> EngineC
         max_slots=int(params.get("max_slots", 16)), max_seq_len=int(params.get("max_seq_len", 1024)),
         max_draft_len=int(params.get("max_draft_len", 8)), max_branches=int(params.get("max_branches", 64)),
         threads=int(params.get("threads", 1)), prefill_threads=int(params.get("prefill_threads", 0) or 0),
+        draft_core=None if gpu else draft_core,
         device_ids=tuple(int(x) for x in params.get("gpu_device_ids", "").split(",") if x.strip()),
         kv_cache_free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_memory_fraction", "") or 0.4)).validate()
 

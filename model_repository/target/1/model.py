@@ -6,7 +6,7 @@ from saguaro.engines import create_engine, pin_to_core
 from saguaro.private_dir import runtime_dir, server_secret
 from saguaro.remote import EngineServer
 from saguaro.triton_glue import (bls_message, cpu_core, engine_config, error_response, message_response, model_params,
-                                 serve_socket)
+                                 serve_socket, sibling_params)
 
 
 class TritonPythonModel:
@@ -14,7 +14,8 @@ class TritonPythonModel:
         params = model_params(args)
         pin_to_core(cpu_core(params))
         self.secret = server_secret(runtime_dir())
-        self.server = EngineServer(create_engine(engine_config(params, args)))
+        draft_core = cpu_core(sibling_params(args, "draft"))     # its forwards on `threads` keep off it
+        self.server = EngineServer(create_engine(engine_config(params, args, draft_core)))
         self.listener = serve_socket(args["model_name"], self.server.handle)
 
     def execute(self, requests):
