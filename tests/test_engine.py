@@ -4,10 +4,14 @@ contract: chunked prefill, batched forwards of slots with different lengths, tru
 slot reuse, slot exhaustion, and branch decoding with tree attention off one or two parents."""
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 import torch
 
 from saguaro.config import DEMO_DRAFT, DEMO_TARGET, EngineConfig
+from saguaro.engines import torch_engine
 from saguaro.engines.torch_engine import TorchEngine
 from saguaro.errors import SaguaroError
 from tiny_models import hf_logits, save_random_model
@@ -62,7 +66,9 @@ def pair(request, tmp_path_factory) -> Pair:
         path = DEMO_DRAFT if name == "demo-draft" else DEMO_TARGET
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         if name.endswith("fp16-weights"):      # the CPU default: fp32 math, weights held in fp16 (exactly)
-            pair = Pair(path, hf, dtype="auto")
+            with pytest.MonkeyPatch.context() as m:   # a target's, also where draft engines take bf16
+                m.setattr(torch_engine, "cpu_has_fast_bf16", lambda: False)
+                pair = Pair(path, hf, dtype="auto")
             assert pair.engine.half_weights == (4 * 4 + 1, 0)
             return pair
     else:
