@@ -301,3 +301,29 @@ def test_fp16_weights_are_held_exactly_or_not_at_all():
         lossy.weight.copy_(w)
         lossy.weight[2, 2] = 2.0 ** -45            # 2^41 below the largest entry: more than fp16 spans
     assert HalfWeightLinear.lossless(lossy) is None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_forwards_on_the_targets_threads_keep_off_the_drafts_core():
+    """The scheduler put the target's one thread on the draft's core after rounds on every core,
+    and a draft woken there took the core from it; forwards on every core still use it."""
+    cores = os.sched_getaffinity(0)
+    draft_core = max(cores)
+    engine = TorchEngine(EngineConfig(checkpoint=str(DEMO_TARGET), max_slots=2, max_seq_len=64, threads=1,
+                                      prefill_threads=len(cores), draft_core=draft_core))
+    seen = {}
+
+    def decode():                   # on a thread of its own: placement is per thread
+        slot = engine.allocate()
+        engine.forward([slot], [[1, 2, 3]], logits=False)      # a prefill (every core), then
+        engine.forward([slot], [[4]])                           # a verify on the target's threads
+        seen["narrow"] = os.sched_getaffinity(0)
+        engine.use_all_cores(True)
+        engine.forward([slot], [[5]])
+        seen["wide"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=decode)
+    t.start()
+    t.join()
+    assert seen == {"narrow": cores - {draft_core}, "wide": cores}
+    assert os.sched_getaffinity(0) == cores                     # other threads stay where they were
