@@ -83,10 +83,12 @@ def test_a_request_cancelled_while_waiting_leaves_the_queue(loop):
 
 
 def test_stop_ends_requests_in_flight_with_a_retryable_error():
-    cfg = EngineConfig(checkpoint=str(DEMO_TARGET), max_slots=1, max_seq_len=512)
+    cfg = EngineConfig(checkpoint=str(DEMO_TARGET), max_slots=1, max_seq_len=1024)
     lp = ServingLoop(lambda: build_decoder(cfg, draft=None), max_queue=4)
-    chans = [submit(lp, 400), submit(lp, 400)]
-    time.sleep(1.0)
+    chans = [submit(lp, 1000), submit(lp, 1000)]
+    deadline = time.monotonic() + 60    # the first decodes (a fixed sleep let it finish on a fast host)
+    while chans[0].started is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     t0 = time.monotonic()
     lp.stop(grace_s=0.2)
     assert time.monotonic() - t0 < 3
