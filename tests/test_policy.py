@@ -11,7 +11,7 @@ import pytest
 
 import saguaro.policy as policy_module
 from saguaro.fanout import expected_tokens
-from saguaro.policy import CATCH_UP, CATCH_UP_FAR, EXPLORE, EXPLORE_LEAD, FAR_EXPLORE, RECENT, Costs, Rate, Line, Option, RoundCosts, RoundPolicy
+from saguaro.policy import CATCH_UP, CATCH_UP_FAR, EXPLORE, FAR_HOLD, EXPLORE_LEAD, FAR_EXPLORE, RECENT, Costs, Rate, Line, Option, RoundCosts, RoundPolicy
 
 
 def test_line_fits_and_extrapolates_upwards_only():
@@ -354,6 +354,20 @@ def test_two_stalled_rounds_on_every_core_do_not_move_plain_steps_to_one_core():
     for seq_id in range(4):         # a catch-up's news: the plain choice is scored again at once
         policy.observe_shadow(seq_id, 1.0, 16)
     assert drive(policy, machine, 200, b=4)[Option("ar", 0, False)] <= 200 * 0.02
+
+
+def test_a_kept_plain_steps_rounds_are_measured_one_in_a_few():
+    """Measuring a round cost ~19 us at batch 1 (1% of a round); a plain step kept unscored is
+    measured one round in HELD_MEASURED, every other choice each round."""
+    policy, machine = RoundPolicy(max_k=6, default_k=3), Machine(a=0.05)
+    drive(policy, machine, 300)
+    assert policy.far                               # plain steps kept FAR_HOLD rounds at a time
+    measured = []
+    for _ in range(96):
+        o, _ = policy.choose([0], 1, wide_ok=True)
+        measured.append(policy.measure)
+        machine.run(policy, o)
+    assert 96 / policy_module.HELD_MEASURED <= sum(measured) <= 96 * (1 / policy_module.HELD_MEASURED + 1 / FAR_HOLD) + 2
 
 
 def test_rounds_that_cannot_use_every_core_measure_what_they_can():

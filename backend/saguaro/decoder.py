@@ -291,7 +291,7 @@ class Decoder:
             option=option.label if option else "", predicted_ms=predicted.ms if predicted else None,
             predicted_tokens=predicted.tokens if predicted else None)
         self.history.append(stats)
-        if option is not None and not joining and not drained and not stats.degraded:
+        if option is not None and not joining and not drained and not stats.degraded and self.policy.measure:
             self.policy.observe(RoundCosts(
                 option=option, batch=len(seqs), tokens_per_seq=1 + max(stats.ks), verify_ms=stats.verify_ms,
                 spec_wait_ms=spec_wait, build_wait_ms=build_wait, build_ms=built_ms, wall_ms=stats.wall_ms + gap_ms,

@@ -34,6 +34,8 @@ SHORTLIST = 4
 PLAIN_REFRESH = 0.003     # a kept plain step runs on the other cores once every (gap / this) rounds, at
                           # least 16 apart (gap: how much slower the other is predicted): 0.3% of the
                           # rate, so one unlucky early measurement of either cannot stick
+HELD_MEASURED = 4         # a kept plain step's rounds are measured one in this many: measuring took ~19 us a
+                          # round at batch 1 (caches cold after the forward), 1% of a 2 ms round
 HOLD = 3                  # rounds a plain step's choice is kept unscored after it was chosen (until news
                           # of acceptance): in a long plain stretch scoring cost ~1.5% of each step
 RATE_DECAY = 0.97         # per round, of a sequence's acceptance and a K's hit rate: a horizon of ~30 rounds
@@ -239,6 +241,7 @@ class RoundPolicy:
         self.rounds = 0
         self.rng = random.Random(seed)
         self.explore_next = False       # known a round ahead: the decoder brings the drafter up to date first
+        self.measure = True             # the round just chosen is to be measured (observe)
         self.explore_credit = 0.0       # exploring rounds owed: grows by the exploring rate per round
         # measured / predicted tokens of speculating rounds: the model assumes acceptance independent
         # across positions and the rounds it chose were the ones it overestimated (winner's curse)
@@ -282,6 +285,7 @@ class RoundPolicy:
         """The option for this round's policy sequences (seq_ids, of `batch` in the round), and
         its prediction (None while trying an option nobody has measured). drafter_busy: the
         drafter has work before any drafting this round (new prompts, a catch-up)."""
+        self.measure = True
         if drafter_busy:   # a speculation would wait for that work (10-20 ms at batch 4 here)
             return PLAIN_NARROW, self.predict(PLAIN_NARROW, seq_ids, batch)
         self.rounds += 1
@@ -295,6 +299,7 @@ class RoundPolicy:
             if self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) and (wide_ok or kept.wide):
                 other, self.refreshed = (PLAIN_NARROW if kept.wide else PLAIN_WIDE), self.rounds
                 return other, self.predict(other, seq_ids, batch)
+            self.measure = self.hold % HELD_MEASURED == 0
             return kept, self.held.prediction
         self.hold, factor, self.ticks = 0, RATE_DECAY ** self.ticks, 0
         for rate in (*self.hits.values(), *self.seq_accept.values()):
