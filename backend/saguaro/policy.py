@@ -47,8 +47,8 @@ SEQ_PRIOR = 1.0           # weight of the global acceptance rate in a sequence's
 MARGIN = 0.03             # a speculating option is chosen over a plain step only when predicted this
                           # much faster: the best of many noisy estimates is biased up (winner's curse)
 NARROW_MARGIN = 0.05      # a plain step runs on the target's own core, the drafter idle, only when that measured
-                          # this much faster than every core (`_plain_cores`), which was measured in the last
-WIDE_FRESH = 32           # this many rounds
+                          # this much faster than every core (`_plain_cores`)
+WIDE_FRESH = 32           # ... and every core was measured within this many rounds (else it runs there again)
 HORIZON = 8               # rounds an SSD option is expected to be kept: its first round, with no cache
                           # to look in, is counted as 1 of HORIZON
 CATCH_UP = 16             # plain steps a sequence's outcomes wait at most before the drafter is told them

@@ -43,8 +43,8 @@ class TorchEngine(SlotTable, Engine):
         # Where this engine's forwards run, on `threads` and on prefill_threads (None: where they
         # are). A forward on `threads` keeps off the draft's core: the scheduler put the target's
         # thread there after rounds on every core, and the draft, woken by a round sent to it,
-        # took the core from it (sending a round held the decoder ~2.6 ms; per round its work
-        # outside the forward was 0.09 ms at batch 1, 0.05 off the draft's core).
+        # took the core from it (sending a round to the drafter took 1.9 ms on average at batch 1,
+        # up to 6; 0.25-0.35 off the draft's core).
         cores = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") and cfg.device == "cpu" else None
         self.cores = None if not cores or cfg.threads < 1 else (cores - {cfg.draft_core} or cores, cores)
         dtype = resolve_dtype(cfg.dtype, cfg.device, draft=branches)
