@@ -48,7 +48,7 @@ MARGIN = 0.03             # a speculating option is chosen over a plain step onl
                           # much faster: the best of many noisy estimates is biased up (winner's curse)
 NARROW_MARGIN = 0.05      # a plain step runs on the target's own core, the drafter idle, only when that measured
                           # this much faster than every core (`_plain_cores`)
-WIDE_FRESH = 32           # ... and every core was measured within this many rounds (else it runs there again)
+PLAIN_FRESH = 32          # ... and both were measured within this many rounds (else every core)
 HORIZON = 8               # rounds an SSD option is expected to be kept: its first round, with no cache
                           # to look in, is counted as 1 of HORIZON
 CATCH_UP = 16             # plain steps a sequence's outcomes wait at most before the drafter is told them
@@ -296,6 +296,11 @@ class RoundPolicy:
         if self.hold > 0 and not explore and self.held.fits(wide_ok, batch, seq_ids):
             self.hold -= 1
             kept = self.held.option
+            # a kept plain step's cores are judged again every round (two floors: cheap), so one
+            # stale floor is not kept for the whole hold (16 rounds on one core at 1.3x per round)
+            if wide_ok and kept != (cores := self._plain_cores(batch)):
+                self._hold_plain(cores, self.predict(cores, seq_ids, batch), wide_ok, batch, seq_ids, self.hold)
+                return cores, self.held.prediction
             if self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) and (wide_ok or kept.wide):
                 other, self.refreshed = (PLAIN_NARROW if kept.wide else PLAIN_WIDE), self.rounds
                 return other, self.predict(other, seq_ids, batch)
@@ -349,20 +354,25 @@ class RoundPolicy:
         # tried at a653444), the policy chose SSD in 16% of the greedy batch-1 dev rounds instead of
         # 49%, and SSD fell from 1.07 to 0.99 of SD there
         if o.kind == "ar" and not explore:
-            self.held, self.hold = HeldChoice(o, raw, wide_ok, batch, tuple(seq_ids)), FAR_HOLD if self.far else HOLD
-            kept, other = self._plain_floor(o.wide, batch), self._plain_floor(not o.wide, batch)
-            self.plain_gap = other / kept - 1 if kept and other else 0.0
+            self._hold_plain(o, raw, wide_ok, batch, seq_ids, FAR_HOLD if self.far else HOLD)
         return o, self._calibrated(o, raw)
+
+    def _hold_plain(self, o: Option, prediction: Prediction | None, wide_ok: bool, batch: int, seq_ids: list[int],
+                    rounds: int) -> None:
+        """Keep a plain step for `rounds` rounds unscored, and how much slower its other cores are."""
+        self.held, self.hold = HeldChoice(o, prediction, wide_ok, batch, tuple(seq_ids)), rounds
+        kept, other = self._plain_floor(o.wide, batch), self._plain_floor(not o.wide, batch)
+        self.plain_gap = other / kept - 1 if kept and other else 0.0
 
     def _plain_cores(self, batch: int) -> Option:
         """A plain step's cores while the drafter is idle: every core unless the target's own
-        measured NARROW_MARGIN faster than every core did lately (in the last WIDE_FRESH rounds),
-        each judged by the least of its last measurements (a stall only ever adds time). Judged by
-        their medians, like every other cost, with the one not kept measured once in (gap /
-        PLAIN_REFRESH) rounds, the costs of a stall or a passing load stuck to every core for 80-150
-        rounds: greedy batch-4 held-out ran 81 of its 254 rounds on one core, 0.87 of AR, where one
-        core is 1.2x slower."""
-        if self.rounds - self.last_seen.get(PLAIN_WIDE, -WIDE_FRESH) > WIDE_FRESH:
+        measured NARROW_MARGIN faster than every core, both lately (in the last PLAIN_FRESH rounds:
+        the host's speed drifts), each judged by the least of its last measurements (a stall only
+        ever adds time). Judged by their medians, like every other cost, with the one not kept
+        measured once in (gap / PLAIN_REFRESH) rounds, the costs of a stall or a passing load stuck
+        to every core for 80-150 rounds: greedy batch-4 held-out ran 81 of its 254 rounds on one
+        core, 0.87 of AR, where one core is 1.2x slower."""
+        if any(self.rounds - self.last_seen.get(o, -PLAIN_FRESH) > PLAIN_FRESH for o in (PLAIN_WIDE, PLAIN_NARROW)):
             return PLAIN_WIDE
         wide, narrow = self._plain_floor(True, batch), self._plain_floor(False, batch)
         return PLAIN_NARROW if wide and narrow and narrow * (1 + NARROW_MARGIN) < wide else PLAIN_WIDE
