@@ -71,9 +71,9 @@ def watch_not_ready(server, model: str, stop: threading.Event, seen: list) -> th
     return t
 
 
-def serve_again(server, reference, t0: float) -> dict:
+def serve_again(server, reference, t0: float, **fields) -> dict:
     while True:
-        out = stream(server, "ensemble", {"text_input": PROMPTS[7], "max_tokens": 24, "stream": True})
+        out = stream(server, "ensemble", {"text_input": PROMPTS[7], "max_tokens": 24, "stream": True, **fields})
         if out["error"] is None:
             assert out["text"] == reference(PROMPTS[7], 24)
             return out
@@ -112,17 +112,17 @@ def test_killed_target_fails_in_flight_requests_retryably_and_comes_back(server,
 
 
 def test_killed_draft_degrades_exactly_and_speculation_comes_back(server, reference):
-    results, threads = streams_in_background(server, 3, 120)
-    decoding(server, 3)
+    results, threads = streams_in_background(server, 3, 250)   # (at 120 a fast host could finish
+    decoding(server, 3)                                          # them before all three were seen)
     kill_stub(server, "draft")
     t0 = time.monotonic()
     for t in threads:
         t.join(RECOVERY_S)
     for i, r in enumerate(results):
         assert r["error"] is None, r["error"]
-        assert r["text"] == reference(PROMPTS[i], 120)      # finished on the target alone, exactly
-    while True:
-        out = serve_again(server, reference, t0)
+        assert r["text"] == reference(PROMPTS[i], 250)      # finished on the target alone, exactly
+    while True:     # K pinned: every round drafts once the draft is back (the policy may pick AR rounds)
+        out = serve_again(server, reference, t0, num_draft_tokens=2)
         if out["totals"]["drafted_tokens"] > 0:
             break
         assert time.monotonic() - t0 < RECOVERY_S, "speculation did not come back"
