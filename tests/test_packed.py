@@ -1,4 +1,6 @@
 """The CPU bf16 path of the draft engine: oneDNN pre-packed linears and the dtype choice."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,9 +22,8 @@ def test_packed_linear_equals_linear(rows):
 def test_auto_dtype():
     # the target's greedy output must not depend on how many tokens a forward carries: fp32
     assert resolve_dtype("auto", "cpu") == torch.float32
-    assert resolve_dtype("auto", "cpu", draft=True) == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
-    assert resolve_dtype("float32", "cpu", draft=True) == torch.float32
+    assert resolve_dtype("float32", "cpu") == torch.float32
 
 
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no native bf16 matmul (AVX512-BF16 or AMX)")
@@ -34,3 +35,33 @@ def test_warm_up_leaves_results_unchanged():
     before = packed(x)
     packed.warm(max_rows=256)        # every row count to 64, then the 64-row buckets to 256
     assert torch.equal(packed(x), before) and torch.equal(before, F.linear(x, lin.weight))
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no native bf16 matmul (AVX512-BF16 or AMX)")
+def test_a_draft_engine_runs_few_rows_in_fp32_and_many_in_bf16():
+    """A draft's forward of a few rows is bound by per-op cost, where fp32 on fp16-held weights beat
+    bf16 (bf16 attention alone cost 5x fp32's at one row); one of many rows (a prompt, a catch-up)
+    is bound by arithmetic, where native bf16 is faster. A target keeps fp32 for both: its
+    numerics are the output's."""
+    from saguaro.config import DEMO_DRAFT, DEMO_TARGET, EngineConfig
+    from saguaro.engines.torch_engine import TorchEngine
+    from saguaro.model import FEW_ROWS_ONE_THREAD, HalfWeightLinear
+
+    torch.set_num_threads(1)
+    cfg = EngineConfig(checkpoint=str(DEMO_DRAFT), max_slots=2, max_seq_len=128, max_branches=8, threads=1)
+    draft = TorchEngine(cfg, branches=True)
+    layers = [m for m in draft.model.modules() if isinstance(m, HalfWeightLinear)]
+    assert draft.model.embed.weight.dtype == torch.float32 and len(layers) == draft.half_weights[0] == 5
+    torch.manual_seed(0)
+    for layer in layers:
+        assert isinstance(layer.many, PackedLinear) and layer.many.weight.dtype == torch.bfloat16
+        few, many = torch.randn(1, 3, layer.weight.shape[1]), torch.randn(1, 100, layer.weight.shape[1])
+        assert torch.allclose(layer(few), F.linear(few, layer.weight), atol=1e-5)          # FBGEMM, fp32 math
+        assert torch.equal(layer(many), layer.many(many.bfloat16()).float())              # oneDNN, bf16
+    assert FEW_ROWS_ONE_THREAD < 100
+    reference = TorchEngine(replace(cfg, dtype="float32"), branches=True)
+    prompt = torch.randint(draft.vocab_size, (100,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours, ref = (e.forward([e.allocate()], [prompt])[0] for e in (draft, reference))
+    assert (ours - ref).abs().max() < 0.15 and (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+    target = TorchEngine(replace(cfg, checkpoint=str(DEMO_TARGET)))
+    assert all(m.many is None for m in target.model.modules() if isinstance(m, HalfWeightLinear))

@@ -322,7 +322,7 @@ def run_cell(args: argparse.Namespace) -> dict:
     # SD drafts one row at a time, where fp32 (auto: its weights held in fp16, docs/design.md, "The
     # engine on CPU") can beat bf16: it gets whichever draft dtype is faster.
     sd_dtypes = ["auto", "bfloat16"] if args.draft_dtype == "auto" else [args.draft_dtype]
-    auto_draft = str(resolve_dtype("auto", dcfg.device, draft=True)).removeprefix("torch.")
+    auto_draft = str(resolve_dtype("auto", dcfg.device)).removeprefix("torch.")
     runs: list[Run] = []
     configs: dict[str, tuple[int, int, str | None]] = {}   # mode -> threads, K, draft dtype
     for mode in [m for m in modes if m != "hf"]:

@@ -18,16 +18,18 @@ from saguaro.errors import SaguaroError
 from saguaro.model import CacheView, Transformer, cpu_has_fast_bf16, hold_weights_in_fp16, pack_linears, rope_tables
 
 
-def resolve_dtype(dtype: str, device: str, draft: bool = False) -> torch.dtype:
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         if device != "cpu":
             return torch.bfloat16
-        # A CPU target computes in fp32 (its weights held in fp16 where that is exact, see
-        # TorchEngine): greedy exactness needs a verify forward of K+1 tokens to pick
-        # the tokens one-token forwards would, and bf16 rounding turns fp32's 1e-6 differences
-        # between the two into whole-ulp logit changes. The draft's numerics never change the
-        # output, so it takes the faster bf16 matmuls where the CPU has them.
-        return torch.bfloat16 if draft and cpu_has_fast_bf16() else torch.float32
+        # A CPU engine computes in fp32, its weights held in fp16 where that is exact (TorchEngine).
+        # The target must: greedy exactness needs a verify forward of K+1 tokens to pick the tokens
+        # one-token forwards would, and bf16 rounding turns fp32's 1e-6 differences between the two
+        # into whole-ulp logit changes. The draft's numerics never change the output, but fp32 is
+        # also its faster choice where the CPU has bf16 matmuls: a draft forward is a few rows, where
+        # bf16 attention and oneDNN's per-call cost outweigh the arithmetic (docs/design.md, "The
+        # engine on CPU": 0.43 against 0.63 ms for the demo draft's one-token forward).
+        return torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
@@ -47,7 +49,7 @@ class TorchEngine(SlotTable, Engine):
         # up to 6; 0.25-0.35 off the draft's core).
         cores = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") and cfg.device == "cpu" else None
         self.cores = None if not cores or cfg.threads < 1 else (cores - {cfg.draft_core} or cores, cores)
-        dtype = resolve_dtype(cfg.dtype, cfg.device, draft=branches)
+        dtype = resolve_dtype(cfg.dtype, cfg.device)
         self.model = Transformer.from_hf(cfg.checkpoint, dtype, cfg.device)
         self.half_weights = (0, 0)       # linear layers held in fp16 (exactly), and left in fp32
         a = self.model.args
@@ -57,8 +59,14 @@ class TorchEngine(SlotTable, Engine):
             pack_linears(self.model, warm_rows=max(cfg.max_seq_len, cfg.max_slots * cfg.max_branches if branches else 0))
         elif cfg.device == "cpu" and cfg.dtype == "auto" and dtype == torch.float32:
             # fp32 math on weights held in fp16 where that is exact (a bf16 checkpoint's are): half
-            # the bytes a memory-bound forward reads, read once for a verify's K + 1 rows
-            self.half_weights = hold_weights_in_fp16(self.model)
+            # the bytes a memory-bound forward reads, read once for a verify's K + 1 rows. A draft's
+            # forwards of many rows (a prompt's prefill, a catch-up) run in bf16 where the CPU has
+            # native bf16 matmuls, their kernels generated for every row count they will see
+            many = branches and cpu_has_fast_bf16()
+            if many:
+                self._use_threads(cfg.threads)
+            warm = max(cfg.max_seq_len, cfg.max_slots * cfg.max_branches) if many else 0
+            self.half_weights = hold_weights_in_fp16(self.model, many_in_bf16=many, warm_rows=warm)
         self.vocab_size, self.max_slots, self.max_seq_len = a.vocab_size, cfg.max_slots, cfg.max_seq_len
         self.max_draft_len = cfg.max_draft_len
         self.wide_prefill = cfg.device == "cpu" and 0 < cfg.threads < cfg.prefill_threads
