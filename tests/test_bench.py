@@ -62,3 +62,32 @@ def test_grid_runs_every_cell_side_by_side(tmp_path, monkeypatch):
     assert all(modes == "ar,sd,ssd" for *_, modes, _ in seen) and len(seen) == 8
     assert "greedy-b1-dev" in cells and cells["greedy-b1-dev"]["bar"] == 1.05
     assert json.loads((tmp_path / "grid.json").read_text()).keys() == cells.keys()
+
+
+def test_modes_take_turns_of_a_few_rounds(monkeypatch):
+    """The host's speed drifts within a second: the modes run the same batch in turns of
+    TURN_ROUNDS rounds, each turn's time its own, and produce what they would alone."""
+    from saguaro.config import DEMO_TARGET, EngineConfig, SamplingParams, SpecConfig
+    from saguaro.llm import build_decoder
+
+    monkeypatch.setattr(bench, "TURN_ROUNDS", 3)
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    decs = [build_decoder(EngineConfig(checkpoint=str(DEMO_TARGET), max_slots=4), None, SpecConfig(), draft_process=False)
+            for _ in range(2)]
+    try:
+        prompts = [[5, 6, 7, 8], [9, 10, 11]]
+        alone = decs[0].generate(prompts, params, "ar")
+        runs = [bench.Run(d, "ar", params, prompts[0]) for d in decs]
+        order = []
+        for i, r in enumerate(runs):
+            step = r.dec.step
+            monkeypatch.setattr(r.dec, "step", lambda step=step, i=i: order.append(i) or step())
+        bench.run_side_by_side(runs, prompts, 2, "ar+ar")
+        # one batch of two prompts: 10 rounds each (the first holds the prefill), in turns of 3
+        assert order == [0, 0, 0, 1, 1, 1] * 3 + [0, 1]
+        for r in runs:
+            assert r.outputs == alone and r.produced == 20 and r.busy > 0
+            assert [x.gap_ms for x in r.dec.history[3::3]] == [0.0] * 3   # the other mode's turn is no gap
+    finally:
+        for d in decs:
+            d.close()

@@ -73,9 +73,14 @@ def _batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+TURN_ROUNDS = 16    # rounds a mode runs before the next mode takes its turn
+
+
 class Run:
-    """One mode's decoder and what it has produced so far; the modes take turns batch by batch, so
-    the machine's drift over a run (it is shared) falls on every mode alike."""
+    """One mode's decoder and what it has produced so far. The modes take turns TURN_ROUNDS rounds
+    at a time over the same batch of prompts, so the machine's drift (it is shared) falls on every
+    mode alike: this host's speed moved by up to 25% within a second, and with turns of a whole
+    batch (a quarter to half a second) single cells moved by 5-10% between runs."""
 
     def __init__(self, dec: Decoder, mode: str, params: SamplingParams, warmup: list[int]):
         self.dec, self.mode, self.params = dec, mode, params
@@ -84,34 +89,49 @@ class Run:
         self.outputs: list[list[int]] = []
         self.produced, self.busy = 0, 0.0
         self.sums = {"drafted": 0, "accepted": 0, "seq_rounds": 0}
+        self.out: dict[int, list[int]] = {}
 
     @property
     def tokens_per_s(self) -> float:
         return self.produced / self.busy if self.busy else 0.0
 
-    def batch(self, group: list[list[int]]) -> None:
+    def start(self, group: list[list[int]]) -> None:
+        t0 = time.perf_counter()
+        self.out = {self.dec.add(p, self.params, self.mode): [] for p in group}
+        self.busy += time.perf_counter() - t0
+
+    def turn(self, rounds: int) -> bool:
+        """Up to `rounds` rounds of the batch, and on until the drafter owes no answer (its work is
+        this mode's time, and would take a core from the next mode's); True once the batch is done."""
         dec = self.dec
         t0 = time.perf_counter()
-        seq_ids = [dec.add(p, self.params, self.mode) for p in group]
-        out = {i: [] for i in seq_ids}
-        while dec.active:
+        n = 0
+        while dec.active and (n < rounds or not dec.drafter_idle):
             for e in dec.step():
-                out[e.seq_id].extend(e.tokens)
+                self.out[e.seq_id].extend(e.tokens)
                 if e.finish_reason is not None:
                     self.sums["drafted"] += e.stats.drafted
                     self.sums["accepted"] += e.stats.accepted
                     self.sums["seq_rounds"] += e.stats.rounds
-        dec.settle()       # what the drafter still owes is this mode's time, not the next one's
+            n += 1
+        dec.pause()
+        if not dec.active:
+            dec.settle()       # what the drafter still owes is this mode's time, not the next one's
+            self.outputs += self.out.values()
+            self.produced += sum(len(x) for x in self.out.values())
         self.busy += time.perf_counter() - t0
-        self.outputs += [out[i] for i in seq_ids]
-        self.produced += sum(len(out[i]) for i in seq_ids)
+        return not dec.active
 
 
 def run_side_by_side(runs: list[Run], ids: list[list[int]], batch: int, label: str) -> None:
-    """Every batch of prompts through every mode in turn (the order rotating), with progress."""
+    """Every batch of prompts through every mode, the modes taking turns of TURN_ROUNDS rounds (the
+    order rotating per batch), with progress."""
     for n, group in enumerate(_batches(ids, batch)):
-        for i in range(len(runs)):
-            runs[(n + i) % len(runs)].batch(group)
+        live = [runs[(n + i) % len(runs)] for i in range(len(runs))]
+        for r in live:
+            r.start(group)
+        while live:
+            live = [r for r in live if not r.turn(TURN_ROUNDS)]
         rates = "  ".join(f"{r.mode} {r.tokens_per_s:6.1f}" for r in runs)
         print(f"\r[{label}] {min((n + 1) * batch, len(ids))}/{len(ids)} prompts, tok/s: {rates}",
               end="", file=sys.stderr, flush=True)

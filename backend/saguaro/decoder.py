@@ -205,6 +205,17 @@ class Decoder:
         return len(self.seqs)
 
     @property
+    def drafter_idle(self) -> bool:
+        """No round's answer is left unread: the drafter is not working on its own (a catch-up, new
+        prompts) while the caller does something else."""
+        return self.unread is None
+
+    def pause(self) -> None:
+        """The time until the next round is not this decoder's (another one's turn on the machine):
+        it is not counted as per-round work."""
+        self.last_round_end = 0.0
+
+    @property
     def free_slots(self) -> int:
         """Sequences that may still join (target KV slots not in use)."""
         return self.target.max_slots - self.target.active_slots
