@@ -19,7 +19,6 @@ was drawn from, so the output does not depend on the choice.
 from __future__ import annotations
 
 import random
-import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -134,7 +133,7 @@ class Line:
         if recent is None:
             recent = self.recent[x] = deque(maxlen=RECENT)
         recent.append(y)
-        self.cost[x] = statistics.median(recent) if len(recent) == RECENT else min(recent)
+        self.cost[x] = sorted(recent)[RECENT // 2] if len(recent) == RECENT else min(recent)   # the median: RECENT is odd
         self.w, self.sx, self.sy = self.w * d + 1, self.sx * d + x, self.sy * d + y
         self.sxx, self.sxy = self.sxx * d + x * x, self.sxy * d + x * y
         self.mx, self.my = self.sx / self.w, self.sy / self.w
@@ -250,6 +249,7 @@ class RoundPolicy:
         self.held: HeldChoice | None = None
         self.hold = self.ticks = 0              # rounds it is still kept; rounds the rates have not ticked
         self.plain_gap, self.refreshed = 0.0, 0   # the other cores' plain step: predicted slowdown, last run
+        self.plain_news = False                 # a plain step was measured since its cores were last judged
         self.reach = 0.0                        # the best speculating option's score at the global acceptance / the best plain step's
         self.far = False                        # speculation is predicted far from paying (reach < FAR)
 
@@ -296,11 +296,15 @@ class RoundPolicy:
         if self.hold > 0 and not explore and self.held.fits(wide_ok, batch, seq_ids):
             self.hold -= 1
             kept = self.held.option
-            # a kept plain step's cores are judged again every round (two floors: cheap), so one
-            # stale floor is not kept for the whole hold (16 rounds on one core at 1.3x per round)
-            if wide_ok and kept != (cores := self._plain_cores(batch)):
-                self._hold_plain(cores, self.predict(cores, seq_ids, batch), wide_ok, batch, seq_ids, self.hold)
-                return cores, self.held.prediction
+            # a kept plain step's cores are judged again whenever a plain step was measured, so one
+            # stale floor is not kept for the whole hold (16 rounds on one core at 1.3x per round);
+            # not every round: a round's bookkeeping ran ~4x slower than alone, on caches the
+            # forward had just filled, and the SSD decoder's came to 0.05 ms a round over AR's
+            if wide_ok and self.plain_news:
+                self.plain_news = False
+                if kept != (cores := self._plain_cores(batch)):
+                    self._hold_plain(cores, self.predict(cores, seq_ids, batch), wide_ok, batch, seq_ids, self.hold)
+                    return cores, self.held.prediction
             if self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) and (wide_ok or kept.wide):
                 other, self.refreshed = (PLAIN_NARROW if kept.wide else PLAIN_WIDE), self.rounds
                 return other, self.predict(other, seq_ids, batch)
@@ -504,6 +508,7 @@ class RoundPolicy:
     def observe(self, r: RoundCosts) -> None:
         o, b = r.option, r.batch
         self.last_seen[o] = self.rounds
+        self.plain_news = self.plain_news or o.kind == "ar"
         if self.raw_tokens is not None and o.kind != "ar":
             self.calibration.observe(r.tokens, self.raw_tokens)
         self.raw_tokens = None
