@@ -16,7 +16,7 @@ def test_bench_side_by_side_report(tmp_path, capsys):
         assert m["tokens_per_s"] > 0
         assert [len(o) for o in m["outputs"]] == [12, 12]
     assert modes["sd"]["outputs"] == modes["ar"]["outputs"] == modes["ssd"]["outputs"]
-    assert modes["sd"]["draft_dtype"] in ("float32", "bfloat16")
+    assert modes["sd"]["draft_dtype"] in ("float32", "float32/bfloat16", "bfloat16")
     out = capsys.readouterr().out
     assert "greedy outputs identical to AR: ssd 2/2" in out
     ssd = modes["ssd"]   # the bound: the same rounds with nothing but the verify
@@ -91,3 +91,30 @@ def test_modes_take_turns_of_a_few_rounds(monkeypatch):
     finally:
         for d in decs:
             d.close()
+
+
+def test_a_turn_goes_on_while_the_drafter_owes_an_answer(monkeypatch):
+    """An SSD decoder leaves its drafter's answers to new prompts and catch-ups unread while it
+    steps on: its turn ends only once nothing is owed, or the drafter's work would run into the
+    next mode's turn (taking a core from it) and be counted there."""
+    from saguaro.config import DEMO_DRAFT, DEMO_TARGET, EngineConfig, SamplingParams, SpecConfig
+    from saguaro.llm import build_decoder
+
+    monkeypatch.setattr(bench, "TURN_ROUNDS", 1)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    dec = build_decoder(EngineConfig(checkpoint=str(DEMO_TARGET), max_slots=4, prefill_threads=2),
+                        EngineConfig(checkpoint=str(DEMO_DRAFT), max_slots=4), SpecConfig(k=2), draft_process=True)
+    try:
+        prompts = [[5, 6, 7, 8, 9, 10], [9, 10, 11, 12]]
+        alone = dec.generate(prompts, params, "ssd")
+        run = bench.Run(dec, "ssd", params, prompts[0])
+        ends = []
+        pause = dec.pause
+        monkeypatch.setattr(dec, "pause", lambda: ends.append((dec.active, dec.drafter_idle, len(dec.history))) or pause())
+        bench.run_side_by_side([run], prompts, 2, "ssd")
+        assert run.outputs == alone
+        # the first round leaves the joins' draft prefill unread: that turn runs on past one round
+        assert ends[0][2] > 1, ends
+        assert all(idle for active, idle, _ in ends if active), ends
+    finally:
+        dec.close()

@@ -8,8 +8,8 @@ Same models, prompts and new-token count for every mode. AR and SD run with the 
 (and SD with the K and draft dtype) that makes them fastest here (--threads/--sd-k auto measures
 it). SSD is the default decoding mode as served: the round policy picks AR, SD or SSD each round;
 its draft worker has its own core, and its target one thread in rounds that pre-draft and every
-core in the others (prompt prefill uses every core). The modes take turns prompt batch by prompt
-batch, so drift on a shared machine falls on all of them alike. Prints one summary line per mode,
+core in the others (prompt prefill uses every core). The modes take turns of TURN_ROUNDS rounds
+over each batch of prompts, so drift on a shared machine falls on all of them alike. Prints one summary line per mode,
 the policy's mix of round types, K and B, and its predicted tokens/s beside the measured
 (docs/design.md, "The speedup model"); writes report.json and a plot.
 """
@@ -30,6 +30,7 @@ import torch
 from saguaro.config import DEMO_DRAFT, DEMO_TARGET, DEV_PROMPTS, EngineConfig, SamplingParams, SpecConfig
 from saguaro.decoder import Decoder, RoundStats
 from saguaro.engines.torch_engine import resolve_dtype
+from saguaro.model import cpu_has_fast_bf16
 from saguaro.llm import build_decoder
 from saguaro.text import encode_prompt, load_tokenizer
 
@@ -342,7 +343,9 @@ def run_cell(args: argparse.Namespace) -> dict:
     # SD drafts one row at a time, where fp32 (auto: its weights held in fp16, docs/design.md, "The
     # engine on CPU") can beat bf16: it gets whichever draft dtype is faster.
     sd_dtypes = ["auto", "bfloat16"] if args.draft_dtype == "auto" else [args.draft_dtype]
-    auto_draft = str(resolve_dtype("auto", dcfg.device)).removeprefix("torch.")
+    auto_draft = str(resolve_dtype("auto", dcfg.device, draft=True)).removeprefix("torch.")
+    if auto_draft == "float32" and dcfg.device == "cpu" and cpu_has_fast_bf16():
+        auto_draft = "float32/bfloat16"      # few rows in fp32 on fp16-held weights, many in bf16
     runs: list[Run] = []
     configs: dict[str, tuple[int, int, str | None]] = {}   # mode -> threads, K, draft dtype
     for mode in [m for m in modes if m != "hf"]:

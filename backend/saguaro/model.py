@@ -135,11 +135,11 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     @torch.inference_mode()
-    def warm(self, max_rows: int) -> None:
-        """Generate the kernels of every row count up to max_rows now: the first call with a new
-        count costs several times a warm one, and would otherwise land on a request's first round
-        (a new prompt's prefill, a new batch size)."""
-        for rows in [*range(1, self.BUCKET + 1), *range(2 * self.BUCKET, max_rows + self.BUCKET, self.BUCKET)]:
+    def warm(self, max_rows: int, min_rows: int = 1) -> None:
+        """Generate the kernels of every row count from min_rows up to max_rows now: the first call
+        with a new count costs several times a warm one, and would otherwise land on a request's
+        first round (a new prompt's prefill, a new batch size)."""
+        for rows in [*range(min_rows, self.BUCKET + 1), *range(2 * self.BUCKET, max_rows + self.BUCKET, self.BUCKET)]:
             self.forward(torch.zeros(rows, self.in_features, dtype=torch.bfloat16))
 
 
@@ -177,7 +177,8 @@ class HalfWeightLinear(nn.Module):
     half the bytes, once for all rows, where MKL's fp32 GEMM reads them again per row at 2-5 rows.
     On the demo target (2 vCPUs) a 1-token forward went from 6.8 to 5.3 ms and a 3-token verify
     from 11.2 to 6.7 ms (docs/design.md, "The engine on CPU"). Many rows (a prompt's prefill) are
-    bound by arithmetic, which MKL does faster and on every thread: they keep the fp32 weight.
+    bound by arithmetic, which MKL does faster and on every thread: they keep the fp32 weight (a
+    draft's, on a CPU with native bf16, a bf16 copy instead: `lossless`).
 
     Lossless: the weight is scaled by a power of two that brings its largest entry near fp16's
     maximum, and packed only when every scaled entry converts to fp16 and back unchanged (a
@@ -188,7 +189,9 @@ class HalfWeightLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, packed: torch.Tensor, scale: float, many: "PackedLinear | None" = None):
         super().__init__()
-        self.weight, self.bias, self.packed = linear.weight, linear.bias, packed
+        # with a bf16 copy for many rows the fp32 weight is never read again: not kept
+        self.weight = linear.weight if many is None else None
+        self.bias, self.packed = linear.bias, packed
         self.packed_bias = None if linear.bias is None else linear.bias.detach() * scale
         self.unscale = None if scale == 1.0 else torch.tensor(1.0 / scale)
         self.many = many
@@ -251,7 +254,7 @@ def hold_weights_in_fp16(module: nn.Module, many_in_bf16: bool = False, warm_row
     def make(linear: nn.Linear) -> HalfWeightLinear | None:
         layer = HalfWeightLinear.lossless(linear, many_in_bf16)
         if layer is not None and layer.many is not None and warm_rows:
-            layer.many.warm(warm_rows)
+            layer.many.warm(warm_rows, min_rows=FEW_ROWS + 1)     # fewer rows never reach it
         return layer
     return replace_linears(module, make)
 

@@ -15,10 +15,11 @@ from saguaro.config import EngineConfig
 from saguaro.engines import place_thread
 from saguaro.engines.base import Engine, SlotTable
 from saguaro.errors import SaguaroError
-from saguaro.model import CacheView, Transformer, cpu_has_fast_bf16, hold_weights_in_fp16, pack_linears, rope_tables
+from saguaro.model import (CacheView, Transformer, cpu_has_fast_bf16, fbgemm_fp16_available, hold_weights_in_fp16,
+                           pack_linears, rope_tables)
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str, device: str, draft: bool = False) -> torch.dtype:
     if dtype == "auto":
         if device != "cpu":
             return torch.bfloat16
@@ -28,7 +29,10 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         # into whole-ulp logit changes. The draft's numerics never change the output, but fp32 is
         # also its faster choice where the CPU has bf16 matmuls: a draft forward is a few rows, where
         # bf16 attention and oneDNN's per-call cost outweigh the arithmetic (docs/design.md, "The
-        # engine on CPU": 0.43 against 0.63 ms for the demo draft's one-token forward).
+        # engine on CPU": 0.43 against 0.63 ms for the demo draft's one-token forward), as long as
+        # FBGEMM holds its weights in fp16; without FBGEMM (some aarch64 builds) it stays bf16.
+        if draft and cpu_has_fast_bf16() and not fbgemm_fp16_available():
+            return torch.bfloat16
         return torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -49,14 +53,15 @@ class TorchEngine(SlotTable, Engine):
         # up to 6; 0.25-0.35 off the draft's core).
         cores = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") and cfg.device == "cpu" else None
         self.cores = None if not cores or cfg.threads < 1 else (cores - {cfg.draft_core} or cores, cores)
-        dtype = resolve_dtype(cfg.dtype, cfg.device)
+        dtype = resolve_dtype(cfg.dtype, cfg.device, draft=branches)
         self.model = Transformer.from_hf(cfg.checkpoint, dtype, cfg.device)
         self.half_weights = (0, 0)       # linear layers held in fp16 (exactly), and left in fp32
         a = self.model.args
+        # the most rows of one forward: a prompt's prefill, or every sequence's branches in a build
+        most_rows = max(cfg.max_seq_len, cfg.max_slots * cfg.max_branches if branches else 0)
         if cfg.device == "cpu" and dtype == torch.bfloat16 and cpu_has_fast_bf16():
             self._use_threads(cfg.threads)
-            # rows of one forward: a prompt's prefill, or every sequence's branches in a build
-            pack_linears(self.model, warm_rows=max(cfg.max_seq_len, cfg.max_slots * cfg.max_branches if branches else 0))
+            pack_linears(self.model, warm_rows=most_rows)
         elif cfg.device == "cpu" and cfg.dtype == "auto" and dtype == torch.float32:
             # fp32 math on weights held in fp16 where that is exact (a bf16 checkpoint's are): half
             # the bytes a memory-bound forward reads, read once for a verify's K + 1 rows. A draft's
@@ -65,8 +70,7 @@ class TorchEngine(SlotTable, Engine):
             many = branches and cpu_has_fast_bf16()
             if many:
                 self._use_threads(cfg.threads)
-            warm = max(cfg.max_seq_len, cfg.max_slots * cfg.max_branches) if many else 0
-            self.half_weights = hold_weights_in_fp16(self.model, many_in_bf16=many, warm_rows=warm)
+            self.half_weights = hold_weights_in_fp16(self.model, many_in_bf16=many, warm_rows=most_rows if many else 0)
         self.vocab_size, self.max_slots, self.max_seq_len = a.vocab_size, cfg.max_slots, cfg.max_seq_len
         self.max_draft_len = cfg.max_draft_len
         self.wide_prefill = cfg.device == "cpu" and 0 < cfg.threads < cfg.prefill_threads
