@@ -14,7 +14,7 @@ class RandomRounds(RoundPolicy):
         super().__init__(max_k=max_k, default_k=max_k, seed=seed)
         self.max_k = max_k
 
-    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False):
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False):
         kind = self.rng.choice(("ar", "sd", "ssd", "ssd"))
         wide = kind != "ssd" and wide_ok and self.rng.random() < 0.5
         backup = self.rng.choice(("neural", "fast")) if kind == "ssd" else ""

@@ -106,7 +106,7 @@ class LongPlainStretches(RoundPolicy):
         super().__init__(max_k=2, default_k=2)
         self.every, self.n, self.wide_ok = every, 0, []
 
-    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False):
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False):
         self.n += 1
         self.wide_ok.append(wide_ok)
         return (Option("sd", 2, False) if self.n % self.every == 0 else Option("ar", 0, wide_ok)), None

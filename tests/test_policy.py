@@ -391,3 +391,35 @@ def test_catch_ups_come_less_often_the_further_speculation_is_from_paying():
     for reach, far, every in ((1.1, False, CATCH_UP), (0.95, False, 2 * CATCH_UP), (0.5, True, CATCH_UP_FAR)):
         policy.reach, policy.far = reach, far
         assert policy.catch_up == every, reach
+
+
+def test_a_refresh_of_the_other_cores_waits_for_a_round_that_is_measured():
+    """A round after a pause is not measured (caches others used): the policy puts no refresh of a
+    kept plain step's other cores on it, or the refresh could keep landing on the first round of
+    the benchmark's turns and never be measured."""
+    policy, machine = RoundPolicy(max_k=6, default_k=3), Machine(a=0.02)
+    drive(policy, machine, 300)
+    narrow = {False: 0, True: 0}
+    for cold in (True, False):
+        for _ in range(200):
+            o, _ = policy.choose([0], 1, wide_ok=True, cold=cold)
+            narrow[cold] += o == Option("ar", 0, False)
+            machine.run(policy, o)
+    assert narrow[True] == 0 and narrow[False] >= 2, narrow
+
+
+def test_a_kept_plain_steps_cores_are_judged_when_a_measurement_came_in(monkeypatch):
+    """Judging them took 12 us a round in the decoder's loop: they are judged again after a plain
+    step was measured (one round in HELD_MEASURED), not in every round of the hold."""
+    policy, machine = RoundPolicy(max_k=6, default_k=3), Machine(a=0.02)
+    drive(policy, machine, 300)
+    judged = []
+    cores = policy._plain_cores
+    monkeypatch.setattr(policy, "_plain_cores", lambda b: judged.append(policy.rounds) or cores(b))
+    for _ in range(400):
+        o, _ = policy.choose([0], 1, wide_ok=True)
+        if not policy.measure:                    # as the decoder does: the round is not observed
+            policy.observe = lambda r: None
+        machine.run(policy, o)
+        policy.__dict__.pop("observe", None)
+    assert 400 / policy_module.HELD_MEASURED / 2 <= len(judged) <= 400 * 0.4, len(judged)

@@ -243,7 +243,7 @@ class Decoder:
         drained = self.unread is not None and self._unread_done()
         if drained:                     # the drafter is idle again: this round may use every core
             self._drain()
-        option, predicted, chosen = self._plan(seqs, joining)
+        option, predicted, chosen = self._plan(seqs, joining, resumed)
         # nothing in this round needs the drafter's answer: it is left unread (prompts to prefill, plain
         # steps to catch up on) and the drafter works on through the rounds after, on its own core;
         # read now before the policy explores (its round must find the drafter idle and up to date)
@@ -332,10 +332,10 @@ class Decoder:
             ids[i] = greedy(x[:, : self.vocab])
         return ids
 
-    def _plan(self, seqs: list[Sequence], joining: list[Sequence]) -> tuple[Option | None, Prediction | None, set[int]]:
+    def _plan(self, seqs: list[Sequence], joining: list[Sequence], cold: bool = False) -> tuple[Option | None, Prediction | None, set[int]]:
         """Each sequence's K and pre-drafting for this round (step 0), told to the drafter with the
         outcomes. Returns the policy's option and prediction (None when no sequence is its), and
-        the ids of the sequences it chose for."""
+        the ids of the sequences it chose for. cold: the round follows a pause (it is not measured)."""
         chosen = [s for s in seqs if self.policy is not None and s.mode == "ssd" and not s.pinned and not s.first_round]
         for s in seqs:
             speculates = s.mode != "ar" and not s.first_round
@@ -353,7 +353,7 @@ class Decoder:
             # the drafter prefills new prompts or held outcomes in this round, or still does
             busy = bool(joining) or catch_up or self.unread is not None
             wide_ok = not busy and not any(s.build for s in seqs if s not in chosen)
-            option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok, busy)
+            option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok, busy, cold)
         for s in chosen:
             s.k, s.build = option.k, option.kind == "ssd"
         told = []

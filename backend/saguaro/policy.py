@@ -41,7 +41,7 @@ RATE_DECAY = 0.97         # per round, of a sequence's acceptance and a K's hit 
 GLOBAL_DECAY = 0.98       # per observed speculation (or lookup round), of the global rates: the last ~50
 COST_DECAY = 0.9          # per observation, of a cost: the last ~10 (an estimate the load made stale
                           # must recover from the few rounds exploring gives it)
-RECENT = 3                # measurements of one size a cost's median is taken over
+RECENT = 3                # measurements of one size a cost's median is taken over (odd: Line.observe)
 SEQ_PRIOR = 1.0           # weight of the global acceptance rate in a sequence's own estimate
 MARGIN = 0.03             # a speculating option is chosen over a plain step only when predicted this
                           # much faster: the best of many noisy estimates is biased up (winner's curse)
@@ -133,7 +133,7 @@ class Line:
         if recent is None:
             recent = self.recent[x] = deque(maxlen=RECENT)
         recent.append(y)
-        self.cost[x] = sorted(recent)[RECENT // 2] if len(recent) == RECENT else min(recent)   # the median: RECENT is odd
+        self.cost[x] = sorted(recent)[RECENT // 2] if len(recent) == RECENT else min(recent)   # the median
         self.w, self.sx, self.sy = self.w * d + 1, self.sx * d + x, self.sy * d + y
         self.sxx, self.sxy = self.sxx * d + x * x, self.sxy * d + x * y
         self.mx, self.my = self.sx / self.w, self.sy / self.w
@@ -281,10 +281,11 @@ class RoundPolicy:
 
     # -- choosing ---------------------------------------------------------------------------------
     def choose(self, seq_ids: list[int], batch: int, wide_ok: bool,
-               drafter_busy: bool = False) -> tuple[Option, Prediction | None]:
+               drafter_busy: bool = False, cold: bool = False) -> tuple[Option, Prediction | None]:
         """The option for this round's policy sequences (seq_ids, of `batch` in the round), and
         its prediction (None while trying an option nobody has measured). drafter_busy: the
-        drafter has work before any drafting this round (new prompts, a catch-up)."""
+        drafter has work before any drafting this round (new prompts, a catch-up). cold: the round
+        will not be measured (it follows a pause): a kept plain step's other cores wait a round."""
         self.measure = True
         if drafter_busy:   # a speculation would wait for that work (10-20 ms at batch 4 here)
             return PLAIN_NARROW, self.predict(PLAIN_NARROW, seq_ids, batch)
@@ -305,7 +306,7 @@ class RoundPolicy:
                 if kept != (cores := self._plain_cores(batch)):
                     self._hold_plain(cores, self.predict(cores, seq_ids, batch), wide_ok, batch, seq_ids, self.hold)
                     return cores, self.held.prediction
-            if self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) and (wide_ok or kept.wide):
+            if not cold and self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) and (wide_ok or kept.wide):
                 other, self.refreshed = (PLAIN_NARROW if kept.wide else PLAIN_WIDE), self.rounds
                 return other, self.predict(other, seq_ids, batch)
             self.measure = self.hold % HELD_MEASURED == 0
