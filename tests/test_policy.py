@@ -67,15 +67,17 @@ class Machine:
     """Round costs of a 2-core host like this one (ms) for a batch of sequences: acceptance a per
     draft token (a_fast for the n-gram backup's), cache hit rate p per sequence."""
 
-    def __init__(self, a: float, p: float = 0.7, draft_step: float = 0.8, a_fast: float = 0.2, seed: int = 0):
+    def __init__(self, a: float, p: float = 0.7, draft_step: float = 0.8, a_fast: float = 0.2, seed: int = 0,
+                 wide_speedup: float = 1.5):
         self.a, self.p, self.draft_step, self.a_fast = a, p, draft_step, a_fast
         self.rng = random.Random(seed)
         self.load = 1.0               # slowdown of forwards on every core (another process on the host)
+        self.wide_speedup = wide_speedup   # a forward on every core against one on the target's own
         self.held: dict[int, list[bool]] = {}   # plain steps' tokens the draft would have guessed, untold
 
     def verify(self, o: Option, b: int) -> float:
         one_core = (2.4 + 0.35 * o.k) * (1 + 0.15 * (b - 1))
-        return one_core / 1.5 * self.load if o.wide else one_core
+        return one_core / self.wide_speedup * self.load if o.wide else one_core
 
     def build(self, k: int, b: int) -> float:
         return (0.5 + 0.9 * k) * (1 + 0.2 * (b - 1))
@@ -401,11 +403,11 @@ def test_a_refresh_of_the_other_cores_waits_for_a_round_that_is_measured():
     drive(policy, machine, 300)
     narrow = {False: 0, True: 0}
     for cold in (True, False):
-        for _ in range(200):
+        for _ in range(400):          # the other cores, 1.5x slower, are due once in ~200 rounds
             o, _ = policy.choose([0], 1, wide_ok=True, cold=cold)
             narrow[cold] += o == Option("ar", 0, False)
             machine.run(policy, o)
-    assert narrow[True] == 0 and narrow[False] >= 2, narrow
+    assert narrow[True] == 0 and narrow[False] >= 1, narrow
 
 
 def test_a_kept_plain_steps_cores_are_judged_when_a_measurement_came_in(monkeypatch):
@@ -423,3 +425,13 @@ def test_a_kept_plain_steps_cores_are_judged_when_a_measurement_came_in(monkeypa
         machine.run(policy, o)
         policy.__dict__.pop("observe", None)
     assert 400 / policy_module.HELD_MEASURED / 2 <= len(judged) <= 400 * 0.4, len(judged)
+
+
+def test_where_one_core_is_nearly_as_fast_it_is_tried_rarely():
+    """At batch 1 here every core was 5-13% faster than one and the other cores' refresh came every
+    ~17 rounds; each cost its own round and the round after it (back on every core: 7-16% more).
+    Counting that round, one core is tried once in ~50 rounds."""
+    policy, machine = RoundPolicy(max_k=6, default_k=3), Machine(a=0.02, wide_speedup=1.05)
+    drive(policy, machine, 300)
+    chosen = drive(policy, machine, 500)
+    assert chosen[Option("ar", 0, True)] >= 480 and chosen[Option("ar", 0, False)] <= 500 / 40, chosen

@@ -30,9 +30,12 @@ EXPLORE_LEAD = 4          # rounds before exploring that the drafter starts catc
                           # round before would otherwise wait for it: 17 ms of a 64-step catch-up at batch 4)
 RERANK = 8                # every RERANK-th round scores every option; the others its last SHORTLIST best
 SHORTLIST = 4
-PLAIN_REFRESH = 0.003     # a kept plain step runs on the other cores once every (gap / this) rounds, at
-                          # least 16 apart (gap: how much slower the other is predicted): 0.3% of the
-                          # rate, so one unlucky early measurement of either cannot stick
+PLAIN_REFRESH = 0.003     # a kept plain step runs on the other cores once every ((gap + SWITCH_BACK) / this)
+                          # rounds, at least 16 apart (gap: how much slower the other is predicted): 0.3%
+                          # of the rate, so one unlucky early measurement of either cannot stick
+SWITCH_BACK = 0.1         # ... counting the round after it too, back on the kept cores: the first round on
+                          # every core after one on a single core cost 7-16% more at batch 1 (threads woken,
+                          # caches the drafter used); without it one core was tried every ~17 rounds there
 HELD_MEASURED = 4         # a kept plain step's rounds are measured one in this many: measuring took ~19 us a
                           # round at batch 1 (caches cold after the forward), 1% of a 2 ms round
 HOLD = 3                  # rounds a plain step's choice is kept unscored after it was chosen (until news
@@ -306,7 +309,8 @@ class RoundPolicy:
                 if kept != (cores := self._plain_cores(batch)):
                     self._hold_plain(cores, self.predict(cores, seq_ids, batch), wide_ok, batch, seq_ids, self.hold)
                     return cores, self.held.prediction
-            if not cold and self.rounds - self.refreshed >= max(16, self.plain_gap / PLAIN_REFRESH) and (wide_ok or kept.wide):
+            due = max(16, (self.plain_gap + SWITCH_BACK) / PLAIN_REFRESH)
+            if not cold and self.rounds - self.refreshed >= due and (wide_ok or kept.wide):
                 other, self.refreshed = (PLAIN_NARROW if kept.wide else PLAIN_WIDE), self.rounds
                 return other, self.predict(other, seq_ids, batch)
             self.measure = self.hold % HELD_MEASURED == 0
