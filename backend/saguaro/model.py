@@ -116,11 +116,13 @@ class PackedLinear(nn.Module):
 
     BUCKET = 64
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, warm_rows: int = 0, min_rows: int = 1):
         super().__init__()
         self.in_features = linear.in_features
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.bias = None if linear.bias is None else linear.bias.detach()
+        if warm_rows:
+            self.warm(warm_rows, min_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -163,12 +165,7 @@ def replace_linears(module: nn.Module, make) -> tuple[int, int]:
 
 def pack_linears(module: nn.Module, warm_rows: int = 0) -> None:
     """Replace every nn.Linear by a PackedLinear, its kernels generated for up to warm_rows rows."""
-    def packed(linear: nn.Linear) -> PackedLinear:
-        layer = PackedLinear(linear)
-        if warm_rows:
-            layer.warm(warm_rows)
-        return layer
-    replace_linears(module, packed)
+    replace_linears(module, lambda linear: PackedLinear(linear, warm_rows))
 
 
 class HalfWeightLinear(nn.Module):
@@ -197,11 +194,12 @@ class HalfWeightLinear(nn.Module):
         self.many = many
 
     @classmethod
-    def lossless(cls, linear: nn.Linear, many_in_bf16: bool = False) -> "HalfWeightLinear | None":
+    def lossless(cls, linear: nn.Linear, many_rows: int = 0) -> "HalfWeightLinear | None":
         """The layer with its weight also packed, or None when fp16 cannot hold the weight exactly.
-        many_in_bf16: forwards of many rows run in bf16 on a oneDNN-packed copy (`PackedLinear`),
-        for a draft engine, whose numerics never change the output: a prompt's prefill or a
-        catch-up is bound by arithmetic, which native bf16 does ~1.6x faster than fp32."""
+        many_rows > 0: forwards of many rows run in bf16 on a oneDNN-packed copy (`PackedLinear`)
+        whose kernels are generated for up to many_rows rows, for a draft engine, whose numerics
+        never change the output: a prompt's prefill or a catch-up is bound by arithmetic, which
+        native bf16 does ~1.6x faster than fp32."""
         w = linear.weight.detach()
         if w.dtype != torch.float32 or not w.numel() or not torch.isfinite(w).all():
             return None
@@ -218,7 +216,8 @@ class HalfWeightLinear(nn.Module):
                 torch.fbgemm_linear_fp16_weight_fp32_activation(torch.zeros(1, w.shape[1]), packed, None)
             except RuntimeError:          # "Your CPU does not support FBGEMM."
                 return None
-        many = PackedLinear(copy.deepcopy(linear).to(torch.bfloat16)) if many_in_bf16 else None
+        # fewer than FEW_ROWS + 1 rows never reach the copy: their kernels are not generated
+        many = PackedLinear(copy.deepcopy(linear).to(torch.bfloat16), many_rows, FEW_ROWS + 1) if many_rows else None
         return cls(linear, packed, scale, many)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,20 +242,14 @@ FP16_MAX = 32768.0      # a power of two below fp16's largest value (65504)
 FEW_ROWS, FEW_ROWS_ONE_THREAD = 16, 48
 
 
-def hold_weights_in_fp16(module: nn.Module, many_in_bf16: bool = False, warm_rows: int = 0) -> tuple[int, int]:
+def hold_weights_in_fp16(module: nn.Module, many_rows: int = 0) -> tuple[int, int]:
     """Replace every fp32 nn.Linear whose weight fp16 holds exactly by a HalfWeightLinear; returns
     (layers packed, layers left in fp32). Nothing changes where this CPU has no FBGEMM.
-    many_in_bf16 (a draft's, where the CPU has native bf16): many-row forwards in bf16, their
-    kernels generated for up to warm_rows rows (`PackedLinear.warm`)."""
+    many_rows > 0 (a draft's, where the CPU has native bf16): many-row forwards in bf16, for up
+    to many_rows rows (`HalfWeightLinear.lossless`)."""
     if not fbgemm_fp16_available():
         return replace_linears(module, lambda linear: None)
-
-    def make(linear: nn.Linear) -> HalfWeightLinear | None:
-        layer = HalfWeightLinear.lossless(linear, many_in_bf16)
-        if layer is not None and layer.many is not None and warm_rows:
-            layer.many.warm(warm_rows, min_rows=FEW_ROWS + 1)     # fewer rows never reach it
-        return layer
-    return replace_linears(module, make)
+    return replace_linears(module, lambda linear: HalfWeightLinear.lossless(linear, many_rows))
 
 
 def fbgemm_fp16_available() -> bool:

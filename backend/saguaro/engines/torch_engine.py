@@ -70,7 +70,7 @@ class TorchEngine(SlotTable, Engine):
             many = branches and cpu_has_fast_bf16()
             if many:
                 self._use_threads(cfg.threads)
-            self.half_weights = hold_weights_in_fp16(self.model, many_in_bf16=many, warm_rows=most_rows if many else 0)
+            self.half_weights = hold_weights_in_fp16(self.model, many_rows=most_rows if many else 0)
         self.vocab_size, self.max_slots, self.max_seq_len = a.vocab_size, cfg.max_slots, cfg.max_seq_len
         self.max_draft_len = cfg.max_draft_len
         self.wide_prefill = cfg.device == "cpu" and 0 < cfg.threads < cfg.prefill_threads
