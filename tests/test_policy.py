@@ -435,3 +435,20 @@ def test_where_one_core_is_nearly_as_fast_it_is_tried_rarely():
     drive(policy, machine, 300)
     chosen = drive(policy, machine, 500)
     assert chosen[Option("ar", 0, True)] >= 480 and chosen[Option("ar", 0, False)] <= 500 / 40, chosen
+
+
+def test_a_host_whose_speed_drifts_keeps_plain_steps_on_every_core():
+    """This host's speed moves by up to 25% within seconds. Where every core is only ~10% faster than
+    one (batch 1 here), floors from a slow stretch of every core against a fast one of one core put
+    10-17% of the rounds on one core, each 5-20% slower: one core must now win by NARROW_MARGIN (a
+    load on the other core), and is tried as rarely as that gap is large."""
+
+    class Drifting(Machine):
+        def verify(self, o: Option, b: int) -> float:
+            return super().verify(o, b) * self.rng.uniform(0.8, 1.25)
+
+    for seed in range(4):
+        policy, machine = RoundPolicy(max_k=6, default_k=3), Drifting(a=0.02, wide_speedup=1.1, seed=seed)
+        drive(policy, machine, 300)
+        chosen = drive(policy, machine, 1000)
+        assert chosen[Option("ar", 0, False)] <= 1000 * 0.01, (seed, chosen)

@@ -31,15 +31,17 @@ EXPLORE_LEAD = 4          # rounds before exploring that the drafter starts catc
 RERANK = 8                # every RERANK-th round scores every option; the others its last SHORTLIST best
 SHORTLIST = 4
 PLAIN_REFRESH = 0.003     # a kept plain step runs on the other cores once every ((gap + SWITCH_BACK) / this)
-                          # rounds, at least 16 apart (gap: how much slower the other is predicted): 0.3%
+                          # rounds, at least 16 apart (gap: how much slower the other is predicted, plus
+                          # NARROW_MARGIN for one core, which must win by that much to be chosen): 0.3%
                           # of the rate, so one unlucky early measurement of either cannot stick
 SWITCH_BACK = 0.1         # ... counting the round after it too, back on the kept cores: the first round on
                           # every core after one on a single core cost 7-16% more at batch 1 (threads woken,
                           # caches the drafter used); without it one core was tried every ~17 rounds there
 HELD_MEASURED = 4         # a kept plain step's rounds are measured one in this many: measuring took ~19 us a
                           # round at batch 1 (caches cold after the forward), 1% of a 2 ms round
-HOLD = 3                  # rounds a plain step's choice is kept unscored after it was chosen (until news
-                          # of acceptance): in a long plain stretch scoring cost ~1.5% of each step
+HOLD = 8                  # rounds a plain step's choice is kept unscored after it was chosen (until news
+                          # of acceptance, which scores at once): a scoring round's choice took ~100 us in the
+                          # decoder at batch 1 (a full ranking ~300 us alone), and at 3 one round in four scored
 RATE_DECAY = 0.97         # per round, of a sequence's acceptance and a K's hit rate: a horizon of ~30 rounds
 GLOBAL_DECAY = 0.98       # per observed speculation (or lookup round), of the global rates: the last ~50
 COST_DECAY = 0.9          # per observation, of a cost: the last ~10 (an estimate the load made stale
@@ -48,8 +50,10 @@ RECENT = 3                # measurements of one size a cost's median is taken ov
 SEQ_PRIOR = 1.0           # weight of the global acceptance rate in a sequence's own estimate
 MARGIN = 0.03             # a speculating option is chosen over a plain step only when predicted this
                           # much faster: the best of many noisy estimates is biased up (winner's curse)
-NARROW_MARGIN = 0.05      # a plain step runs on the target's own core, the drafter idle, only when that measured
-                          # this much faster than every core (`_plain_cores`)
+NARROW_MARGIN = 0.5       # a plain step runs on the target's own core, the drafter idle, only when that measured
+                          # this much faster than every core (`_plain_cores`): another process on the other core,
+                          # not the host's drift (at 0.05, floors from a slow minute of every core against a fast
+                          # one of one core held 10-17% of batch-1 rounds on one core, 5-20% slower each)
 PLAIN_FRESH = 32          # ... and both were measured within this many rounds (else every core)
 HORIZON = 8               # rounds an SSD option is expected to be kept: its first round, with no cache
                           # to look in, is counted as 1 of HORIZON
@@ -309,7 +313,10 @@ class RoundPolicy:
                 if kept != (cores := self._plain_cores(batch)):
                     self._hold_plain(cores, self.predict(cores, seq_ids, batch), wide_ok, batch, seq_ids, self.hold)
                     return cores, self.held.prediction
-            due = max(16, (self.plain_gap + SWITCH_BACK) / PLAIN_REFRESH)
+            # the other cores are tried as rarely as the gap they would have to close to be chosen:
+            # one core must also beat every core by NARROW_MARGIN
+            gap = self.plain_gap + (NARROW_MARGIN if kept.wide else 0.0)
+            due = max(16, (gap + SWITCH_BACK) / PLAIN_REFRESH)
             if not cold and self.rounds - self.refreshed >= due and (wide_ok or kept.wide):
                 other, self.refreshed = (PLAIN_NARROW if kept.wide else PLAIN_WIDE), self.rounds
                 return other, self.predict(other, seq_ids, batch)
@@ -423,7 +430,8 @@ class RoundPolicy:
     def predict(self, o: Option, seq_ids: list[int], batch: int) -> Prediction | None:
         """The speedup model (docs/design.md) with this machine's measured costs, for the
         sequences seq_ids in a round of `batch`; None until every cost it needs was measured."""
-        return self._calibrated(o, self._predict(o, self._inputs(seq_ids, batch)))
+        now = self._inputs(seq_ids, batch) if o.kind != "ar" else self._plain_inputs(len(seq_ids), batch)
+        return self._calibrated(o, self._predict(o, now))
 
     def _calibrated(self, o: Option, x: Prediction | None) -> Prediction | None:
         """A speculating option's predicted tokens scaled by what such rounds delivered of their
@@ -432,14 +440,19 @@ class RoundPolicy:
             return x
         return Prediction(x.tokens * min(1.2, max(0.5, self.calibration.value(1.0, CALIBRATION_PRIOR))), x.ms)
 
+    def _plain_inputs(self, n: int, batch: int) -> dict:
+        """What a plain step's prediction reads: the verify and other-work lines at this batch size
+        (a round whose drafter is busy predicts only that: the whole lookup took ~40 us there)."""
+        return {"n": n, "verify": {w: c.at(batch) for w, c in self.verify.items()},
+                "other": {kind: c.at(batch) for kind, c in self.other.items()}}
+
     def _inputs(self, seq_ids: list[int], batch: int) -> dict:
         """What one round's predictions read, looked up once: the cost lines at this batch size,
         and per K the expected tokens of these sequences, of the fast backup, and the hit rate."""
         a_fast = self.accept_fast.value(0.3)
         ks = self.ks
-        return {"n": len(seq_ids), "verify": {w: c.at(batch) for w, c in self.verify.items()},
-                "other": {kind: c.at(batch) for kind, c in self.other.items()}, "jit": self.jit.at(batch),
-                "build": self.build.at(batch), "miss": {x: c.at(batch) for x, c in self.miss.items()},
+        return {**self._plain_inputs(len(seq_ids), batch), "jit": self.jit.at(batch), "build": self.build.at(batch),
+                "miss": {x: c.at(batch) for x, c in self.miss.items()},
                 "tokens": self._tokens([self.acceptance(i) for i in seq_ids]), "hit": {k: self.hit_rate(k) for k in ks},
                 "fast_tokens": {k: len(seq_ids) * expected_tokens(a_fast, k) for k in ks}}
 
