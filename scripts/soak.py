@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "backend"))
 
 from saguaro.supervisor import stub_processes  # noqa: E402
-from saguaro.triton_server import free_port  # noqa: E402
+from saguaro.tritonserver_process import free_port  # noqa: E402
 
 PROMPTS = [json.loads(line)["prompt"] for line in (ROOT / "prompts" / "dev.jsonl").read_text().splitlines()]
 KINDS = {                    # kind -> weight

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from saguaro.config import PROJECT_ROOT
-from saguaro.triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer
+from saguaro.tritonserver_process import DEFAULT_MODEL_REPOSITORY, TritonServer
 
 SERVING_MODELS = ("target", "draft", "ssd", "ensemble", "ensemble_sync")
 

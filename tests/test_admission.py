@@ -11,7 +11,7 @@ import pytest
 from saguaro.config import DEMO_TARGET, EngineConfig, SamplingParams
 from saguaro.errors import ServerBusy, Unavailable
 from saguaro.llm import build_decoder
-from saguaro.serving import Channel, Request, ServingLoop
+from saguaro.request_loop import Channel, Request, ServingLoop
 from saguaro.text import load_tokenizer
 
 TOKENIZER = load_tokenizer(DEMO_TARGET)

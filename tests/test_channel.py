@@ -3,7 +3,7 @@ import pytest
 
 from saguaro.config import DEMO_TARGET, SamplingParams
 from saguaro.decoder import SeqStats
-from saguaro.serving import Channel, Request
+from saguaro.request_loop import Channel, Request
 from saguaro.text import load_tokenizer
 
 TOKENIZER = load_tokenizer(DEMO_TARGET)

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from saguaro.http_front import MAX_DEPTH, HttpFront, check_json
-from saguaro.triton_server import free_port
+from saguaro.tritonserver_process import free_port
 from test_serving import PROMPTS
 
 DEEP = b"[" * 50_000 + b"]" * 50_000       # 100 KB that crashes tritonserver 2.51 (recursive parser)

@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from saguaro.config import DEMO_TARGET, EngineConfig, SamplingParams
 from saguaro.errors import SaguaroError
-from saguaro.serving import ServeLimits, nvidia_rows, parse_request
+from saguaro.request_loop import ServeLimits, nvidia_rows, parse_request
 from saguaro.text import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import pytest
 from saguaro.config import DEMO_TARGET
 from saguaro.openai_front import ChatTemplate, OpenAIFront, StopCut, upstream_error
 from saguaro.text import load_tokenizer
-from saguaro.triton_server import free_port
+from saguaro.tritonserver_process import free_port
 from test_http_front import post as post_bytes
 from test_serving import PROMPTS, metrics, wait_slots_free
 

@@ -265,7 +265,7 @@ def test_metrics_count_rounds_tokens_and_cache(serving):
 def test_bls_transport_serves_the_same_greedy_text(tmp_path, reference):
     """Rounds can also travel as Triton BLS requests instead of over the engine models' sockets."""
     from conftest import SERVING_MODELS, test_repository
-    from saguaro.triton_server import TritonServer
+    from saguaro.tritonserver_process import TritonServer
 
     with TritonServer(test_repository(tmp_path, transport="bls"), http_port=0, grpc_port=0, metrics_port=0,
                       models=list(SERVING_MODELS), log_path=tmp_path / "server.log") as server:
@@ -280,7 +280,7 @@ def test_server_serves_a_torch_build_of_the_pair(tmp_path, reference):
     from build_engines.build import build_torch
     from conftest import SERVING_MODELS, test_repository
     from saguaro.config import DEMO_DRAFT, DEMO_TARGET
-    from saguaro.triton_server import TritonServer
+    from saguaro.tritonserver_process import TritonServer
 
     repo = test_repository(tmp_path)
     result = build_torch(DEMO_TARGET, DEMO_DRAFT, tmp_path / "engines", onnx=False, model_repository=str(repo))

@@ -85,7 +85,7 @@ def test_engine_models_get_their_placement_from_the_filled_configs(tmp_path, pb_
     """What `target` and `draft` read from their filled configs reaches the executor: each engine
     on its own GPU, KV fraction 0.9, ranks' device ids."""
     from saguaro.engines import trtllm_engine as T
-    from saguaro.triton_glue import engine_config
+    from saguaro.triton_models import engine_config
     monkeypatch.setattr(T, "_runtime", F.runtime)
     engines = {role: F.engine_dir(tmp_path / "engines" / role / "engine", src)
                for role, src in (("target", DEMO_TARGET), ("draft", DEMO_DRAFT))}

@@ -18,7 +18,7 @@ import pytest
 import conftest
 from conftest import SERVING_MODELS
 from saguaro.supervisor import stub_processes
-from saguaro.triton_server import TritonServer, free_port
+from saguaro.tritonserver_process import TritonServer, free_port
 from test_serving import PROMPTS, metrics, stream, wait_slots_free
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

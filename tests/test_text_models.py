@@ -11,7 +11,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from saguaro.text import StreamWindow, load_tokenizer
-from saguaro.triton_server import TritonServer
+from saguaro.tritonserver_process import TritonServer
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "demo-code-target"
 

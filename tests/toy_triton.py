@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from saguaro.triton_server import TritonServer
+from saguaro.tritonserver_process import TritonServer
 
 CONFIG = """
 name: "ensemble"

@@ -6,7 +6,7 @@ Messages are saguaro.messages types (data only, validated on receipt):
 A handler yields its answers; the draft's second answer comes after the cache build, which runs
 while the caller verifies. Transports: saguaro.ipc (`serve_wire` on one end, `WireClient` on the
 other: the library's worker pipe and, in Triton, an authenticated Unix socket between the model
-processes, 0.1 ms a round trip), or Triton BLS (triton_glue.bls_call).
+processes, 0.1 ms a round trip), or Triton BLS (triton_models.bls_call).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from saguaro.errors import SaguaroError
 from saguaro.http_front import HttpFront
 from saguaro.openai_front import OpenAIFront, repository_tokenizer_dir
-from saguaro.triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer, free_port, port_in_use
+from saguaro.tritonserver_process import DEFAULT_MODEL_REPOSITORY, TritonServer, free_port, port_in_use
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

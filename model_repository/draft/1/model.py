@@ -9,7 +9,7 @@ from saguaro.draft import Drafter
 from saguaro.engines import create_engine, pin_to_core
 from saguaro.private_dir import runtime_dir, server_secret
 from saguaro.remote import DraftServer
-from saguaro.triton_glue import (bls_message, cpu_core, engine_config, error_response, message_response, model_params,
+from saguaro.triton_models import (bls_message, cpu_core, engine_config, error_response, message_response, model_params,
                                  serve_socket)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL

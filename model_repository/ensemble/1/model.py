@@ -1,5 +1,5 @@
 """`ensemble`: NVIDIA's batched requests relayed to `ssd` (text in, text out), each (batch row,
-sequence) as a request of its own (saguaro.serving.nvidia_rows), their streamed responses merged
+sequence) as a request of its own (saguaro.request_loop.nvidia_rows), their streamed responses merged
 back onto the client's stream with batch_index/sequence_index, and a client's cancellation or
 disconnect passed on at once (Triton 2.51 ensembles do not forward cancellation to their steps, so
 a cancelled stream kept decoding and held its slot).
@@ -17,8 +17,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from saguaro.private_dir import runtime_dir, server_secret
-from saguaro.serving import nvidia_outputs, nvidia_rows
-from saguaro.triton_glue import RELAYED_OUTPUTS, KeptCalls, error_response, inputs_of, model_params, outputs_of, response
+from saguaro.request_loop import nvidia_outputs, nvidia_rows
+from saguaro.triton_models import RELAYED_OUTPUTS, KeptCalls, error_response, inputs_of, model_params, outputs_of, response
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

@@ -1,12 +1,12 @@
 """Unary front door: a batched NVIDIA-shaped request in, each (row, sequence) relayed to `ssd` at
-once (saguaro.serving.nvidia_rows), their single (non-streamed) responses out as one, row by row."""
+once (saguaro.request_loop.nvidia_rows), their single (non-streamed) responses out as one, row by row."""
 from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
 from saguaro.errors import SaguaroError
-from saguaro.serving import nvidia_outputs, nvidia_rows, stacked
-from saguaro.triton_glue import RELAYED_OUTPUTS, KeptCalls, error_response, inputs_of, model_params, outputs_of, response
+from saguaro.request_loop import nvidia_outputs, nvidia_rows, stacked
+from saguaro.triton_models import RELAYED_OUTPUTS, KeptCalls, error_response, inputs_of, model_params, outputs_of, response
 
 
 class TritonPythonModel:

@@ -21,7 +21,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from saguaro.text import load_tokenizer, window_text
-from saguaro.triton_glue import error_response, model_params, resolve_repo_path
+from saguaro.triton_models import error_response, model_params, resolve_repo_path
 
 
 class TritonPythonModel:

@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from saguaro.errors import SaguaroError
 from saguaro.text import BYTES_PER_TOKEN, decode_text_input, encode_prompt, load_tokenizer
-from saguaro.triton_glue import error_response, model_params, resolve_repo_path, sibling_params
+from saguaro.triton_models import error_response, model_params, resolve_repo_path, sibling_params
 
 
 class TritonPythonModel:

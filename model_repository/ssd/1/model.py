@@ -1,5 +1,5 @@
-"""SSD orchestrator: requests in, decoding rounds in saguaro.serving.ServingLoop, responses out.
-Decoding logic: saguaro/decoder.py; request rules: saguaro/serving.py."""
+"""SSD orchestrator: requests in, decoding rounds in saguaro.request_loop.ServingLoop, responses out.
+Decoding logic: saguaro/decoder.py; request rules: saguaro/request_loop.py."""
 import sys
 import threading
 import time
@@ -14,9 +14,9 @@ from saguaro.messages import ResetDraft
 from saguaro.pair import validate_pair
 from saguaro.private_dir import runtime_dir, server_secret
 from saguaro.remote import RemoteDraft, RemoteEngine
-from saguaro.serving import Channel, ServingLoop, parse_request
+from saguaro.request_loop import Channel, ServingLoop, parse_request
 from saguaro.text import load_tokenizer
-from saguaro.triton_glue import (Metrics, Outbox, bls_call, carries_secret, error_code, error_message, error_response, inputs_of,
+from saguaro.triton_models import (Metrics, Outbox, bls_call, carries_secret, error_code, error_message, error_response, inputs_of,
                                  model_params, resolve_repo_path,
                                  response, serve_limits, sibling_params, socket_call)
 

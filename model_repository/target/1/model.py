@@ -5,7 +5,7 @@ import triton_python_backend_utils as pb_utils
 from saguaro.engines import create_engine, pin_to_core
 from saguaro.private_dir import runtime_dir, server_secret
 from saguaro.remote import EngineServer
-from saguaro.triton_glue import (bls_message, cpu_core, engine_config, error_response, message_response, model_params,
+from saguaro.triton_models import (bls_message, cpu_core, engine_config, error_response, message_response, model_params,
                                  serve_socket, sibling_params)
 
 

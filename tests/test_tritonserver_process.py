@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from saguaro.errors import SaguaroError
-from saguaro.triton_server import DEFAULT_MODEL_REPOSITORY, TritonServer
+from saguaro.tritonserver_process import DEFAULT_MODEL_REPOSITORY, TritonServer
 
 BROKEN = '''
 import triton_python_backend_utils as pb_utils

@@ -21,7 +21,7 @@ from saguaro.errors import PeerUnavailable, SaguaroError, Unavailable
 from saguaro.ipc import SocketServer, WireClient, connect, listen
 from saguaro.private_dir import runtime_dir, same_secret, server_secret
 from saguaro.messages import decode, encode
-from saguaro.serving import ServeLimits
+from saguaro.request_loop import ServeLimits
 
 
 def model_params(args: Mapping[str, str]) -> dict[str, str]:
@@ -79,7 +79,7 @@ def cpu_core(params: Mapping[str, str]) -> int | None:
 
 
 # What `ensemble` and `ensemble_sync` ask of `ssd` for each row they relay: NVIDIA's outputs
-# (saguaro.serving: the pieces, log-probs, perf metrics, token counts), our totals, and an error
+# (saguaro.request_loop: the pieces, log-probs, perf metrics, token counts), our totals, and an error
 # that follows streamed responses.
 RELAYED_OUTPUTS = [
     "text_output", "cum_log_probs", "output_log_probs", "acceptance_rate", "total_accepted_draft_tokens",

@@ -1,4 +1,4 @@
-"""Two guards in triton_glue against Triton 2.51's Python-backend stub (python_backend r24.10),
+"""Two guards in triton_models against Triton 2.51's Python-backend stub (python_backend r24.10),
 which frees Python objects without the GIL in two places: responses carry only the outputs the
 request asked for, and finished BLS calls are let go by Python, not by the stub's C++ thread."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import weakref
 
 import numpy as np
 
-from saguaro import triton_glue
-from saguaro.triton_glue import KeptCalls, response
+from saguaro import triton_models
+from saguaro.triton_models import KeptCalls, response
 
 
 class RecordingPbUtils:
@@ -44,7 +44,7 @@ class Call:
 
 def test_finished_calls_are_held_a_while_then_let_go_by_python(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(triton_glue.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(triton_models.time, "monotonic", lambda: clock[0])
     kept = KeptCalls()
     first = Call()
     gone = weakref.ref(first)
