@@ -8,7 +8,8 @@ venv's bin/ first on PATH so that the stub processes run with the venv's package
 The server runs in its own process group so that stopping it also ends the Python-backend stub
 processes it spawned (one per model instance).
 
-The last section holds helpers for the repository's model.py files (config parameters, paths).
+What the repository's model.py files share (config parameters, tensors, BLS calls) is in
+saguaro.triton_models.
 """
 from __future__ import annotations
 
