@@ -8,14 +8,18 @@ class RandomRounds(RoundPolicy):
     """The round policy with its choice replaced by a seeded draw: each round AR (1/4), SD (1/4) or
     SSD (1/2, so that lookups in a cache built the round before are frequent), K uniform in
     1..max_k, either backup, the target on every core or on its own threads at random, so sequences
-    switch round type at every point: after rejections, hits and misses alike."""
+    switch round type at every point: after rejections, hits and misses alike; and far from paying
+    at random (a new prompt's join deferred), plain steps while the drafter does not know a sequence."""
 
     def __init__(self, max_k: int, seed: int):
         super().__init__(max_k=max_k, default_k=max_k, seed=seed)
         self.max_k = max_k
 
-    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False):
-        kind = self.rng.choice(("ar", "sd", "ssd", "ssd"))
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
+        # far from paying at random, so new prompts' joins are deferred and told later (a catch-up,
+        # or once no longer far) at every point too
+        self.far = self.rng.random() < 0.3
+        kind = "ar" if plain_only else self.rng.choice(("ar", "sd", "ssd", "ssd"))
         wide = kind != "ssd" and wide_ok and self.rng.random() < 0.5
         backup = self.rng.choice(("neural", "fast")) if kind == "ssd" else ""
         return Option(kind, 0 if kind == "ar" else self.rng.randint(1, self.max_k), wide, backup), None

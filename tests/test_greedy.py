@@ -106,7 +106,7 @@ class LongPlainStretches(RoundPolicy):
         super().__init__(max_k=2, default_k=2)
         self.every, self.n, self.wide_ok = every, 0, []
 
-    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False):
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
         self.n += 1
         self.wide_ok.append(wide_ok)
         return (Option("sd", 2, False) if self.n % self.every == 0 else Option("ar", 0, wide_ok)), None
@@ -234,3 +234,57 @@ def test_a_round_after_a_pause_is_not_measured(prompts, ar_outputs):
     assert out == ar_outputs[0]
     assert seen and paused and not set(seen) & set(paused), (seen, paused)
     assert all(dec.history[i - 1].gap_ms == 0.0 for i in paused)
+
+
+class FarFromPaying(RoundPolicy):
+    """A stand-in for the policy: far from paying (plain steps on every core it may use, the drafter
+    caught up every `catch_up_every` of them) until `far` is cleared, then SD at K = 2."""
+
+    def __init__(self, catch_up_every: int):
+        super().__init__(max_k=2, default_k=2)
+        self.far, self.measured, self.every = True, True, catch_up_every
+
+    def catch_up_now(self, held: int) -> bool:
+        return held >= self.every
+
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
+        if self.far or plain_only or drafter_busy:
+            return Option("ar", 0, wide_ok), None
+        return Option("sd", 2, False), None
+
+
+def test_far_from_paying_a_new_prompts_join_waits_for_the_catch_up(prompts, ar_outputs):
+    """Far from paying, the drafter is not told a new prompt: its first rounds run on every core,
+    a sequence that ends before the next catch-up never reaches the drafter (no prefill, no leave),
+    and one that lives on is told at the catch-up, its prompt and its plain steps together. Once
+    speculation pays again it speculates at once; greedy output stays AR's."""
+    dec = build_decoder(replace(TARGET, prefill_threads=2), DRAFT, SpecConfig(k=2), draft_process=False)
+    dec.policy = policy = FarFromPaying(catch_up_every=8)
+    joins, leaves = [], []
+    start = dec.draft.start
+    dec.draft.start = lambda rnd: joins.extend(j.seq_id for j in rnd.joins) or leaves.extend(rnd.leaves) or start(rnd)
+    try:
+        long_, short = dec.add(prompts[0], PARAMS), dec.add(prompts[1], PARAMS.with_(max_tokens=4))
+        out = {long_: [], short: []}
+        for e in dec.step():
+            out[e.seq_id] += e.tokens
+        assert dec.target.all_cores, "a deferred join's first round runs on every core"
+        while short in dec.seqs:
+            for e in dec.step():
+                out[e.seq_id] += e.tokens
+        assert joins == [] and dec.draft_slots == 0
+        while not joins:
+            for e in dec.step():
+                out[e.seq_id] += e.tokens
+        assert joins == [long_] and len(out[long_]) == 9, ("told at the catch-up, with its plain steps", len(out[long_]))
+        policy.far = False
+        while dec.seqs:
+            for e in dec.step():
+                out[e.seq_id] += e.tokens
+        dec.settle()
+        assert out[long_] == ar_outputs[0] and out[short] == ar_outputs[1][:4]
+        assert short not in joins + leaves, "the drafter never heard of the short sequence"
+        assert dec.seqs == {} and dec.target.active_slots == 0 and dec.draft_slots == 0
+        assert any(r.sd for r in dec.history), "speculation resumed"
+    finally:
+        dec.close()

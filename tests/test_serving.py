@@ -241,7 +241,9 @@ def test_cancelled_stream_frees_its_slots_in_both_engines_at_once(serving, model
 
 def test_draft_failure_degrades_to_exact_target_only_output(serving, reference):
     before = metrics(serving).get("saguaro_degraded_rounds_total", 0.0)
-    out = stream(serving, "ensemble", {"text_input": PROMPTS[5], "max_tokens": 40, "stream": True, "inject_draft_fault": True})
+    # K pinned: the drafter is told the prompt at once (a policy far from paying defers it)
+    out = stream(serving, "ensemble", {"text_input": PROMPTS[5], "max_tokens": 40, "stream": True, "inject_draft_fault": True,
+                                       "num_draft_tokens": 3})
     assert out["error"] is None
     assert out["text"] == reference(PROMPTS[5], 40)
     assert metrics(serving)["saguaro_degraded_rounds_total"] > before

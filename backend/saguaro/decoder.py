@@ -16,8 +16,9 @@ One round, for every active sequence together:
      as the request asks (penalties, min_tokens, bad words: logits.py), each row with its own context.
 On a hit nothing waits for the drafter except a build that outlasts the forward. Sequences join
 and leave between rounds: a new prompt is prefilled on the target first, then its first round
-verifies an empty speculation while the drafter prefills it too. AR is a round with an empty
-speculation. Which round type runs never changes the output: each verifies what it speculated.
+verifies an empty speculation while the drafter prefills it too (far from paying, at the next
+catch-up: _defer_joins). AR is a round with an empty speculation. Which round type runs never
+changes the output: each verifies what it speculated.
 """
 from __future__ import annotations
 
@@ -143,6 +144,7 @@ class Decoder:
         self.joins: list[Join] = []
         self.outcomes: list[Outcome] = []
         self.held: dict[int, list[Outcome]] = {}   # outcomes not yet told: rounds since with nothing to draft
+        self.deferred: dict[int, Join] = {}  # joins not yet told: new prompts far from paying (_defer_joins)
         self.leaves: list[int] = []
         self.last_verify_ms = 0.0
         self.last_round_end = 0.0        # perf_counter() when the last round ended
@@ -243,7 +245,7 @@ class Decoder:
         drained = self.unread is not None and self._unread_done()
         if drained:                     # the drafter is idle again: this round may use every core
             self._drain()
-        option, predicted, chosen = self._plan(seqs, joining, resumed)
+        option, predicted, chosen = self._plan(seqs, resumed)
         # nothing in this round needs the drafter's answer: it is left unread (prompts to prefill, plain
         # steps to catch up on) and the drafter works on through the rounds after, on its own core;
         # read now before the policy explores (its round must find the drafter idle and up to date)
@@ -265,7 +267,7 @@ class Decoder:
         # pre-drafting, no prompt or catch-up to prefill), whoever chose the round: the policy, or
         # requests' own ar and sd modes (served, where the target's own threads are one, those ran
         # on one core)
-        idle = not joining and not any(s.build for s in seqs) and self.unread is None and (pending is None or reply is not None)
+        idle = not told_joins and not any(s.build for s in seqs) and self.unread is None and (pending is None or reply is not None)
         self.target.use_all_cores(idle and (option is None or option.wide))
         t0 = time.perf_counter()
         starts = [self.target.length(s.slot) for s in seqs]
@@ -332,7 +334,7 @@ class Decoder:
             ids[i] = greedy(x[:, : self.vocab])
         return ids
 
-    def _plan(self, seqs: list[Sequence], joining: list[Sequence], cold: bool = False) -> tuple[Option | None, Prediction | None, set[int]]:
+    def _plan(self, seqs: list[Sequence], cold: bool = False) -> tuple[Option | None, Prediction | None, set[int]]:
         """Each sequence's K and pre-drafting for this round (step 0), told to the drafter with the
         outcomes. Returns the policy's option and prediction (None when no sequence is its), and
         the ids of the sequences it chose for. cold: the round follows a pause (it is not measured)."""
@@ -348,12 +350,15 @@ class Decoder:
         # (not while an answer is unread: telling it more would wait for that answer)
         held = max((len(self.held.get(o.seq_id, ())) + 1 for o in self.outcomes), default=0)
         catch_up = held > 1 and self.policy is not None and self.unread is None and self.policy.catch_up_now(held)
+        if self.policy is not None:
+            catch_up = self._defer_joins(catch_up)
         option = predicted = None
         if chosen:
             # the drafter prefills new prompts or held outcomes in this round, or still does
-            busy = bool(joining) or catch_up or self.unread is not None
+            busy = bool(self.joins) or catch_up or self.unread is not None
             wide_ok = not busy and not any(s.build for s in seqs if s not in chosen)
-            option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok, busy, cold)
+            plain_only = any(s.seq_id in self.deferred for s in chosen)
+            option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok, busy, cold, plain_only)
         for s in chosen:
             s.k, s.build = option.k, option.kind == "ssd"
         told = []
@@ -367,6 +372,23 @@ class Decoder:
                 told += _merged(self.held.pop(o.seq_id))
         self.outcomes = told
         return option, predicted, {s.seq_id for s in chosen}
+
+    def _defer_joins(self, catch_up: bool) -> bool:
+        """Far from paying, a new prompt's join waits with its sequence's outcomes: the drafter
+        prefills the prompt at the next catch-up, with the plain steps since (or never, if the
+        sequence ends first), and the sequence's first rounds may use every core. Joins are told
+        at a catch-up, when exploring comes near, and once speculation is no longer far from
+        paying (that round is a catch-up). Returns whether this round catches up."""
+        if self.policy.far and not self.policy.explore_soon:
+            for j in [j for j in self.joins if j.mode == "ssd" and not self.seqs[j.seq_id].pinned]:
+                self.joins.remove(j)
+                self.deferred[j.seq_id] = j
+        elif self.deferred and self.unread is None:
+            catch_up = True
+        if catch_up and self.deferred:
+            self.joins += self.deferred.values()
+            self.deferred = {}
+        return catch_up
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         for s in seqs:
@@ -454,7 +476,7 @@ class Decoder:
         for s in self.seqs.values():
             if s.mode != "ar":
                 s.mode, s.k, s.spec, s.stats.degraded = "ar", 0, None, True
-        self.joins, self.outcomes, self.leaves, self.held, self.unread = [], [], [], {}, None
+        self.joins, self.outcomes, self.leaves, self.held, self.unread, self.deferred = [], [], [], {}, None, {}
         try:
             self.draft.reset()
         except Exception:   # a drafter that cannot even reset is replaced by its client or stays unused
@@ -528,7 +550,7 @@ class Decoder:
         pending_join = [j for j in self.joins if j.seq_id == s.seq_id]
         if pending_join:            # the drafter never saw it
             self.joins.remove(pending_join[0])
-        elif s.mode != "ar":
+        elif self.deferred.pop(s.seq_id, None) is None and s.mode != "ar":
             self.leaves.append(s.seq_id)
 
     def _flush_leaves(self) -> None:

@@ -287,12 +287,14 @@ class RoundPolicy:
         return held >= self.catch_up or (self.explore_soon and held > EXPLORE_LEAD)
 
     # -- choosing ---------------------------------------------------------------------------------
-    def choose(self, seq_ids: list[int], batch: int, wide_ok: bool,
-               drafter_busy: bool = False, cold: bool = False) -> tuple[Option, Prediction | None]:
+    def choose(self, seq_ids: list[int], batch: int, wide_ok: bool, drafter_busy: bool = False,
+               cold: bool = False, plain_only: bool = False) -> tuple[Option, Prediction | None]:
         """The option for this round's policy sequences (seq_ids, of `batch` in the round), and
         its prediction (None while trying an option nobody has measured). drafter_busy: the
         drafter has work before any drafting this round (new prompts, a catch-up). cold: the round
-        will not be measured (it follows a pause): a kept plain step's other cores wait a round."""
+        will not be measured (it follows a pause): a kept plain step's other cores wait a round.
+        plain_only: some of the sequences are not known to the drafter yet (a join deferred while
+        far from paying): a plain step, and exploring waits."""
         self.measure = True
         if drafter_busy:   # a speculation would wait for that work (10-20 ms at batch 4 here)
             return PLAIN_NARROW, self.predict(PLAIN_NARROW, seq_ids, batch)
@@ -325,6 +327,11 @@ class RoundPolicy:
         self.hold, factor, self.ticks = 0, RATE_DECAY ** self.ticks, 0
         for rate in (*self.hits.values(), *self.seq_accept.values()):
             rate.tick(factor)
+        if plain_only:
+            self.explore_next = self.explore_next or explore
+            o = self._plain_cores(batch) if wide_ok else PLAIN_NARROW
+            self._hold_plain(o, self.predict(o, seq_ids, batch), wide_ok, batch, seq_ids, FAR_HOLD if self.far else HOLD)
+            return o, self.held.prediction
         options = [o for o in self.options if wide_ok or not o.wide]
         now = self._inputs(seq_ids, batch)
         if not self.measured:
