@@ -253,38 +253,45 @@ class FarFromPaying(RoundPolicy):
         return Option("sd", 2, False), None
 
 
-def test_far_from_paying_a_new_prompts_join_waits_for_the_catch_up(prompts, ar_outputs):
-    """Far from paying, the drafter is not told a new prompt: its first rounds run on every core,
+def test_far_from_paying_the_drafter_follows_one_sequence(prompts, ar_outputs):
+    """Far from paying, the drafter is not told new prompts: their first rounds run on every core,
     a sequence that ends before the next catch-up never reaches the drafter (no prefill, no leave),
-    and one that lives on is told at the catch-up, its prompt and its plain steps together. Once
-    speculation pays again it speculates at once; greedy output stays AR's."""
-    dec = build_decoder(replace(TARGET, prefill_threads=2), DRAFT, SpecConfig(k=2), draft_process=False)
+    at a catch-up the sequence that joined first is told, its prompt and plain steps together, and
+    the others wait while it is followed. Once speculation pays again every sequence is told and
+    speculates; greedy output stays AR's."""
+    dec = build_decoder(replace(TARGET, prefill_threads=2, max_slots=4), replace(DRAFT, max_slots=4), SpecConfig(k=2),
+                        draft_process=False)
     dec.policy = policy = FarFromPaying(catch_up_every=8)
     joins, leaves = [], []
     start = dec.draft.start
     dec.draft.start = lambda rnd: joins.extend(j.seq_id for j in rnd.joins) or leaves.extend(rnd.leaves) or start(rnd)
-    try:
-        long_, short = dec.add(prompts[0], PARAMS), dec.add(prompts[1], PARAMS.with_(max_tokens=4))
-        out = {long_: [], short: []}
+    out: dict[int, list[int]] = {}
+
+    def step():
         for e in dec.step():
-            out[e.seq_id] += e.tokens
+            out.setdefault(e.seq_id, []).extend(e.tokens)
+
+    try:
+        first, second = dec.add(prompts[0], PARAMS), dec.add(prompts[2], PARAMS)
+        short = dec.add(prompts[1], PARAMS.with_(max_tokens=4))
+        step()
         assert dec.target.all_cores, "a deferred join's first round runs on every core"
         while short in dec.seqs:
-            for e in dec.step():
-                out[e.seq_id] += e.tokens
+            step()
         assert joins == [] and dec.draft_slots == 0
         while not joins:
-            for e in dec.step():
-                out[e.seq_id] += e.tokens
-        assert joins == [long_] and len(out[long_]) == 9, ("told at the catch-up, with its plain steps", len(out[long_]))
+            step()
+        assert joins == [first] and len(out[first]) == 9, ("told at the catch-up with its 8 plain steps", len(out[first]))
+        for _ in range(3 * 8):          # three more catch-ups of the followed sequence alone
+            step()
+        assert joins == [first] and dec.draft_slots == 1
         policy.far = False
         while dec.seqs:
-            for e in dec.step():
-                out[e.seq_id] += e.tokens
+            step()
         dec.settle()
-        assert out[long_] == ar_outputs[0] and out[short] == ar_outputs[1][:4]
-        assert short not in joins + leaves, "the drafter never heard of the short sequence"
-        assert dec.seqs == {} and dec.target.active_slots == 0 and dec.draft_slots == 0
-        assert any(r.sd for r in dec.history), "speculation resumed"
+        assert out[first] == ar_outputs[0] and out[second] == ar_outputs[2] and out[short] == ar_outputs[1][:4]
+        assert joins == [first, second] and short not in leaves, "the drafter never heard of the short sequence"
+        assert dec.target.active_slots == 0 and dec.draft_slots == 0
+        assert any(r.sd == 2 for r in dec.history), "both speculated once it paid"
     finally:
         dec.close()

@@ -144,7 +144,7 @@ class Decoder:
         self.joins: list[Join] = []
         self.outcomes: list[Outcome] = []
         self.held: dict[int, list[Outcome]] = {}   # outcomes not yet told: rounds since with nothing to draft
-        self.deferred: dict[int, Join] = {}  # joins not yet told: new prompts far from paying (_defer_joins)
+        self.deferred: dict[int, Join] = {}  # joins not yet told: far from paying, all but one sequence (_defer_joins)
         self.leaves: list[int] = []
         self.last_verify_ms = 0.0
         self.last_round_end = 0.0        # perf_counter() when the last round ended
@@ -348,7 +348,9 @@ class Decoder:
         # done, step): once as the policy's exploring comes near, and at the latest every
         # policy.catch_up of them (policy.catch_up_now), so speculating again waits for no long catch-up.
         # (not while an answer is unread: telling it more would wait for that answer)
-        held = max((len(self.held.get(o.seq_id, ())) + 1 for o in self.outcomes), default=0)
+        # (timed by the sequences the drafter follows: _defer_joins)
+        followed = [o for o in self.outcomes if o.seq_id not in self.deferred] or self.outcomes
+        held = max((len(self.held.get(o.seq_id, ())) + 1 for o in followed), default=0)
         catch_up = held > 1 and self.policy is not None and self.unread is None and self.policy.catch_up_now(held)
         if self.policy is not None:
             catch_up = self._defer_joins(catch_up)
@@ -368,27 +370,34 @@ class Decoder:
             self.held.setdefault(o.seq_id, []).append(o)
             if not (s.k or s.build):
                 s.spec = None           # a plain target step: a pre-drafted speculation goes unused
-            if s.k or s.build or catch_up:
+            if s.k or s.build or (catch_up and o.seq_id not in self.deferred):
                 told += _merged(self.held.pop(o.seq_id))
         self.outcomes = told
         return option, predicted, {s.seq_id for s in chosen}
 
     def _defer_joins(self, catch_up: bool) -> bool:
-        """Far from paying, a new prompt's join waits with its sequence's outcomes: the drafter
-        prefills the prompt at the next catch-up, with the plain steps since (or never, if the
-        sequence ends first), and the sequence's first rounds may use every core. Joins are told
-        at a catch-up, when exploring comes near, and once speculation is no longer far from
-        paying (that round is a catch-up). Returns whether this round catches up."""
+        """Far from paying, the drafter follows one of the policy's sequences, enough to measure
+        what speculation would accept (shadow acceptance); the others stay unknown to it. A new
+        prompt's join waits with its sequence's plain steps; at a catch-up with no sequence
+        followed, the one that joined first is told, its prompt and plain steps together; one
+        that ends first never reaches the drafter. Its rounds may use every core. Every join
+        waiting is told when exploring comes near and once speculation is no longer far from
+        paying (that round catches every sequence up). Returns whether this round catches up."""
         if self.policy.far and not self.policy.explore_soon:
-            for j in [j for j in self.joins if j.mode == "ssd" and not self.seqs[j.seq_id].pinned]:
+            for j in [j for j in self.joins if self._policy_seq(j.seq_id)]:
                 self.joins.remove(j)
                 self.deferred[j.seq_id] = j
+            if catch_up and self.deferred and not any(self._policy_seq(i) and i not in self.deferred for i in self.seqs):
+                self.joins.append(self.deferred.pop(next(iter(self.deferred))))
         elif self.deferred and self.unread is None:
             catch_up = True
-        if catch_up and self.deferred:
             self.joins += self.deferred.values()
             self.deferred = {}
         return catch_up
+
+    def _policy_seq(self, seq_id: int) -> bool:
+        s = self.seqs[seq_id]
+        return s.mode == "ssd" and not s.pinned
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         for s in seqs:
