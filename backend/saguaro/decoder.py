@@ -16,9 +16,9 @@ One round, for every active sequence together:
      as the request asks (penalties, min_tokens, bad words: logits.py), each row with its own context.
 On a hit nothing waits for the drafter except a build that outlasts the forward. Sequences join
 and leave between rounds: a new prompt is prefilled on the target first, then its first round
-verifies an empty speculation while the drafter prefills it too (far from paying, at the next
-catch-up: _defer_joins). AR is a round with an empty speculation. Which round type runs never
-changes the output: each verifies what it speculated.
+verifies an empty speculation while the drafter prefills it too (far from paying, later or never:
+the drafter follows one sequence, _defer_joins). AR is a round with an empty speculation. Which
+round type runs never changes the output: each verifies what it speculated.
 """
 from __future__ import annotations
 
