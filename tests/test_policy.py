@@ -452,3 +452,20 @@ def test_a_host_whose_speed_drifts_keeps_plain_steps_on_every_core():
         drive(policy, machine, 300)
         chosen = drive(policy, machine, 1000)
         assert chosen[Option("ar", 0, False)] <= 1000 * 0.01, (seed, chosen)
+
+
+def test_a_new_sequence_starts_from_what_its_sampling_regime_accepted():
+    """Greedy requests accepted ~0.6 of draft tokens here, T = 0.7 ones ~0.3: a sampled sequence
+    that joins after greedy ones is priced at what sampled sequences accepted, not at the greedy
+    rate (one served run speculated at acceptance 0.29 right after a greedy sweep)."""
+    policy = RoundPolicy(max_k=4, default_k=2)
+    policy.track(1, greedy=True)
+    policy.track(2, greedy=False)
+    for _ in range(100):
+        policy.observe_accept(1, 4, 4, "neural")       # greedy: every draft token accepted
+        policy.observe_accept(2, 0, 4, "neural")       # sampled: the first rejected
+    policy.track(3, greedy=False)
+    policy.track(4, greedy=True)
+    assert policy.acceptance(3) < 0.1 < 0.9 < policy.acceptance(4)
+    policy.forget(3)
+    assert 3 not in policy.greedy

@@ -189,6 +189,8 @@ class Decoder:
         self.seqs[seq_id] = Sequence(seq_id=seq_id, prompt=list(prompt), params=params, mode=mode,
                                      request_k=request_spec.k, pinned=k is not None, slot=slot, generator=generator,
                                      pending=prompt[-1], processed=processes_logits(params))
+        if self.policy is not None:
+            self.policy.track(seq_id, params.greedy)
         if mode != "ar":
             self.joins.append(Join(seq_id, list(prompt), params, mode, request_spec.k, request_spec.budget,
                                    request_spec.saguaro_c, self.vocab))

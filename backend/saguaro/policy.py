@@ -4,8 +4,8 @@ policy").
 
 The prediction is the speedup model ("The speedup model") fed with what this machine and these
 sequences show online: the target's verify time against tokens, batch and cores; the drafter's
-JIT drafting, cache-build and backup times; acceptance per sequence (decaying, with the global rate
-as its prior; measured by plain steps too, the drafter scoring itself on their tokens), the fast
+JIT drafting, cache-build and backup times; acceptance per sequence (decaying, with its sampling
+regime's global rate as its prior; measured by plain steps too, the drafter scoring itself on their tokens), the fast
 backup's acceptance and the cache hit rate per K. The backup rule of the
 paper (neural for small batches, fast for large) falls out: a miss stalls the round with
 probability 1 - p_hit^batch, which the neural backup pays in time and the fast one in tokens. Options nobody has measured yet are tried first; after
@@ -236,7 +236,12 @@ class RoundPolicy:
         self.jit, self.build = Costs(proportional=True), Costs(proportional=True)    # by K
         self.miss = {"neural": Costs(proportional=True), "fast": Costs()}  # the wait for a backup after a miss, by K
         self.other: dict[str, Costs] = {"ar": Costs(), "sd": Costs(), "ssd": Costs()}   # wall minus the above
-        self.accept, self.accept_fast = Rate(GLOBAL_DECAY), Rate(GLOBAL_DECAY)
+        # what speculation has had here lately, by sampling regime (greedy or not): greedy requests
+        # accepted ~0.6 here and T = 0.7 ones ~0.3, and a sampled sequence priced at greedy's rate
+        # speculated at a loss
+        self.accept = {True: Rate(GLOBAL_DECAY), False: Rate(GLOBAL_DECAY)}
+        self.accept_fast = Rate(GLOBAL_DECAY)
+        self.greedy: dict[int, bool] = {}                   # a sequence's regime (track)
         self.seq_accept: dict[int, Rate] = {}
         self.hits: dict[int, Rate] = {}                    # by K
         self.all_hits = Rate(GLOBAL_DECAY)
@@ -362,7 +367,7 @@ class RoundPolicy:
         # dev prompts at batch 1) must not slow down noticing that it pays again. It moves slowly:
         # judged when every option is scored.
         if shortlist is options:
-            typical = {**now, "tokens": self._tokens([self.global_acceptance()] * now["n"])}
+            typical = {**now, "tokens": self._tokens([self.global_acceptance(self.greedy.get(i, True)) for i in seq_ids])}
             plain = max((r for o, r in zip(options, rates) if o.kind == "ar"), default=0.0)
             self.reach = max((self._score(o, typical) for o in options if o.kind != "ar"), default=0.0) / max(plain, 1e-9)
             self.far = self.measured and self.reach < FAR
@@ -496,12 +501,13 @@ class RoundPolicy:
         wait = miss.predict(o.k) if miss is not None else 0.0
         return Prediction(tokens, max(v, build.predict(o.k)) + (1 - p ** now["n"]) * wait + rest)
 
-    def global_acceptance(self) -> float:
-        """What speculation has had here lately: every sequence's prior, and the far judgement's rate."""
-        return self.accept.value(0.5, 2.0)
+    def global_acceptance(self, greedy: bool = True) -> float:
+        """What speculation has had here lately in a sampling regime: its sequences' prior, and the
+        far judgement's rate."""
+        return self.accept[greedy].value(0.5, 2.0)
 
     def acceptance(self, seq_id: int) -> float:
-        prior = self.global_acceptance()
+        prior = self.global_acceptance(self.greedy.get(seq_id, True))
         rate = self.seq_accept.get(seq_id)
         return min(rate.value(prior, SEQ_PRIOR) if rate else prior, 0.999)
 
@@ -511,6 +517,10 @@ class RoundPolicy:
         return rate.value(overall, 4.0) if rate else overall
 
     # -- learning ---------------------------------------------------------------------------------
+    def track(self, seq_id: int, greedy: bool) -> None:
+        """A new sequence and its sampling regime (whose acceptance is its prior until its own is measured)."""
+        self.greedy[seq_id] = greedy
+
     def observe_accept(self, seq_id: int, accepted: int, drafted: int, source: str) -> None:
         """A verified speculation: `accepted` of its `drafted` tokens (a rejection ends it)."""
         if drafted == 0:
@@ -519,14 +529,14 @@ class RoundPolicy:
         if source == "fast":
             self.accept_fast.observe(accepted, accepted + rejected)
             return
-        self.accept.observe(accepted, accepted + rejected)
+        self.accept[self.greedy.get(seq_id, True)].observe(accepted, accepted + rejected)
         self.seq_accept.setdefault(seq_id, Rate()).observe(accepted, accepted + rejected)
 
     def observe_shadow(self, seq_id: int, accepted: float, scored: int) -> None:
         """The draft scored on `scored` tokens of plain target steps (Drafter._ingest): `accepted`
         is the sum of the probabilities that a speculation would have been accepted there. Plain
         steps measure acceptance too, so a text that starts to pay is noticed without exploring."""
-        self.accept.observe(accepted, scored)
+        self.accept[self.greedy.get(seq_id, True)].observe(accepted, scored)
         self.seq_accept.setdefault(seq_id, Rate()).observe(accepted, scored)
         self.hold = 0
 
@@ -560,3 +570,4 @@ class RoundPolicy:
 
     def forget(self, seq_id: int) -> None:
         self.seq_accept.pop(seq_id, None)
+        self.greedy.pop(seq_id, None)
