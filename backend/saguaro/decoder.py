@@ -340,7 +340,7 @@ class Decoder:
         """Each sequence's K and pre-drafting for this round (step 0), told to the drafter with the
         outcomes. Returns the policy's option and prediction (None when no sequence is its), and
         the ids of the sequences it chose for. cold: the round follows a pause (it is not measured)."""
-        chosen = [s for s in seqs if self.policy is not None and s.mode == "ssd" and not s.pinned and not s.first_round]
+        chosen = [s for s in seqs if self.policy is not None and self._policy_seq(s) and not s.first_round]
         for s in seqs:
             speculates = s.mode != "ar" and not s.first_round
             s.k, s.build = (s.request_k, s.mode == "ssd") if speculates else (0, False)
@@ -386,10 +386,10 @@ class Decoder:
         waiting is told when exploring comes near and once speculation is no longer far from
         paying (that round catches every sequence up). Returns whether this round catches up."""
         if self.policy.far and not self.policy.explore_soon:
-            for j in [j for j in self.joins if self._policy_seq(j.seq_id)]:
+            for j in [j for j in self.joins if self._policy_seq(self.seqs[j.seq_id])]:
                 self.joins.remove(j)
                 self.deferred[j.seq_id] = j
-            if catch_up and self.deferred and not any(self._policy_seq(i) and i not in self.deferred for i in self.seqs):
+            if catch_up and self.deferred and not any(self._policy_seq(s) and s.seq_id not in self.deferred for s in self.seqs.values()):
                 self.joins.append(self.deferred.pop(next(iter(self.deferred))))
         elif self.deferred and self.unread is None:
             catch_up = True
@@ -397,8 +397,9 @@ class Decoder:
             self.deferred = {}
         return catch_up
 
-    def _policy_seq(self, seq_id: int) -> bool:
-        s = self.seqs[seq_id]
+    @staticmethod
+    def _policy_seq(s: Sequence) -> bool:
+        """The round policy chooses this sequence's rounds: an ssd request that did not pin K."""
         return s.mode == "ssd" and not s.pinned
 
     def _prefill(self, seqs: list[Sequence]) -> None:

@@ -335,7 +335,7 @@ class RoundPolicy:
         if plain_only:
             self.explore_next = self.explore_next or explore
             o = self._plain_cores(batch) if wide_ok else PLAIN_NARROW
-            self._hold_plain(o, self.predict(o, seq_ids, batch), wide_ok, batch, seq_ids, FAR_HOLD if self.far else HOLD)
+            self._hold_plain(o, self.predict(o, seq_ids, batch), wide_ok, batch, seq_ids, self._hold_rounds)
             return o, self.held.prediction
         options = [o for o in self.options if wide_ok or not o.wide]
         now = self._inputs(seq_ids, batch)
@@ -382,7 +382,7 @@ class RoundPolicy:
         # tried at a653444), the policy chose SSD in 16% of the greedy batch-1 dev rounds instead of
         # 49%, and SSD fell from 1.07 to 0.99 of SD there
         if o.kind == "ar" and not explore:
-            self._hold_plain(o, raw, wide_ok, batch, seq_ids, FAR_HOLD if self.far else HOLD)
+            self._hold_plain(o, raw, wide_ok, batch, seq_ids, self._hold_rounds)
         return o, self._calibrated(o, raw)
 
     def _hold_plain(self, o: Option, prediction: Prediction | None, wide_ok: bool, batch: int, seq_ids: list[int],
@@ -391,6 +391,11 @@ class RoundPolicy:
         self.held, self.hold = HeldChoice(o, prediction, wide_ok, batch, tuple(seq_ids)), rounds
         kept, other = self._plain_floor(o.wide, batch), self._plain_floor(not o.wide, batch)
         self.plain_gap = other / kept - 1 if kept and other else 0.0
+
+    @property
+    def _hold_rounds(self) -> int:
+        """Rounds a plain choice is kept unscored: FAR_HOLD far from paying, else HOLD."""
+        return FAR_HOLD if self.far else HOLD
 
     def _plain_cores(self, batch: int) -> Option:
         """A plain step's cores while the drafter is idle: every core unless the target's own
