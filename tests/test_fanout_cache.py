@@ -11,7 +11,7 @@ import torch
 
 from saguaro.backup import matched_prefix, ngram_proposal
 from saguaro.config import DEMO_DRAFT, EngineConfig, SamplingParams, SpecConfig
-from saguaro.draft import SHADOW_ROWS, DraftRound, Drafter, Join, Outcome
+from saguaro.draft import CATCH_UP_LAG, SHADOW_ROWS, DraftRound, Drafter, Join, Outcome
 from saguaro.engines.torch_engine import TorchEngine
 from saguaro.fanout import FanoutFit, backup_threshold, expected_tokens, geometric_fanout, uniform_fanout
 from saguaro.sampling import probs
@@ -433,6 +433,31 @@ def test_a_long_catch_up_scores_only_its_last_tokens(draft_engine, merged):
     s = d.seqs[0]
     assert draft_engine.length(s.slot) == len(s.history) - 1     # the KV holds every committed token
     d.release_all()
+
+
+def test_drafting_after_untold_plain_steps_catches_up_first_and_times_it_apart(draft_engine):
+    """A sequence that speculates again after CATCH_UP_LAG or more plain steps the drafter was not
+    told is caught up before drafting (its plain steps scored, as at any catch-up), and the time
+    that took is reported apart from drafting's (catch_up_ms: the policy prices drafting per K
+    without it); fewer are fed to the first drafting forward, as before."""
+    for lag, caught_up in ((CATCH_UP_LAG, True), (2, False)):
+        d = _drafter(draft_engine, "neural")
+        _join(d, SamplingParams())                               # speculating from [5]
+        context = PROMPT + [5]
+        guesses = []
+        for _ in range(lag):
+            [[g]] = _neural_drafts(draft_engine, [context], 1)
+            guesses.append(g)
+            context = context + [g]
+        told = [Outcome(0, 0, guesses[:1], next_k=0, build=False), Outcome(0, 0, guesses[1:], next_k=2, build=False)]
+        reply = d.step(DraftRound(outcomes=told))
+        s = d.seqs[0]
+        assert reply.specs[0].tokens == _neural_drafts(draft_engine, [s.history], 2)[0]
+        if caught_up:
+            assert reply.catch_up_ms > 0 and reply.shadow[0] == (lag - 1, lag - 1)   # all guessed
+        else:
+            assert reply.shadow == {}
+        d.release_all()
 
 
 def test_outcomes_of_plain_target_steps_bring_the_draft_kv_up_to_date(draft_engine):

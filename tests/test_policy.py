@@ -55,6 +55,36 @@ def test_one_stalled_round_does_not_make_a_size_look_dear():
     assert line.predict(2) == 3.0
 
 
+def test_a_size_measured_during_a_stall_is_capped_by_what_more_work_cost():
+    """A cost never falls with more work: what a larger size measured caps a smaller one's, so one
+    stalled measurement at a size measured once (a 2-token verify at 14 ms beside 2.7 for 3
+    tokens) does not price it out until exploring measures it again; unmeasured sizes likewise."""
+    verify = Line(proportional=True)
+    for x, y in ((1, 1.65), (3, 2.69)) * 3:
+        verify.observe(x, y)
+    verify.observe(2, 14.09)
+    assert verify.predict(2) == pytest.approx(2.69)
+    assert verify.predict(1) == pytest.approx(1.65)      # below what 3 tokens cost: its own
+    jit = Line(proportional=True)
+    jit.observe(1, 1.0)
+    jit.observe(4, 2.0)
+    assert jit.predict(3) <= 2.0 and jit.predict(6) >= 2.0
+
+
+def test_a_catch_up_before_drafting_is_not_priced_as_drafting():
+    """A switch back to speculating after plain steps waits for the drafter to catch up on them
+    first (Drafter.step reports it as catch_up_ms): a switch's cost, not one of drafting K tokens,
+    which every SD round at that K would otherwise be priced at."""
+    p = RoundPolicy(max_k=4, default_k=2)
+    sd = Option("sd", 2, True)
+    for catch_up in (7.0, 0.0, 6.0):
+        p.observe(RoundCosts(option=sd, batch=1, tokens_per_seq=3, verify_ms=2.5, spec_wait_ms=2.0 + catch_up,
+                             build_wait_ms=0.0, build_ms=0.0, wall_ms=4.7 + catch_up, hits=0, misses=0, backup="",
+                             catch_up_ms=catch_up))
+    assert p.jit.predict(1, 2) == pytest.approx(2.0)
+    assert p.other["sd"].predict(1, 0) == pytest.approx(0.2)
+
+
 def test_costs_borrow_the_nearest_batch():
     c = Costs()
     assert c.predict(1, 1) is None

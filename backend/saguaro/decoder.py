@@ -315,7 +315,8 @@ class Decoder:
                 option=option, batch=len(seqs), tokens_per_seq=1 + max(stats.ks), verify_ms=stats.verify_ms,
                 spec_wait_ms=spec_wait, build_wait_ms=build_wait, build_ms=built_ms, wall_ms=stats.wall_ms + gap_ms,
                 hits=stats.hits, misses=stats.misses, backup=stats.backup,
-                tokens=sum(e.accepted + 1 for e in events if e.seq_id in chosen)))
+                tokens=sum(e.accepted + 1 for e in events if e.seq_id in chosen),
+                catch_up_ms=reply.catch_up_ms if reply else 0.0))
         self.last_round_end = time.perf_counter()
         return events
 

@@ -77,6 +77,7 @@ class DraftReply:
     # per sequence caught up after plain steps: (Σ acceptance the draft would have had, tokens
     # scored) -- the acceptance the policy measures without speculating (Drafter._ingest)
     shadow: dict[int, tuple[float, int]] = field(default_factory=dict)
+    catch_up_ms: float = 0.0         # of draft_ms: bringing sequences up to their committed tokens (after plain steps)
 
 
 # Per sequence: outcome (accepted k, bonus token) -> the K speculation tokens pre-drafted for it.
@@ -134,6 +135,8 @@ class _Seq:
 
 
 SHADOW_ROWS = 16            # a catch-up's tokens scored per sequence (shadow acceptance), the latest
+CATCH_UP_LAG = 8            # committed tokens a drafting sequence lags by at least to be caught up apart first (below,
+                            # its first drafting forward takes them: a forward call costs more than a few LM-head rows)
 
 
 class Drafter:
@@ -173,12 +176,18 @@ class Drafter:
                 jit.append(o.seq_id)
             else:
                 specs[o.seq_id] = spec
+        # Catch up first: sequences whose next round is a plain target step, and those drafting after
+        # plain steps the drafter was not told (a switch back to speculating), which would otherwise
+        # prefill those steps in their first drafting forward. Timed apart (catch_up_ms): a switch's
+        # cost, not drafting's, which the policy prices per K
+        t, drafting = time.perf_counter(), set(jit)
+        shadow = self._ingest({o.seq_id: self.seqs[o.seq_id] for o in rnd.outcomes if self.seqs[o.seq_id].k == 0
+                               or (o.seq_id in drafting and self._lag(o.seq_id) >= CATCH_UP_LAG)})
+        catch_up_ms = (time.perf_counter() - t) * 1e3
         if jit:
             t = time.perf_counter()
             specs.update(self._draft(jit))
             self.jit_ms = _ema(self.jit_ms, (time.perf_counter() - t) * 1e3)
-        shadow = self._ingest({o.seq_id: self.seqs[o.seq_id] for o in rnd.outcomes   # next round a plain target step
-                               if self.seqs[o.seq_id].k == 0})
         for seq_id, spec in specs.items():
             self.seqs[seq_id].spec = spec
         self.to_build = [i for i in specs if self.seqs[i].builds]
@@ -186,7 +195,8 @@ class Drafter:
             self.hit_rate = _ema(self.hit_rate, sum(hits.values()) / len(hits), 0.05)
         build_ms, self.last_build_ms = self.last_build_ms, 0.0
         return DraftReply(specs=specs, hits=hits, backup=backup, draft_ms=(time.perf_counter() - t0) * 1e3,
-                          build_ms=build_ms, active_slots=self.engine.active_slots, shadow=shadow)
+                          build_ms=build_ms, active_slots=self.engine.active_slots, shadow=shadow,
+                          catch_up_ms=catch_up_ms)
 
     def build(self) -> CacheKeys:
         """Pre-draft the likely next speculations for every SSD sequence answered last step."""
@@ -247,6 +257,11 @@ class Drafter:
                 shadow[seq_id] = (shadow_acceptance(x, s, n, scored), len(scored))
             s.plain.clear()
         return shadow
+
+    def _lag(self, seq_id: int) -> int:
+        """Committed tokens of a sequence not yet in the draft's KV (its last is always one)."""
+        s = self.seqs[seq_id]
+        return len(s.history) - self.engine.length(s.slot)
 
     def _leave(self, seq_id: int) -> None:
         s = self.seqs.pop(seq_id, None)

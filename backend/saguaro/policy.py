@@ -129,7 +129,8 @@ class Line:
         self.proportional = proportional
         self.weight: dict[float, float] = {}        # x -> decaying count of its measurements
         self.recent: dict[float, deque[float]] = {}   # x -> its last RECENT measurements
-        self.cost: dict[float, float] = {}          # x -> what x measured (predict), updated by observe
+        self.cost: dict[float, float] = {}          # x -> what x measured, updated by observe
+        self.capped: dict[float, float] = {}        # x -> the least any x' >= x measured (predict)
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.mx = self.my = self.slope = 0.0      # the fit, refreshed by each observation
 
@@ -141,6 +142,12 @@ class Line:
             recent = self.recent[x] = deque(maxlen=RECENT)
         recent.append(y)
         self.cost[x] = sorted(recent)[RECENT // 2] if len(recent) == RECENT else min(recent)   # the median
+        # a cost never falls with more work: what more work measured caps less work's, so a size
+        # measured once during a stall is not believed over its neighbours (a 2-token verify once
+        # read 14 ms beside 2.7 for 3 tokens, and priced SD at K = 1 out for the rest of the run)
+        cap = float("inf")
+        for size in sorted(self.cost, reverse=True):
+            cap = self.capped[size] = min(cap, self.cost[size])
         self.w, self.sx, self.sy = self.w * d + 1, self.sx * d + x, self.sy * d + y
         self.sxx, self.sxy = self.sxx * d + x * x, self.sxy * d + x * y
         self.mx, self.my = self.sx / self.w, self.sy / self.w
@@ -162,9 +169,12 @@ class Line:
         by ~5%, enough to keep plain steps off the second core. What x measured is the median of
         its last RECENT measurements (the least, until there are RECENT): a stall (a GC pause, the
         OS) only ever adds time, and one such round made an option look 10x dearer for as long as
-        it then went unchosen."""
-        measured = self.cost.get(x)
-        return measured if measured is not None else max(0.0, self.my + self.slope * (x - self.mx))
+        it then went unchosen. Never more than a larger x measured (`capped`)."""
+        measured = self.capped.get(x)
+        if measured is not None:
+            return measured
+        line = max(0.0, self.my + self.slope * (x - self.mx))
+        return min([line] + [c for size, c in self.capped.items() if size > x])
 
 
 class Costs:
@@ -207,6 +217,7 @@ class RoundCosts:
     misses: int
     backup: str
     tokens: int = 0           # verified by the policy's sequences (accepted + 1 each)
+    catch_up_ms: float = 0.0  # of spec_wait_ms: the drafter catching up on plain steps first (a switch, not drafting)
 
 
 @dataclass(frozen=True)
@@ -560,16 +571,20 @@ class RoundPolicy:
             self.build.observe(b, o.k, max(r.build_ms, exposed))
         self.built = o.kind == "ssd"
         self.verify[o.wide].observe(b, r.tokens_per_seq, r.verify_ms)
+        # drafting's wait, less a catch-up on plain steps that came first: counted in, every SD
+        # round at that K was priced at a switch's cost (7-12 ms against ~2 for drafting K = 2-3
+        # after 16-64 plain steps, at batch 1), and SD, which won 1.25x over AR there, was never chosen
+        drafting = max(0.0, r.spec_wait_ms - r.catch_up_ms)
         if o.kind == "sd" and not r.hits + r.misses:     # (after an SSD round the hits needed no drafting)
-            self.jit.observe(b, o.k, r.spec_wait_ms)
+            self.jit.observe(b, o.k, drafting)
         if o.kind == "ssd":
             if r.hits + r.misses:
                 self.hits.setdefault(o.k, Rate()).observe(r.hits, r.hits + r.misses)
                 self.all_hits.observe(r.hits, r.hits + r.misses)
             if r.misses:
-                self.miss[r.backup].observe(b, o.k, r.spec_wait_ms)
+                self.miss[r.backup].observe(b, o.k, drafting)
             elif not r.hits:               # no cache to look in (the round before built none): drafted as SD
-                self.jit.observe(b, o.k, r.spec_wait_ms)
+                self.jit.observe(b, o.k, drafting)
         rest = r.wall_ms - r.verify_ms - r.spec_wait_ms - r.build_wait_ms
         self.other[o.kind].observe(b, 0, max(0.0, rest))
 
