@@ -572,8 +572,8 @@ class RoundPolicy:
         self.built = o.kind == "ssd"
         self.verify[o.wide].observe(b, r.tokens_per_seq, r.verify_ms)
         # drafting's wait, less a catch-up on plain steps that came first: counted in, every SD
-        # round at that K was priced at a switch's cost (7-12 ms against ~2 for drafting K = 2-3
-        # after 16-64 plain steps, at batch 1), and SD, which won 1.25x over AR there, was never chosen
+        # round at that K was priced at a switch's cost (J at K = 2 read 6.4-8.8 ms against ~2 at
+        # batch 1, after 16-64 plain steps), and SD was priced out where it won
         drafting = max(0.0, r.spec_wait_ms - r.catch_up_ms)
         if o.kind == "sd" and not r.hits + r.misses:     # (after an SSD round the hits needed no drafting)
             self.jit.observe(b, o.k, drafting)
