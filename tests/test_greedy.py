@@ -244,6 +244,10 @@ class FarFromPaying(RoundPolicy):
         super().__init__(max_k=2, default_k=2)
         self.far, self.measured, self.every = True, True, catch_up_every
 
+    @property
+    def catch_up(self) -> int:
+        return self.every
+
     def catch_up_now(self, held: int) -> bool:
         return held >= self.every
 
@@ -253,12 +257,35 @@ class FarFromPaying(RoundPolicy):
         return Option("sd", 2, False), None
 
 
+def test_far_from_paying_sequences_about_to_end_are_never_followed(prompts, ar_outputs):
+    """Far from paying, when no sequence has two catch-ups' tokens left, a catch-up has nothing to
+    tell: no prompt is prefilled in the drafter and every round runs on every core."""
+    dec = build_decoder(replace(TARGET, prefill_threads=2, max_slots=4), replace(DRAFT, max_slots=4), SpecConfig(k=2),
+                        draft_process=False)
+    dec.policy = FarFromPaying(catch_up_every=8)
+    told = []
+    start = dec.draft.start
+    dec.draft.start = lambda rnd: told.append(rnd) or start(rnd)
+    out: dict[int, list[int]] = {}
+    try:
+        ids = [dec.add(prompts[i], PARAMS.with_(max_tokens=20)) for i in (0, 1)]   # 11 left at the catch-up
+        while dec.seqs:
+            for e in dec.step():
+                out.setdefault(e.seq_id, []).extend(e.tokens)
+            assert dec.target.all_cores, len(dec.history)
+        assert told == [] and dec.draft_slots == 0
+        assert [out[i] for i in ids] == [ar_outputs[0][:20], ar_outputs[1][:20]]
+    finally:
+        dec.close()
+
+
 def test_far_from_paying_the_drafter_follows_one_sequence(prompts, ar_outputs):
     """Far from paying, the drafter is not told new prompts: their first rounds run on every core,
     a sequence that ends before the next catch-up never reaches the drafter (no prefill, no leave),
-    at a catch-up the sequence that joined first is told, its prompt and plain steps together, and
-    the others wait while it is followed. Once speculation pays again every sequence is told and
-    speculates; greedy output stays AR's."""
+    at a catch-up the sequence that joined first among those with two catch-ups' tokens left is
+    told, its prompt and plain steps together (one about to end is not worth its prompt's
+    prefill), and the others wait while it is followed. Once speculation pays again every
+    sequence is told and speculates; greedy output stays AR's."""
     dec = build_decoder(replace(TARGET, prefill_threads=2, max_slots=4), replace(DRAFT, max_slots=4), SpecConfig(k=2),
                         draft_process=False)
     dec.policy = policy = FarFromPaying(catch_up_every=8)
@@ -272,6 +299,7 @@ def test_far_from_paying_the_drafter_follows_one_sequence(prompts, ar_outputs):
             out.setdefault(e.seq_id, []).extend(e.tokens)
 
     try:
+        ending = dec.add(prompts[3], PARAMS.with_(max_tokens=12))    # 3 tokens left at the catch-up
         first, second = dec.add(prompts[0], PARAMS), dec.add(prompts[2], PARAMS)
         short = dec.add(prompts[1], PARAMS.with_(max_tokens=4))
         step()
@@ -282,6 +310,10 @@ def test_far_from_paying_the_drafter_follows_one_sequence(prompts, ar_outputs):
         while not joins:
             step()
         assert joins == [first] and len(out[first]) == 9, ("told at the catch-up with its 8 plain steps", len(out[first]))
+        assert ending in dec.seqs, "joined first, but about to end: not followed"
+        while ending in dec.seqs:
+            step()
+        assert out[ending] == ar_outputs[3][:12] and ending not in joins + leaves
         for _ in range(3 * 8):          # three more catch-ups of the followed sequence alone
             step()
         assert joins == [first] and dec.draft_slots == 1

@@ -391,12 +391,22 @@ class Decoder:
                 self.joins.remove(j)
                 self.deferred[j.seq_id] = j
             if catch_up and self.deferred and not any(self._policy_seq(s) and s.seq_id not in self.deferred for s in self.seqs.values()):
-                self.joins.append(self.deferred.pop(next(iter(self.deferred))))
+                # one about to end is not worth its prompt's prefill (rounds on the target's own core)
+                worth = [i for i in self.deferred if self.policy.worth_following(self._left(self.seqs[i]))]
+                if worth:
+                    self.joins.append(self.deferred.pop(worth[0]))
+            # a catch-up with nothing to tell is none (every sequence's join still waits)
+            catch_up = catch_up and any(o.seq_id not in self.deferred for o in self.outcomes)
         elif self.deferred and self.unread is None:
             catch_up = True
             self.joins += self.deferred.values()
             self.deferred = {}
         return catch_up
+
+    @staticmethod
+    def _left(s: Sequence) -> int:
+        """Tokens a sequence may still generate."""
+        return s.params.max_tokens - len(s.output)
 
     @staticmethod
     def _policy_seq(s: Sequence) -> bool:

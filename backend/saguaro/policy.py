@@ -67,6 +67,7 @@ FAR = 0.9
 FAR_HOLD = 16
 FAR_EXPLORE = 0.25
 CATCH_UP_FAR = 64
+FOLLOW_CATCH_UPS = 2      # far from paying, a sequence is followed only with this many catch-ups' tokens left
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,13 @@ class RoundPolicy:
         then finds at most EXPLORE_LEAD to prefill). Once per round of the lead instead cost six
         catch-up rounds on the target's own core before each exploring round at batch 4."""
         return held >= self.catch_up or (self.explore_soon and held > EXPLORE_LEAD)
+
+    def worth_following(self, left: int) -> bool:
+        """Far from paying, whether a sequence with `left` tokens to go is worth the drafter
+        following (its prompt prefilled, its plain steps scored): only if it lasts FOLLOW_CATCH_UPS
+        more catch-ups. At batch 1, following each 128-token request at its first catch-up cost 5-7
+        rounds on the target's own core for its prompt, to score 16-32 of its tokens."""
+        return left >= FOLLOW_CATCH_UPS * self.catch_up
 
     # -- choosing ---------------------------------------------------------------------------------
     def choose(self, seq_ids: list[int], batch: int, wide_ok: bool, drafter_busy: bool = False,
