@@ -147,6 +147,36 @@ def test_batched_forward_of_slots_with_different_lengths(pair):
     assert_close(e.forward([slots[1]], [c1[18:20]])[0], pair.ref(c1[:20])[18:], "slot left out of the subset batch")
 
 
+def test_consecutive_slots_read_the_cache_as_slices_in_any_order(pair, monkeypatch):
+    """A batch whose slots are consecutive, in whatever order it names them, reads the cache as
+    one slice (no gather of every slot's keys and values per layer) and answers in its own order,
+    with the logits the gather gives; other batches gather."""
+    e = pair.engine
+    first = pair.fresh()
+    slots = [first] + [e.allocate() for _ in range(3)]
+    assert sorted(slots) == list(range(min(slots), min(slots) + 4))
+    seqs = [pair.tokens(n) for n in (20, 14, 17, 9)]
+    for s, toks in zip(slots, seqs):
+        e.forward([s], [toks[:-2]], logits=False)
+    named = [slots[2], slots[0], slots[3], slots[1]]
+    feeds = {s: toks[-2:] for s, toks in zip(slots, seqs)}
+    gathered = e._gather_view
+    monkeypatch.setattr(e, "_gather_view", lambda *a: pytest.fail("consecutive slots were gathered"))
+    out = e.forward(named, [feeds[s] for s in named])
+    for s, x in zip(named, out):
+        toks = seqs[slots.index(s)]
+        assert_close(x, pair.ref(toks)[-2:], f"slot {s}")
+        e.truncate(s, len(toks) - 2)
+    monkeypatch.setattr(e, "_gather_view", gathered)
+    calls = []
+    monkeypatch.setattr(e, "_gather_view", lambda *a: calls.append(a) or gathered(*a))
+    apart = [max(slots), min(slots)]                  # 3 apart
+    again = e.forward(apart, [feeds[s] for s in apart])
+    assert calls, "slots that are not consecutive are gathered"
+    for s, x in zip(apart, again):
+        assert torch.equal(x, out[named.index(s)])
+
+
 def test_truncate_then_reforward_equals_fresh_computation(pair):
     e = pair.engine
     a, rejected, c = pair.tokens(12), pair.tokens(5), pair.tokens(6)

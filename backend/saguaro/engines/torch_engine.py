@@ -91,6 +91,16 @@ class TorchEngine(SlotTable, Engine):
     # -- forward -------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, slots: list[int], tokens: list[list[int]], logits: bool = True) -> list[torch.Tensor]:
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        if order != list(range(len(slots))) and _consecutive(sorted(slots)):
+            # run in slot order, so the batch reads the cache as one slice (_span_view)
+            out = self.forward([slots[i] for i in order], [tokens[i] for i in order], logits)
+            if not logits:
+                return out
+            result: list[torch.Tensor] = [None] * len(slots)   # type: ignore[list-item]
+            for j, i in enumerate(order):
+                result[i] = out[j]
+            return result
         counts = [len(t) for t in tokens]
         width = max(counts)
         starts = [self.lengths[s] for s in slots]
@@ -103,6 +113,8 @@ class TorchEngine(SlotTable, Engine):
         end = max(starts) + width
         if len(slots) == 1:
             view = self._single_slot_view(slots[0], starts[0], width)
+        elif _consecutive(slots):
+            view = self._span_view(slots[0], pos, end)
         else:
             view = self._gather_view(torch.tensor(slots, device=self.device), pos, end)
         wide = (not logits or self.all_cores) and self.wide_prefill
@@ -134,6 +146,21 @@ class TorchEngine(SlotTable, Engine):
         end = start + width
         mask = None if width == 1 else self.positions[:end] <= self.positions[start:end, None]
         return CacheView(self._slice_writer(slot, start, end), mask)
+
+    def _span_view(self, first: int, pos: torch.Tensor, end: int) -> CacheView:
+        """Slots first, first + 1, ... in order: the cache is read as slices, not gathered. Gathering
+        copied every slot's keys and values up to `end` in every layer: at batch 4, 600 positions,
+        0.17 ms a tensor, a third of the demo target's forward."""
+        n = pos.shape[0]
+        kc, vc = self.k_cache[:, first:first + n], self.v_cache[:, first:first + n]
+        rows = torch.arange(n, device=self.device)[:, None].expand_as(pos)
+
+        def write(layer, k, v):
+            kc[layer][rows, pos], vc[layer][rows, pos] = k, v
+            return kc[layer][:, :end], vc[layer][:, :end]
+
+        mask = (self.positions[:end] <= pos[:, :, None]).unsqueeze(1)
+        return CacheView(write, mask)
 
     def _gather_view(self, slots: torch.Tensor, pos: torch.Tensor, end: int) -> CacheView:
         rows = slots[:, None].expand_as(pos)
@@ -184,6 +211,10 @@ class TorchEngine(SlotTable, Engine):
             kc[layer, :, start:end], vc[layer, :, start:end] = k, v
             return kc[layer, :, :end], vc[layer, :, :end]
         return write
+
+
+def _consecutive(slots: list[int]) -> bool:
+    return slots[-1] - slots[0] == len(slots) - 1 and all(b == a + 1 for a, b in zip(slots, slots[1:]))
 
 
 class _BranchLayout:
