@@ -182,7 +182,7 @@ class Drafter:
         # cost, not drafting's, which the policy prices per K
         t, drafting = time.perf_counter(), set(jit)
         shadow = self._ingest({o.seq_id: self.seqs[o.seq_id] for o in rnd.outcomes if self.seqs[o.seq_id].k == 0
-                               or (o.seq_id in drafting and self._lag(o.seq_id) >= CATCH_UP_LAG)})
+                               or (o.seq_id in drafting and self._lag(self.seqs[o.seq_id]) >= CATCH_UP_LAG)})
         catch_up_ms = (time.perf_counter() - t) * 1e3
         if jit:
             t = time.perf_counter()
@@ -235,7 +235,7 @@ class Drafter:
         acceptance a speculation would have had, measured without speculating (docs/design.md,
         "Shadow acceptance")."""
         eng = self.engine
-        behind = {i: s for i, s in told.items() if eng.length(s.slot) < len(s.history) - 1}
+        behind = {i: s for i, s in told.items() if self._lag(s) > 1}
         if not behind:
             return {}
         slots = [s.slot for s in behind.values()]
@@ -258,9 +258,8 @@ class Drafter:
             s.plain.clear()
         return shadow
 
-    def _lag(self, seq_id: int) -> int:
+    def _lag(self, s: _Seq) -> int:
         """Committed tokens of a sequence not yet in the draft's KV (its last is always one)."""
-        s = self.seqs[seq_id]
         return len(s.history) - self.engine.length(s.slot)
 
     def _leave(self, seq_id: int) -> None:

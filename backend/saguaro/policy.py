@@ -386,7 +386,7 @@ class RoundPolicy:
         # dev prompts at batch 1) must not slow down noticing that it pays again. It moves slowly:
         # judged when every option is scored.
         if shortlist is options:
-            typical = {**now, "tokens": self._tokens([self.global_acceptance(self.greedy.get(i, True)) for i in seq_ids])}
+            typical = {**now, "tokens": self._tokens([self.global_acceptance(self._greedy(i)) for i in seq_ids])}
             plain = max((r for o, r in zip(options, rates) if o.kind == "ar"), default=0.0)
             self.reach = max((self._score(o, typical) for o in options if o.kind != "ar"), default=0.0) / max(plain, 1e-9)
             self.far = self.measured and self.reach < FAR
@@ -531,7 +531,7 @@ class RoundPolicy:
         return self.accept[greedy].value(0.5, 2.0)
 
     def acceptance(self, seq_id: int) -> float:
-        prior = self.global_acceptance(self.greedy.get(seq_id, True))
+        prior = self.global_acceptance(self._greedy(seq_id))
         rate = self.seq_accept.get(seq_id)
         return min(rate.value(prior, SEQ_PRIOR) if rate else prior, 0.999)
 
@@ -545,6 +545,10 @@ class RoundPolicy:
         """A new sequence and its sampling regime (whose acceptance is its prior until its own is measured)."""
         self.greedy[seq_id] = greedy
 
+    def _greedy(self, seq_id: int) -> bool:
+        """A sequence's sampling regime (greedy when not tracked)."""
+        return self.greedy.get(seq_id, True)
+
     def observe_accept(self, seq_id: int, accepted: int, drafted: int, source: str) -> None:
         """A verified speculation: `accepted` of its `drafted` tokens (a rejection ends it)."""
         if drafted == 0:
@@ -553,14 +557,14 @@ class RoundPolicy:
         if source == "fast":
             self.accept_fast.observe(accepted, accepted + rejected)
             return
-        self.accept[self.greedy.get(seq_id, True)].observe(accepted, accepted + rejected)
+        self.accept[self._greedy(seq_id)].observe(accepted, accepted + rejected)
         self.seq_accept.setdefault(seq_id, Rate()).observe(accepted, accepted + rejected)
 
     def observe_shadow(self, seq_id: int, accepted: float, scored: int) -> None:
         """The draft scored on `scored` tokens of plain target steps (Drafter._ingest): `accepted`
         is the sum of the probabilities that a speculation would have been accepted there. Plain
         steps measure acceptance too, so a text that starts to pay is noticed without exploring."""
-        self.accept[self.greedy.get(seq_id, True)].observe(accepted, scored)
+        self.accept[self._greedy(seq_id)].observe(accepted, scored)
         self.seq_accept.setdefault(seq_id, Rate()).observe(accepted, scored)
         self.hold = 0
 

@@ -91,16 +91,17 @@ class TorchEngine(SlotTable, Engine):
     # -- forward -------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, slots: list[int], tokens: list[list[int]], logits: bool = True) -> list[torch.Tensor]:
-        order = sorted(range(len(slots)), key=slots.__getitem__)
-        if order != list(range(len(slots))) and _consecutive(sorted(slots)):
-            # run in slot order, so the batch reads the cache as one slice (_span_view)
-            out = self.forward([slots[i] for i in order], [tokens[i] for i in order], logits)
-            if not logits:
-                return out
-            result: list[torch.Tensor] = [None] * len(slots)   # type: ignore[list-item]
-            for j, i in enumerate(order):
-                result[i] = out[j]
-            return result
+        if len(slots) > 1 and not _consecutive(slots):
+            order = sorted(range(len(slots)), key=slots.__getitem__)
+            if _consecutive([slots[i] for i in order]):
+                # run in slot order, so the batch reads the cache as one slice (_span_view)
+                out = self.forward([slots[i] for i in order], [tokens[i] for i in order], logits)
+                if not logits:
+                    return out
+                result: list[torch.Tensor] = [None] * len(slots)   # type: ignore[list-item]
+                for j, i in enumerate(order):
+                    result[i] = out[j]
+                return result
         counts = [len(t) for t in tokens]
         width = max(counts)
         starts = [self.lengths[s] for s in slots]
