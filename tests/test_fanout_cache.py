@@ -13,6 +13,7 @@ from saguaro.backup import matched_prefix, ngram_proposal
 from saguaro.config import DEMO_DRAFT, EngineConfig, SamplingParams, SpecConfig
 from saguaro.draft import CATCH_UP_LAG, SHADOW_ROWS, DraftRound, Drafter, Join, Outcome
 from saguaro.engines.torch_engine import TorchEngine
+from saguaro.errors import DraftFailure
 from saguaro.fanout import FanoutFit, backup_threshold, expected_tokens, geometric_fanout, uniform_fanout
 from saguaro.sampling import probs
 
@@ -478,3 +479,24 @@ def test_outcomes_of_plain_target_steps_bring_the_draft_kv_up_to_date(draft_engi
     reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [14], next_k=3, build=False)]))
     assert reply.specs[0].tokens == _neural_drafts(draft_engine, [d.seqs[0].history], 3)[0]
     d.release_all()
+
+
+def test_each_round_builds_with_the_fan_out_budget_it_was_told(draft_engine):
+    """The round policy chooses B per round (Outcome.next_budget): the build during that round has
+    that many branches, a round told none keeps the last, and a budget the engine cannot hold is a
+    drafter failure, not a silent cap."""
+    d = _drafter(draft_engine, "neural")
+    spec = _join(d, SamplingParams())
+    s = d.seqs[0]
+    assert len(s.cache) == 8
+    for budget, want in ((2, 2), (None, 2), (8, 8), (5, 5)):
+        (j, c) = next(iter(s.cache))
+        reply = d.step(DraftRound(outcomes=[Outcome(0, j, spec.tokens[:j] + [c], next_budget=budget)]))
+        assert reply.hits == {0: True}
+        spec = reply.specs[0]
+        d.build()
+        assert len(s.cache) == want and sum(s.fanout) == want, (budget, s.fanout)
+    for bad in (0, draft_engine.max_branches + 1):
+        (j, c) = next(iter(s.cache))
+        with pytest.raises(DraftFailure, match="fan-out budget"):
+            d.step(DraftRound(outcomes=[Outcome(0, j, spec.tokens[:j] + [c], next_budget=bad)]))

@@ -327,3 +327,42 @@ def test_far_from_paying_the_drafter_follows_one_sequence(prompts, ar_outputs):
         assert any(r.sd == 2 for r in dec.history), "both speculated once it paid"
     finally:
         dec.close()
+
+
+class BudgetTaker(RoundPolicy):
+    """A stand-in for the policy: SSD at K = 2 every round, with the fan-out budgets it is given in turn."""
+
+    def __init__(self, budgets: list[int]):
+        super().__init__(max_k=2, default_k=2, budgets=tuple(set(budgets)))
+        self.turns, self.n = budgets, 0
+
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
+        self.n += 1
+        return Option("ssd", 2, False, "neural", self.turns[self.n % len(self.turns)]), None
+
+
+def test_the_policys_fan_out_budget_reaches_the_drafter_capped_by_the_requests(prompts, ar_outputs):
+    """Each round's B is the one the policy chose, at most the request's own budget: the drafter
+    builds that many branches, the round's stats say which, and greedy output stays AR's."""
+    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=2, budget=8), draft_process=False)
+    dec.policy = BudgetTaker([2, 8, 5])
+    drafter = dec.draft.drafter
+    try:
+        capped = dec.add(prompts[0], PARAMS, budget=4)
+        free = dec.add(prompts[1], PARAMS)
+        outs: dict[int, list[int]] = {capped: [], free: []}
+        built = {capped: [], free: []}
+        while dec.active:
+            for e in dec.step():
+                outs[e.seq_id] += e.tokens
+            r = dec.history[-1]
+            for i in built:
+                s = drafter.seqs.get(i)
+                if s is not None and s.cache and r.option.startswith("ssd"):
+                    built[i].append((r.budget, sum(s.fanout)))
+    finally:
+        dec.close()
+    assert outs == {capped: ar_outputs[0], free: ar_outputs[1]}
+    assert {b for b, _ in built[free]} == {2, 8, 5}
+    assert all(n == b for b, n in built[free]), built[free]
+    assert all(n == min(b, 4) for b, n in built[capped]), built[capped]

@@ -98,19 +98,26 @@ class Machine:
     draft token (a_fast for the n-gram backup's), cache hit rate p per sequence."""
 
     def __init__(self, a: float, p: float = 0.7, draft_step: float = 0.8, a_fast: float = 0.2, seed: int = 0,
-                 wide_speedup: float = 1.5):
+                 wide_speedup: float = 1.5, build_scale: float = 1.0):
         self.a, self.p, self.draft_step, self.a_fast = a, p, draft_step, a_fast
+        self.build_scale = build_scale     # of the cache build's cost (at fan-out budget 8)
         self.rng = random.Random(seed)
         self.load = 1.0               # slowdown of forwards on every core (another process on the host)
         self.wide_speedup = wide_speedup   # a forward on every core against one on the target's own
         self.held: dict[int, list[bool]] = {}   # plain steps' tokens the draft would have guessed, untold
+        self.built = 8                # the fan-out budget of the last build (the caches a round looks in)
 
     def verify(self, o: Option, b: int) -> float:
         one_core = (2.4 + 0.35 * o.k) * (1 + 0.15 * (b - 1))
         return one_core / self.wide_speedup * self.load if o.wide else one_core
 
-    def build(self, k: int, b: int) -> float:
-        return (0.5 + 0.9 * k) * (1 + 0.2 * (b - 1))
+    def build(self, k: int, b: int, budget: int = 8) -> float:
+        """A build of fewer branches costs less, though not in proportion (per-call overheads)."""
+        return (0.5 + 0.9 * k) * (1 + 0.2 * (b - 1)) * self.build_scale * (0.5 + budget / 16)
+
+    def hit(self, budget: int) -> float:
+        """The hit rate: p at fan-out budget 8, fewer outcomes covered with fewer branches."""
+        return self.p * (1 - 0.25 * (8 - budget) / 4)
 
     def jit(self, k: int, b: int) -> float:
         return 0.2 + self.draft_step * k * (1 + 0.1 * (b - 1))
@@ -126,8 +133,9 @@ class Machine:
         if o.kind == "sd":
             return 1000 * b * e / (self.jit(o.k, b) + self.verify(o, b) + other)
         e_miss = e if o.backup == "neural" else expected_tokens(self.a_fast, o.k)
-        ms = max(self.verify(o, b), self.build(o.k, b)) + (1 - self.p ** b) * self.miss_wait(o, b) + other
-        return 1000 * b * (self.p * e + (1 - self.p) * e_miss) / ms
+        p = self.hit(o.budget)
+        ms = max(self.verify(o, b), self.build(o.k, b, o.budget)) + (1 - p ** b) * self.miss_wait(o, b) + other
+        return 1000 * b * (p * e + (1 - p) * e_miss) / ms
 
     def shadow(self, policy: RoundPolicy, o: Option, b: int) -> None:
         """Plain steps score the draft at the decoder's catch-ups (before an exploring round, at
@@ -142,7 +150,7 @@ class Machine:
 
     def run(self, policy: RoundPolicy, o: Option, b: int = 1) -> None:
         """One round of option o for sequences 0..b-1; tells the policy what it saw."""
-        hits = [o.kind == "ssd" and self.rng.random() < self.p for _ in range(b)]
+        hits = [o.kind == "ssd" and self.rng.random() < self.hit(self.built) for _ in range(b)]
         tokens = 0
         self.shadow(policy, o, b)
         for seq_id, hit in enumerate(hits):
@@ -156,7 +164,8 @@ class Machine:
         misses = b - sum(hits) if o.kind == "ssd" else 0
         spec_wait = {"ar": 0.0, "sd": self.jit(o.k, b), "ssd": self.miss_wait(o, b) if misses else 0.0}[o.kind]
         verify = self.verify(o, b)
-        build = self.build(o.k, b) if o.kind == "ssd" else 0.0
+        build = self.build(o.k, b, o.budget) if o.kind == "ssd" else 0.0
+        self.built = o.budget or self.built
         build_wait = max(0.0, build - verify)
         policy.observe(RoundCosts(option=o, batch=b, tokens_per_seq=o.k + 1, verify_ms=verify, spec_wait_ms=spec_wait,
                                   build_wait_ms=build_wait, build_ms=build, wall_ms=spec_wait + verify + build_wait + 0.3,
@@ -306,7 +315,7 @@ def test_unmeasured_options_are_tried_first_and_wide_only_when_allowed():
         machine.run(policy, o)
     # SD on either cores (SSD's backup and first speculation cost what SD's drafting does), SSD
     # once (its build is reported with its cache keys, in the same round), AR on every core
-    assert tried == [Option("sd", 3, True), Option("sd", 3, False), Option("ssd", 3, False, "neural"), Option("ar", 0, True)]
+    assert tried == [Option("sd", 3, True), Option("sd", 3, False), Option("ssd", 3, False, "neural", 8), Option("ar", 0, True)]
     assert all(policy.predict(o, [0], 1) is not None for o in policy.options)
     for _ in range(50):
         o, _ = policy.choose([0], 1, wide_ok=False)
@@ -336,11 +345,29 @@ def test_the_backup_rule_falls_out_of_the_model():
         assert best.backup == want, (b, best)           # the machine is set up so the rule matters
         policy = RoundPolicy(max_k=6, default_k=3)
         policy.options = ssd + [Option("sd", 3, True)]  # SSD, and SD to measure the drafting a neural backup does
-        policy.first = [Option("sd", 3, True), Option("ssd", 3, False, "neural"), Option("ssd", 3, False, "fast")]
+        policy.first = [Option("sd", 3, True), Option("ssd", 3, False, "neural", 8), Option("ssd", 3, False, "fast", 8)]
         drive(policy, machine, 600, b)
         seqs = list(range(b))
         chosen = max(ssd, key=lambda o: policy.predict(o, seqs, b).tokens_per_s)
         assert chosen.backup == want, (b, chosen)
+
+
+def test_the_fan_out_budget_falls_out_of_the_model():
+    """The configured budget where its build hides behind the verify (more branches, more hits),
+    half of it where the build would outlast the verify (fewer hits, no wait)."""
+    for build_scale, want in ((1.0, 8), (2.5, 4)):
+        machine = Machine(a=0.9, p=0.8, build_scale=build_scale)
+        ssd = [o for o in RoundPolicy(max_k=4, default_k=3, budgets=(8, 4)).options if o.kind == "ssd"]
+        best = max(ssd, key=machine.expected_rate)
+        assert best.budget == want, (build_scale, best)     # the machine is set up so the budget matters
+        policy = RoundPolicy(max_k=4, default_k=3, budgets=(8, 4))
+        policy.options = ssd + [Option("sd", 1, False)]     # and SD, to measure drafting
+        policy.first[:2] = [Option("sd", 1, False)] * 2
+        drive(policy, machine, 800)
+        chosen = drive(policy, machine, 400)
+        assert achieved(machine, chosen) >= 0.93 * machine.expected_rate(best), chosen
+        ranked = max(ssd, key=lambda o: policy.predict(o, [0], 1).tokens_per_s)
+        assert ranked.budget == want, (build_scale, ranked)
 
 
 def test_a_batch_that_ran_only_plain_steps_takes_a_wider_verify_to_cost_that_many_plain_steps():

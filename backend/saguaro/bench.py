@@ -175,7 +175,11 @@ def policy_mix(r: ModeResult, decode: list[RoundStats], budget: int) -> None:
     total = sum(kinds.values()) or 1
     r.round_mix = {kind: n / total for kind, n in kinds.items()}
     r.k_histogram = dict(sorted(Counter(k for x in decode for k in x.ks if k).items()))
-    r.budget_histogram = {budget: kinds["ssd"]} if kinds["ssd"] else {}
+    budgets: Counter = Counter()     # per pre-drafting sequence round: the policy's B, else the configured one
+    for x in decode:
+        if x.ssd:
+            budgets[x.budget or budget] += x.ssd
+    r.budget_histogram = dict(sorted(budgets.items()))
     r.options = dict(Counter(x.option for x in decode if x.option).most_common())
     predicted = [x for x in decode if x.predicted_ms]
     if predicted:

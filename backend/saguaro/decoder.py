@@ -73,12 +73,14 @@ class Sequence:
     mode: str
     request_k: int                   # K of its mode (the request's num_draft_tokens or the configured K)
     pinned: bool                     # the request set K: it gets exactly that, every round
+    budget: int                      # fan-out budget of its mode (the request's or the configured B): at most this
     slot: int
     generator: torch.Generator | None
     pending: int                     # last committed token: not yet in the target's KV
     processed: bool = False          # penalties, min_tokens or bad words change the target's logits
     k: int = 0                       # this round's K (0: a plain target step)
     build: bool = False              # the drafter pre-drafts the next speculation during this round
+    round_budget: int = 0            # ... with this fan-out budget (0: its own, `budget`)
     first_round: bool = True         # its prompt is prefilled and an empty speculation verified
     output: list[int] = field(default_factory=list)
     spec: Speculation | None = None
@@ -126,6 +128,7 @@ class RoundStats:
     ssd: int = 0
     ks: list[int] = field(default_factory=list)        # K verified per sequence
     option: str = ""                 # the policy's choice ("" when no sequence was the policy's)
+    budget: int = 0                  # its fan-out budget B (0: not pre-drafting, or not the policy's)
     predicted_ms: float | None = None      # the policy's prediction of this round (None: exploring)
     predicted_tokens: float | None = None  # ... and of its policy sequences' tokens
 
@@ -157,8 +160,11 @@ class Decoder:
         self.read_ms_per_token = {True: 0.0, False: 0.0}   # the drafter's time per token told, as last read, by joins
         self.history: list[RoundStats] = []
         backups = ("neural", "fast") if spec.backup == "auto" else (spec.backup,)
-        self.policy = (RoundPolicy(max_k=min(self.max_draft_len, spec.policy_max_k), default_k=spec.k, backups=backups)
-                       if draft is not None and spec.policy else None)
+        # fan-out budgets the policy chooses from: the configured B, and half of it (a build of fewer
+        # branches that a one-core verify hides, for fewer hits)
+        budgets = (spec.budget, max(1, spec.budget // 2))
+        self.policy = (RoundPolicy(max_k=min(self.max_draft_len, spec.policy_max_k), default_k=spec.k, backups=backups,
+                                   budgets=budgets) if draft is not None and spec.policy else None)
 
     # -- requests -------------------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams = SamplingParams(), mode: str = "ssd",
@@ -187,7 +193,8 @@ class Decoder:
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         slot = self.target.allocate()
         self.seqs[seq_id] = Sequence(seq_id=seq_id, prompt=list(prompt), params=params, mode=mode,
-                                     request_k=request_spec.k, pinned=k is not None, slot=slot, generator=generator,
+                                     request_k=request_spec.k, pinned=k is not None, budget=request_spec.budget,
+                                     slot=slot, generator=generator,
                                      pending=prompt[-1], processed=processes_logits(params))
         if self.policy is not None:
             self.policy.track(seq_id, params.greedy)
@@ -307,7 +314,7 @@ class Decoder:
             emitted=[len(e.tokens) for e in events], prefill_ms=prefill_ms, joined=len(joining),
             wall_ms=(time.perf_counter() - t_round) * 1e3, gap_ms=gap_ms, spec_wait_ms=spec_wait, ar=kinds.count("ar"),
             sd=kinds.count("sd"), ssd=kinds.count("ssd"), ks=[e.drafted for e in events],
-            option=option.label if option else "", predicted_ms=predicted.ms if predicted else None,
+            option=option.label if option else "", budget=option.budget if option else 0, predicted_ms=predicted.ms if predicted else None,
             predicted_tokens=predicted.tokens if predicted else None)
         self.history.append(stats)
         if option is not None and not joining and not drained and not resumed and not stats.degraded and self.policy.measure:
@@ -345,6 +352,7 @@ class Decoder:
         for s in seqs:
             speculates = s.mode != "ar" and not s.first_round
             s.k, s.build = (s.request_k, s.mode == "ssd") if speculates else (0, False)
+            s.round_budget = 0
         # A sequence's outcomes wait while it takes plain target steps: the drafter stays idle (and
         # off the target's cores). It is told them in a round on the target's own cores, and brings
         # its KV up to date there and in the rounds after (the answer is read once it should be
@@ -366,10 +374,11 @@ class Decoder:
             option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok, busy, cold, plain_only)
         for s in chosen:
             s.k, s.build = option.k, option.kind == "ssd"
+            s.round_budget = min(option.budget, s.budget) if s.build else 0
         told = []
         for o in self.outcomes:
             s = self.seqs[o.seq_id]
-            o.next_k, o.build = s.k, s.build
+            o.next_k, o.build, o.next_budget = s.k, s.build, s.round_budget or None
             self.held.setdefault(o.seq_id, []).append(o)
             if not (s.k or s.build):
                 s.spec = None           # a plain target step: a pre-drafted speculation goes unused
@@ -641,7 +650,7 @@ def _merged(held: list[Outcome]) -> list[Outcome]:
     first, steps = held[0], held[1:]
     sampled = steps[0].p_plain is not None
     return [first, Outcome(first.seq_id, 0, [o.emitted[0] for o in steps], next_k=steps[-1].next_k,
-                           build=steps[-1].build, p_plain=[o.p_plain[0] for o in steps] if sampled else None)]
+                           build=steps[-1].build, next_budget=steps[-1].next_budget, p_plain=[o.p_plain[0] for o in steps] if sampled else None)]
 
 
 def _ends_with(tokens: list[int], stop: tuple[int, ...]) -> bool:

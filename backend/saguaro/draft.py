@@ -51,6 +51,7 @@ class Outcome:
     emitted: list[int]               # d_1..d_k followed by the bonus token
     next_k: int | None = None        # the next round's K (0: no speculation); None: the K it joined with
     build: bool | None = None        # pre-draft during the next round; None: as its mode (ssd builds)
+    next_budget: int | None = None   # the fan-out budget B of that pre-drafting; None: the one it has
     # Plain target steps (no speculation verified): a catch-up tells a run of them as one outcome,
     # every emitted token a step's (accepted 0); sampled, the target's probability of each token
     p_plain: list[float] | None = None
@@ -165,6 +166,8 @@ class Drafter:
             built = bool(s.cache)          # no cache precedes a first speculation, or follows a round without a build
             s.k = s.k if o.next_k is None else o.next_k
             s.builds = s.mode == "ssd" if o.build is None else o.build
+            if o.next_budget is not None:
+                s.budget = self._budget(o)
             spec = self._commit(s, o)
             if s.k == 0:                   # a plain target step: nothing to draft
                 continue
@@ -217,6 +220,12 @@ class Drafter:
         yield NextCaches(keys=keys, build_ms=self.last_build_ms if keys else 0.0)
 
     # -- sequences ------------------------------------------------------------------------------
+    def _budget(self, o: Outcome) -> int:
+        if not 1 <= o.next_budget <= self.engine.max_branches:
+            raise DraftFailure(f"sequence {o.seq_id}: fan-out budget {o.next_budget} is outside [1, "
+                               f"{self.engine.max_branches}] (the draft engine's max_branches)")
+        return o.next_budget
+
     def _join(self, j: Join) -> None:
         g = torch.Generator()
         # the draft's randomness is independent of the target's; a seed makes both reproducible

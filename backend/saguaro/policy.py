@@ -1,12 +1,12 @@
 """The round policy: before every round, the option with the highest predicted tokens per second
-among a plain target step (AR), SD with K and SSD with K and a backup (docs/design.md, "The round
-policy").
+among a plain target step (AR), SD with K and SSD with K, a fan-out budget B and a backup
+(docs/design.md, "The round policy").
 
 The prediction is the speedup model ("The speedup model") fed with what this machine and these
 sequences show online: the target's verify time against tokens, batch and cores; the drafter's
-JIT drafting, cache-build and backup times; acceptance per sequence (decaying, with its sampling
+JIT drafting, cache-build (per B) and backup times; acceptance per sequence (decaying, with its sampling
 regime's global rate as its prior; measured by plain steps too, the drafter scoring itself on their tokens), the fast
-backup's acceptance and the cache hit rate per K. The backup rule of the
+backup's acceptance and the cache hit rate per K and B. The backup rule of the
 paper (neural for small batches, fast for large) falls out: a miss stalls the round with
 probability 1 - p_hit^batch, which the neural backup pays in time and the fast one in tokens. Options nobody has measured yet are tried first; after
 that one round in EXPLORE goes to a neighbour of the best (K +- 1, the best of each other kind),
@@ -76,10 +76,12 @@ class Option:
     k: int                    # draft tokens verified (0 for ar)
     wide: bool                # the target's forward may use every core (the drafter is idle during it)
     backup: str = ""          # ssd: what a cache miss gets, neural | fast
+    budget: int = 0           # ssd: the fan-out budget B, branches pre-drafted per sequence
 
     @property
     def label(self) -> str:
-        return f"{self.kind}{self.k or ''}/{self.backup or ('wide' if self.wide else 'narrow')}"
+        return (f"{self.kind}{self.k or ''}/{self.backup or ('wide' if self.wide else 'narrow')}"
+                + (f"/B{self.budget}" if self.budget else ""))
 
 
 PLAIN_WIDE, PLAIN_NARROW = Option("ar", 0, True), Option("ar", 0, False)
@@ -235,17 +237,23 @@ class HeldChoice:
 
 
 class RoundPolicy:
-    def __init__(self, max_k: int, default_k: int, backups: tuple[str, ...] = ("neural", "fast"), seed: int = 0):
+    def __init__(self, max_k: int, default_k: int, backups: tuple[str, ...] = ("neural", "fast"),
+                 budgets: tuple[int, ...] = (8,), seed: int = 0):
         self.ks = ks = range(1, max_k + 1)
+        # the largest budget (the configured one) first: an unmeasured smaller one is priced as it
+        # is (_budget_line, hit_rate) and must not win the tie
+        self.budgets = budgets = tuple(sorted(set(budgets), reverse=True))
         self.options = ([Option("ar", 0, w) for w in (True, False)] + [Option("sd", k, w) for k in ks for w in (True, False)]
-                        + [Option("ssd", k, False, b) for k in ks for b in backups])
-        self.first = [Option("sd", default_k, True), Option("sd", default_k, False), Option("ssd", default_k, False, backups[0]),
+                        + [Option("ssd", k, False, b, n) for k in ks for b in backups for n in budgets])
+        self.first = [Option("sd", default_k, True), Option("sd", default_k, False),
+                      Option("ssd", default_k, False, backups[0], budgets[0]),
                       Option("ar", 0, True), Option("ar", 0, False)]   # tried first, in this order
         # by wide; a batch that has run only plain steps takes a verify of n tokens to cost n of them
         # (taking it for free, or reading it off batch 1's per-row cost, tried SD at batch 4 and
         # lost: a 4-token verify there costs 2.2x a plain step)
         self.verify = {True: Costs(proportional=True), False: Costs(proportional=True)}
-        self.jit, self.build = Costs(proportional=True), Costs(proportional=True)    # by K
+        self.jit = Costs(proportional=True)                                    # by K
+        self.build = {n: Costs(proportional=True) for n in budgets}             # by fan-out budget, by K
         self.miss = {"neural": Costs(proportional=True), "fast": Costs()}  # the wait for a backup after a miss, by K
         self.other: dict[str, Costs] = {"ar": Costs(), "sd": Costs(), "ssd": Costs()}   # wall minus the above
         # what speculation has had here lately, by sampling regime (greedy or not): greedy requests
@@ -255,9 +263,11 @@ class RoundPolicy:
         self.accept_fast = Rate(GLOBAL_DECAY)
         self.greedy: dict[int, bool] = {}                   # a sequence's regime (track)
         self.seq_accept: dict[int, Rate] = {}
-        self.hits: dict[int, Rate] = {}                    # by K
-        self.all_hits = Rate(GLOBAL_DECAY)
-        self.built = False                                  # the last round pre-drafted (SSD): its caches are in
+        self.hits: dict[tuple[int, int], Rate] = {}        # by (K, fan-out budget)
+        # by fan-out budget, what lookups hit lately: a (K, B)'s prior. One rate for every budget
+        # priced an unchosen larger one at the chosen smaller one's hit rate, and kept it unchosen
+        self.all_hits = {n: Rate(GLOBAL_DECAY) for n in budgets}
+        self.built = 0                                      # the last round pre-drafted (SSD) with this budget: its caches are in
         self.measured = False                               # every option has a prediction
         self.shortlist: list[Option] = []                   # the best options of the last full ranking
         self.last_seen: dict[Option, int] = {}              # the round each option was last measured
@@ -441,14 +451,14 @@ class RoundPolicy:
             return -1.0
         tokens, ms = steady.tokens, steady.ms
         if o.kind == "ssd" and not self.built:     # entering SSD: its first round drafts as SD
-            first = self._calibrated(o, self._predict(o, now, cached=False))
+            first = self._calibrated(o, self._predict(o, now, cached=0))
             tokens, ms = first.tokens + (HORIZON - 1) * tokens, first.ms + (HORIZON - 1) * ms
         rate = tokens / max(ms, 1e-6)
         return rate if o.kind == "ar" else rate / (1 + MARGIN)
 
     def _neighbour(self, options: list[Option], rates: list[float], best: int) -> int:
         """An option next to the best, the one measured longest ago: its kind with K +- 1, the other
-        backup or the other cores, or the best option of another kind on either cores with K at
+        backup, fan-out budget or cores, or the best option of another kind on either cores with K at
         most one above the best's (so that a cost the machine's load once made look bad is measured
         again, by a round that costs little more than the best: a long speculation is reached a
         step at a time)."""
@@ -458,7 +468,7 @@ class RoundPolicy:
                                  key=rates.__getitem__, default=None)
                for kind in ("ar", "sd", "ssd") for wide in (True, False)}
         near = [i for i, o in enumerate(options) if i != best and (
-            (o.kind == b.kind and abs(o.k - b.k) + (o.backup != b.backup) + (o.wide != b.wide) == 1)
+            (o.kind == b.kind and abs(o.k - b.k) + (o.backup != b.backup) + (o.wide != b.wide) + (o.budget != b.budget) == 1)
             or i == top[o.kind, o.wide])]
         # the one measured longest ago (ties at random): every neighbour is measured in turn
         return max(near, key=lambda i: (self.rounds - self.last_seen.get(options[i], -1), self.rng.random())) if near else best
@@ -487,19 +497,31 @@ class RoundPolicy:
         and per K the expected tokens of these sequences, of the fast backup, and the hit rate."""
         a_fast = self.accept_fast.value(0.3)
         ks = self.ks
-        return {**self._plain_inputs(len(seq_ids), batch), "jit": self.jit.at(batch), "build": self.build.at(batch),
+        return {**self._plain_inputs(len(seq_ids), batch), "jit": self.jit.at(batch),
+                "build": {n: self._build_line(batch, n) for n in self.budgets},
                 "miss": {x: c.at(batch) for x, c in self.miss.items()},
-                "tokens": self._tokens([self.acceptance(i) for i in seq_ids]), "hit": {k: self.hit_rate(k) for k in ks},
+                "tokens": self._tokens([self.acceptance(i) for i in seq_ids]),
+                "hit": {(k, n): self.hit_rate(k, n) for k in ks for n in self.budgets},
                 "fast_tokens": {k: len(seq_ids) * expected_tokens(a_fast, k) for k in ks}}
+
+    def _build_line(self, batch: int, budget: int) -> Line | None:
+        """The cache build's cost line for a fan-out budget; one never measured borrows the next
+        larger budget's (fewer branches never cost more), a larger one waits to be measured."""
+        for n in sorted(n for n in self.budgets if n >= budget):
+            line = self.build[n].at(batch)
+            if line is not None:
+                return line
+        return None
 
     def _tokens(self, a: list[float]) -> dict[int, float]:
         """Per K, the expected tokens of sequences with acceptance rates a: Σ_s E(a_s, K)."""
         return {k: sum(expected_tokens(x, k) for x in a) for k in self.ks}
 
-    def _predict(self, o: Option, now: dict, cached: bool | None = None) -> Prediction | None:
-        """cached: whether the round before pre-drafted (None: the steady state of the option,
-        SSD after SSD, SD after SD). The first SSD round after another kind has no cache to look
-        in (its speculations are drafted as SD's); an SD round after an SSD round uses its hits."""
+    def _predict(self, o: Option, now: dict, cached: int | None = None) -> Prediction | None:
+        """cached: the fan-out budget the round before pre-drafted with, 0 if it did not (None:
+        the steady state of the option, SSD after SSD at its budget, SD after SD). The first SSD
+        round after another kind has no cache to look in (its speculations are drafted as SD's);
+        an SD round after an SSD round uses its hits."""
         verify, other = now["verify"][o.wide], now["other"][o.kind]
         if verify is None or other is None:
             return None
@@ -510,15 +532,15 @@ class RoundPolicy:
         if jit is None:
             return None
         if o.kind == "sd":
-            waits = 1 - now["hit"][o.k] ** now["n"] if cached else 1.0
+            waits = 1 - now["hit"][o.k, cached] ** now["n"] if cached else 1.0
             return Prediction(now["tokens"][o.k], waits * jit.predict(o.k) + v + rest)
         # a neural backup drafts K tokens as SD does; the n-gram backup costs next to nothing
-        build, miss = now["build"], now["miss"][o.backup] or (jit if o.backup == "neural" else None)
+        build, miss = now["build"][o.budget], now["miss"][o.backup] or (jit if o.backup == "neural" else None)
         if build is None:
             return None
-        if cached is False:
+        if cached == 0:
             return Prediction(now["tokens"][o.k], jit.predict(o.k) + max(v, build.predict(o.k)) + rest)
-        p = now["hit"][o.k]
+        p = now["hit"][o.k, cached or o.budget]
         missed = now["tokens" if o.backup == "neural" else "fast_tokens"][o.k]
         tokens = p * now["tokens"][o.k] + (1 - p) * missed
         # a hit hides the build behind the verify; any miss in the batch makes the round wait for a backup
@@ -535,9 +557,12 @@ class RoundPolicy:
         rate = self.seq_accept.get(seq_id)
         return min(rate.value(prior, SEQ_PRIOR) if rate else prior, 0.999)
 
-    def hit_rate(self, k: int) -> float:
-        overall = self.all_hits.value(0.5, 2.0)
-        rate = self.hits.get(k)
+    def hit_rate(self, k: int, budget: int) -> float:
+        overall = 0.5                       # a budget not measured yet: the next larger one's rate
+        for n in self.budgets:
+            if n >= budget:
+                overall = self.all_hits[n].value(overall, 2.0)
+        rate = self.hits.get((k, budget))
         return rate.value(overall, 4.0) if rate else overall
 
     # -- learning ---------------------------------------------------------------------------------
@@ -580,8 +605,8 @@ class RoundPolicy:
             # where the build started with the round (all hits: no drafting before it, whose time
             # the model counts as J or M, not as the build's)
             exposed = r.verify_ms + r.build_wait_ms if r.build_wait_ms > 0.1 and r.hits and not r.misses else 0.0
-            self.build.observe(b, o.k, max(r.build_ms, exposed))
-        self.built = o.kind == "ssd"
+            self.build[o.budget].observe(b, o.k, max(r.build_ms, exposed))
+        looked_up, self.built = self.built, o.budget if o.kind == "ssd" else 0   # the caches looked up: last round's
         self.verify[o.wide].observe(b, r.tokens_per_seq, r.verify_ms)
         # drafting's wait, less a catch-up on plain steps that came first: counted in, every SD
         # round at that K was priced at a switch's cost (J at K = 2 read 6.4-8.8 ms against ~2 at
@@ -591,8 +616,8 @@ class RoundPolicy:
             self.jit.observe(b, o.k, drafting)
         if o.kind == "ssd":
             if r.hits + r.misses:
-                self.hits.setdefault(o.k, Rate()).observe(r.hits, r.hits + r.misses)
-                self.all_hits.observe(r.hits, r.hits + r.misses)
+                self.hits.setdefault((o.k, looked_up or o.budget), Rate()).observe(r.hits, r.hits + r.misses)
+                self.all_hits[looked_up or o.budget].observe(r.hits, r.hits + r.misses)
             if r.misses:
                 self.miss[r.backup].observe(b, o.k, drafting)
             elif not r.hits:               # no cache to look in (the round before built none): drafted as SD
