@@ -366,3 +366,47 @@ def test_the_policys_fan_out_budget_reaches_the_drafter_capped_by_the_requests(p
     assert {b for b, _ in built[free]} == {2, 8, 5}
     assert all(n == b for b, n in built[free]), built[free]
     assert all(n == min(b, 4) for b, n in built[capped]), built[capped]
+
+
+class FastBackup(RoundPolicy):
+    """A stand-in for the policy: SSD at K = 3 with the fast backup, every round."""
+
+    def __init__(self):
+        super().__init__(max_k=3, default_k=3)
+
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
+        return Option("ssd", 3, False, "fast", 8), None
+
+
+def test_a_miss_under_the_fast_backup_is_speculated_by_the_decoder_as_the_drafter_would(prompts, ar_outputs):
+    """The policy's fast backup: on a miss the decoder guesses the n-gram speculation itself (no
+    wait for the drafter's answer before the forward), with the draft's top-1 next tokens its
+    builds report, and tells the drafter the tokens, which it takes as the speculation. The guess is
+    the drafter's own, and greedy output stays AR's."""
+    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=3), draft_process=False)
+    dec.policy = FastBackup()
+    drafter = dec.draft.drafter
+    told, replies = [], []
+    start = dec.draft.start
+
+    def watched(rnd):
+        told.extend(o for o in rnd.outcomes if o.fast is not None)
+        pending = start(rnd)
+        reply = pending.reply
+        pending.reply = lambda: replies.append(reply()) or replies[-1]
+        return pending
+
+    dec.draft.start = watched
+    guesses = []
+    commit = drafter._commit
+    drafter._commit = lambda s, o: (commit(s, o), guesses.append((o.fast, s.fast_guess)))[0]
+    try:
+        outs = dec.generate(prompts[:3], PARAMS)
+    finally:
+        dec.close()
+    assert outs == ar_outputs[:3]
+    assert len(told) >= 10, len(told)                       # misses happen, and each was the decoder's guess
+    mine = [(fast, guess) for fast, guess in guesses if fast is not None]
+    assert len(mine) == len(told) and all(fast == guess for fast, guess in mine), mine
+    taken = {(i, tuple(r.specs[i].tokens)) for r in replies for i, hit in r.hits.items() if not hit}
+    assert {(o.seq_id, tuple(o.fast)) for o in told} <= taken

@@ -30,12 +30,13 @@ from typing import Protocol
 import torch
 
 from saguaro.config import MODES, SamplingParams, SpecConfig
-from saguaro.draft import CacheKeys, DraftReply, DraftRound, Join, Outcome, PendingRound, Speculation
+from saguaro.backup import ngram_proposal
+from saguaro.draft import CacheKeys, DraftReply, DraftRound, Join, NextCaches, Outcome, PendingRound, Speculation
 from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure, SaguaroError
 from saguaro.logits import active as processes_logits, process
 from saguaro.policy import Option, Prediction, RoundCosts, RoundPolicy
-from saguaro.sampling import distribution, greedy, token_log_probs, verify_greedy, verify_sampled
+from saguaro.sampling import distribution, greedy, one_hot, token_log_probs, verify_greedy, verify_sampled
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
 JOIN_READ = 2                        # rounds an answer left unread waits at least before it is read, until reads are timed
@@ -153,6 +154,7 @@ class Decoder:
         self.last_round_end = 0.0        # perf_counter() when the last round ended
         self.draft_slots = 0             # draft KV slots in use, as of the drafter's last answer
         self.caches: CacheKeys = {}      # the drafter's pre-drafted speculations for the next outcomes
+        self.top_next: dict[int, int] = {}   # the draft's top-1 next tokens, as its builds report them (_fast)
         # A round whose answer nothing needed (joins' prompts, a catch-up): read once it should be done
         self.unread: PendingRound | None = None
         self.unread_since, self.unread_tokens, self.unread_rounds = 0.0, 0, 0   # sent when, tokens told, rounds since
@@ -372,6 +374,8 @@ class Decoder:
             wide_ok = not busy and not any(s.build for s in seqs if s not in chosen)
             plain_only = any(s.seq_id in self.deferred for s in chosen)
             option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok, busy, cold, plain_only)
+        ids = {s.seq_id for s in chosen}
+        fast_misses = option is not None and option.backup == "fast"
         for s in chosen:
             s.k, s.build = option.k, option.kind == "ssd"
             s.round_budget = min(option.budget, s.budget) if s.build else 0
@@ -379,13 +383,15 @@ class Decoder:
         for o in self.outcomes:
             s = self.seqs[o.seq_id]
             o.next_k, o.build, o.next_budget = s.k, s.build, s.round_budget or None
+            if fast_misses and s.seq_id in ids and s.spec is None and s.seq_id in self.caches:
+                o.fast = self._fast(s)    # a miss (its outcome was not pre-drafted): no wait for the drafter
             self.held.setdefault(o.seq_id, []).append(o)
             if not (s.k or s.build):
                 s.spec = None           # a plain target step: a pre-drafted speculation goes unused
             if s.k or s.build or (catch_up and o.seq_id not in self.deferred):
                 told += _merged(self.held.pop(o.seq_id))
         self.outcomes = told
-        return option, predicted, {s.seq_id for s in chosen}
+        return option, predicted, ids
 
     def _defer_joins(self, catch_up: bool) -> bool:
         """Far from paying, the drafter follows one of the policy's sequences, enough to measure
@@ -429,6 +435,15 @@ class Decoder:
 
     def _spec_tokens(self, s: Sequence) -> list[int]:
         return s.spec.tokens[: s.k] if s.spec is not None and s.k else []
+
+    def _fast(self, s: Sequence) -> list[int]:
+        """A cache miss under the fast backup: the decoder's own n-gram speculation, as the drafter
+        would have guessed it (its top-1 next tokens copied from its builds), verified without
+        waiting for the drafter's answer; the drafter is told the tokens (Outcome.fast) and takes
+        them as the speculation."""
+        tokens = ngram_proposal(s.prompt + s.output, s.k, self.top_next)
+        s.spec = Speculation(tokens, None if s.params.greedy else one_hot(tokens, self.vocab), "fast")
+        return tokens
 
     def _has_news(self, urgent: bool = False) -> bool:
         """Something to tell the drafter; urgent: something that cannot wait for an answer left
@@ -486,6 +501,8 @@ class Decoder:
             value = None
         if isinstance(value, DraftReply):
             self._apply(value)
+        elif isinstance(value, NextCaches):
+            self.top_next.update(value.top_next)
         return value, (time.perf_counter() - t0) * 1e3
 
     def _apply(self, reply: DraftReply) -> None:
@@ -650,7 +667,7 @@ def _merged(held: list[Outcome]) -> list[Outcome]:
     first, steps = held[0], held[1:]
     sampled = steps[0].p_plain is not None
     return [first, Outcome(first.seq_id, 0, [o.emitted[0] for o in steps], next_k=steps[-1].next_k,
-                           build=steps[-1].build, next_budget=steps[-1].next_budget, p_plain=[o.p_plain[0] for o in steps] if sampled else None)]
+                           build=steps[-1].build, next_budget=steps[-1].next_budget, fast=steps[-1].fast, p_plain=[o.p_plain[0] for o in steps] if sampled else None)]
 
 
 def _ends_with(tokens: list[int], stop: tuple[int, ...]) -> bool:

@@ -52,6 +52,9 @@ class Outcome:
     next_k: int | None = None        # the next round's K (0: no speculation); None: the K it joined with
     build: bool | None = None        # pre-draft during the next round; None: as its mode (ssd builds)
     next_budget: int | None = None   # the fan-out budget B of that pre-drafting; None: the one it has
+    # The decoder missed the cache and verifies its own fast backup (the policy chose it): these
+    # tokens are the speculation, whatever the drafter would have looked up or guessed
+    fast: list[int] | None = None
     # Plain target steps (no speculation verified): a catch-up tells a run of them as one outcome,
     # every emitted token a step's (accepted 0); sampled, the target's probability of each token
     p_plain: list[float] | None = None
@@ -90,6 +93,9 @@ class NextCaches:
     """The drafter's second answer to a round: per sequence, outcome (accepted, bonus) -> tokens."""
     keys: CacheKeys
     build_ms: float = 0.0            # the build that made them (0: nothing was built)
+    # the draft's top-1 next token after each token the build saw (Drafter.top_next, these entries
+    # changed): the decoder's copy continues its own fast backup as the drafter's would
+    top_next: dict[int, int] = field(default_factory=dict)
 
 
 class PendingRound:
@@ -146,6 +152,7 @@ class Drafter:
         self.seqs: dict[int, _Seq] = {}
         self.fit = FanoutFit(spec.accept_rate, spec.power)
         self.top_next: dict[int, int] = {}          # draft's top-1 after a token (fast backup)
+        self.top_next_changed: dict[int, int] = {}  # ... its entries the last build set (NextCaches)
         self.to_build: list[int] = []
         self.build_ms = self.jit_ms = 0.0           # decaying averages, for the backup rule
         self.last_build_ms = 0.0                    # the last build: sent with its keys and again with the next reply (stats)
@@ -171,7 +178,10 @@ class Drafter:
             spec = self._commit(s, o)
             if s.k == 0:                   # a plain target step: nothing to draft
                 continue
-            if built:
+            if o.fast is not None:         # the decoder missed and verifies its own fast backup
+                hits[o.seq_id] = False
+                spec = self._fast(s, o.fast)
+            elif built:
                 hits[o.seq_id] = spec is not None
                 if spec is None and backup == "fast":
                     spec = self._fast(s)
@@ -217,7 +227,8 @@ class Drafter:
         """The two answers to a round: the reply, then (after building) the next cache keys."""
         yield self.step(rnd)
         keys = self.build()
-        yield NextCaches(keys=keys, build_ms=self.last_build_ms if keys else 0.0)
+        changed, self.top_next_changed = self.top_next_changed, {}
+        yield NextCaches(keys=keys, build_ms=self.last_build_ms if keys else 0.0, top_next=changed)
 
     # -- sequences ------------------------------------------------------------------------------
     def _budget(self, o: Outcome) -> int:
@@ -303,8 +314,8 @@ class Drafter:
         s.cache, s.spec = {}, None
         return Speculation(hit.tokens[: s.k], None if hit.q is None else hit.q[: s.k], "cache") if hit else None
 
-    def _fast(self, s: _Seq) -> Speculation:
-        tokens = s.fast_guess
+    def _fast(self, s: _Seq, tokens: list[int] | None = None) -> Speculation:
+        tokens = s.fast_guess if tokens is None else tokens
         return Speculation(tokens, None if s.params.greedy else one_hot(tokens, s.vocab), "fast")
 
     def _backup_choice(self, batch: int, verify_ms: float) -> str:
@@ -387,7 +398,7 @@ class Drafter:
             dist = lg[-(n + 1):, : s.vocab]             # L_0..L_n
             top1 = greedy(dist).tolist()
             for tok, nxt in zip([s.history[-1]] + s.spec.tokens, top1):
-                self.top_next[tok] = nxt
+                self.top_next[tok] = self.top_next_changed[tok] = nxt
             key = (s.budget, n)
             if key not in fanouts:
                 fanouts[key] = self.fit.fanout(s.budget, n, self.spec.fanout)
