@@ -3,18 +3,26 @@ far, then the draft's cached top-1 successor of the last token. Near-zero latenc
 proposals (so q is one-hot and verification stays exact)."""
 from __future__ import annotations
 
+from array import array
+
 
 def ngram_proposal(history: list[int], k: int, top_next: dict[int, int], max_n: int = 3) -> list[int]:
-    """K tokens: what followed the longest earlier occurrence of the history's last n tokens,
-    continued with the draft's remembered top-1 next token of each last token."""
+    """K tokens: what followed the longest earlier occurrence of the history's last n tokens (the
+    most recent one), continued with the draft's remembered top-1 next token of each last token.
+    The search runs over the history's bytes (one machine word per token): the decoder guesses on its own critical
+    path when a cache misses, and a Python scan of 800 tokens without a match took ~350 us."""
     out: list[int] = []
+    tokens = array("I", history)
+    w, buf = tokens.itemsize, tokens.tobytes()
+    end = (len(history) - 1) * w            # an occurrence ends before the last token
     for n in range(min(max_n, len(history) - 1), 0, -1):
-        suffix = history[-n:]
-        for start in range(len(history) - n - 1, -1, -1):   # most recent earlier occurrence first
-            if history[start:start + n] == suffix:
-                out = history[start + n:start + n + k]
-                break
-        if out:
+        pattern = buf[-w * n:]
+        at = buf.rfind(pattern, 0, end)
+        while at > 0 and at % w:            # a match across token boundaries is none
+            at = buf.rfind(pattern, 0, at + w * n - 1)
+        if at >= 0 and at % w == 0:
+            start = at // w
+            out = history[start + n:start + n + k]
             break
     last = out[-1] if out else history[-1]
     while len(out) < k:
