@@ -9,7 +9,7 @@ BUDGETS = (1, 2, 4, 8)
 class RandomRounds(RoundPolicy):
     """The round policy with its choice replaced by a seeded draw: each round AR (1/4), SD (1/4) or
     SSD (1/2, so that lookups in a cache built the round before are frequent), K uniform in
-    1..max_k, either backup, a fan-out budget of 1-8, the target on every core or on its own threads at random, so sequences
+    1..max_k, either backup, SD drafted by the drafter or by the n-gram guess, a fan-out budget of 1-8, the target on every core or on its own threads at random, so sequences
     switch round type at every point: after rejections, hits and misses alike; and far from paying
     at random (a new prompt's join deferred), plain steps while the drafter does not know a sequence."""
 
@@ -23,6 +23,7 @@ class RandomRounds(RoundPolicy):
         self.far = self.rng.random() < 0.3
         kind = "ar" if plain_only else self.rng.choice(("ar", "sd", "ssd", "ssd"))
         wide = kind != "ssd" and wide_ok and self.rng.random() < 0.5
-        backup = self.rng.choice(("neural", "fast")) if kind == "ssd" else ""
+        # SSD's backup, and SD's drafter (the drafter's, or the decoder's n-gram guess)
+        backup = self.rng.choice(("neural", "fast")) if kind == "ssd" else self.rng.choice(("", "fast")) if kind == "sd" else ""
         budget = self.rng.choice(BUDGETS) if kind == "ssd" else 0
         return Option(kind, 0 if kind == "ar" else self.rng.randint(1, self.max_k), wide, backup, budget), None

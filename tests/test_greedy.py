@@ -410,3 +410,46 @@ def test_a_miss_under_the_fast_backup_is_speculated_by_the_decoder_as_the_drafte
     assert len(mine) == len(told) and all(fast == guess for fast, guess in mine), mine
     taken = {(i, tuple(r.specs[i].tokens)) for r in replies for i, hit in r.hits.items() if not hit}
     assert {(o.seq_id, tuple(o.fast)) for o in told} <= taken
+
+
+class Lookup(RoundPolicy):
+    """A stand-in for the policy: SD drafted by the decoder's n-gram guess (K = 3) on every core it
+    may use, and SSD every `every` rounds."""
+
+    def __init__(self, every: int):
+        super().__init__(max_k=3, default_k=3)
+        self.every, self.n, self.wide_ok = every, 0, []
+
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
+        self.n += 1
+        self.wide_ok.append(wide_ok)
+        if self.n % self.every == 0:
+            return Option("ssd", 3, False, "neural", 8), None
+        return Option("sd", 3, wide_ok, "fast"), None
+
+
+def test_sd_drafted_by_the_n_gram_guess_keeps_the_drafter_out(prompts, ar_outputs):
+    """SD whose speculation is the decoder's n-gram guess: the drafter is asked to draft nothing in
+    those rounds (they reach it as plain steps, at a catch-up or the next SSD round), the target
+    takes every core, the guess is verified like any speculation and greedy output stays AR's."""
+    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=3), draft_process=True)
+    dec.policy = Lookup(every=24)
+    asked = []
+    start = dec.draft.start
+    dec.draft.start = lambda rnd: asked.extend(o.next_k for o in rnd.outcomes if o.build is False) or start(rnd)
+    cores = []
+    use = dec.target.use_all_cores
+    dec.target.use_all_cores = lambda on: cores.append(on) or use(on)
+    try:
+        outs = generate_all(dec, prompts[:8], "ssd", 4)
+        history = list(dec.history)
+    finally:
+        dec.close()
+    assert outs == ar_outputs[:8]
+    lookups = [r for r in history if r.option.startswith("sd3/fast")]
+    assert lookups and sum(r.drafted for r in lookups) > 0 and sum(r.accepted for r in lookups) > 0
+    assert all(r.sd == r.batch for r in lookups)
+    # nothing waited for, but an answer left unread (a catch-up's) read as the round starts
+    assert sum(r.draft_wait_ms == 0.0 for r in lookups) >= 0.8 * len(lookups)
+    assert set(asked) <= {0}, asked                       # never asked to draft for an n-gram round
+    assert sum(cores) >= len(lookups) // 2, (sum(cores), len(lookups))   # every core, where allowed

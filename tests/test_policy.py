@@ -97,7 +97,7 @@ class Machine:
     """Round costs of a 2-core host like this one (ms) for a batch of sequences: acceptance a per
     draft token (a_fast for the n-gram backup's), cache hit rate p per sequence."""
 
-    def __init__(self, a: float, p: float = 0.7, draft_step: float = 0.8, a_fast: float = 0.2, seed: int = 0,
+    def __init__(self, a: float, p: float = 0.7, draft_step: float = 0.8, a_fast: float = 0.1, seed: int = 0,
                  wide_speedup: float = 1.5, build_scale: float = 1.0):
         self.a, self.p, self.draft_step, self.a_fast = a, p, draft_step, a_fast
         self.build_scale = build_scale     # of the cache build's cost (at fan-out budget 8)
@@ -130,6 +130,8 @@ class Machine:
         e, other = expected_tokens(self.a, o.k), 0.3
         if o.kind == "ar":
             return 1000 * b / (self.verify(o, b) + other)
+        if o.lookup:
+            return 1000 * b * expected_tokens(self.a_fast, o.k) / (self.verify(o, b) + other)
         if o.kind == "sd":
             return 1000 * b * e / (self.jit(o.k, b) + self.verify(o, b) + other)
         e_miss = e if o.backup == "neural" else expected_tokens(self.a_fast, o.k)
@@ -154,7 +156,7 @@ class Machine:
         tokens = 0
         self.shadow(policy, o, b)
         for seq_id, hit in enumerate(hits):
-            fast = o.kind == "ssd" and not hit and o.backup == "fast"
+            fast = (o.kind == "ssd" and not hit and o.backup == "fast") or o.lookup
             a = self.a_fast if fast else self.a
             accepted = 0
             while accepted < o.k and self.rng.random() < a:
@@ -162,7 +164,7 @@ class Machine:
             policy.observe_accept(seq_id, accepted, o.k, "fast" if fast else "neural")
             tokens += accepted + 1
         misses = b - sum(hits) if o.kind == "ssd" else 0
-        spec_wait = {"ar": 0.0, "sd": self.jit(o.k, b), "ssd": self.miss_wait(o, b) if misses else 0.0}[o.kind]
+        spec_wait = {"ar": 0.0, "sd": 0.0 if o.lookup else self.jit(o.k, b), "ssd": self.miss_wait(o, b) if misses else 0.0}[o.kind]
         verify = self.verify(o, b)
         build = self.build(o.k, b, o.budget) if o.kind == "ssd" else 0.0
         self.built = o.budget or self.built
@@ -314,8 +316,10 @@ def test_unmeasured_options_are_tried_first_and_wide_only_when_allowed():
         tried.append(o)
         machine.run(policy, o)
     # SD on either cores (SSD's backup and first speculation cost what SD's drafting does), SSD
-    # once (its build is reported with its cache keys, in the same round), AR on every core
-    assert tried == [Option("sd", 3, True), Option("sd", 3, False), Option("ssd", 3, False, "neural", 8), Option("ar", 0, True)]
+    # once (its build is reported with its cache keys, in the same round), SD drafted by the n-gram
+    # guess (no drafting: its verify and own work), AR on every core
+    assert tried == [Option("sd", 3, True), Option("sd", 3, False), Option("ssd", 3, False, "neural", 8),
+                     Option("sd", 3, True, "fast"), Option("ar", 0, True)]
     assert all(policy.predict(o, [0], 1) is not None for o in policy.options)
     for _ in range(50):
         o, _ = policy.choose([0], 1, wide_ok=False)
@@ -526,3 +530,30 @@ def test_a_new_sequence_starts_from_what_its_sampling_regime_accepted():
     assert policy.acceptance(3) < 0.1 < 0.9 < policy.acceptance(4)
     policy.forget(3)
     assert 3 not in policy.greedy
+
+
+def test_where_the_n_gram_guess_pays_sd_is_drafted_by_it_on_every_core():
+    """Text that repeats itself (an n-gram guess accepted at 0.7) while the draft guesses little:
+    SD drafted by the decoder's n-gram guess, on every core (the drafter takes no part), and the
+    drafter is not kept ready for it (far from paying is judged by the drafter's options)."""
+    machine, policy = Machine(a=0.05, a_fast=0.7), RoundPolicy(max_k=6, default_k=3)
+    best = max(policy.options, key=machine.expected_rate)
+    assert best.lookup and best.wide, best
+    drive(policy, machine, 400)
+    chosen = drive(policy, machine, 400)
+    favourite = chosen.most_common(1)[0][0]
+    assert favourite.lookup and favourite.wide, chosen
+    assert achieved(machine, chosen) >= 0.93 * machine.expected_rate(best), chosen
+    assert policy.far
+
+
+def test_the_n_gram_guess_is_judged_per_sequence():
+    policy = RoundPolicy(max_k=4, default_k=3)
+    for _ in range(50):
+        policy.observe_accept(1, 4, 4, "fast")       # a sequence that repeats itself
+        policy.observe_accept(2, 0, 4, "fast")
+    assert policy.fast_acceptance(1) > 0.85 and policy.fast_acceptance(2) < 0.15
+    assert policy.fast_acceptance(3) == pytest.approx(0.8, abs=0.01)      # the global rate, as prior
+    assert policy.acceptance(1) == policy.acceptance(3)                   # the draft's is another matter
+    policy.forget(1)
+    assert policy.fast_acceptance(1) == policy.fast_acceptance(3)

@@ -82,6 +82,7 @@ class Sequence:
     k: int = 0                       # this round's K (0: a plain target step)
     build: bool = False              # the drafter pre-drafts the next speculation during this round
     round_budget: int = 0            # ... with this fan-out budget (0: its own, `budget`)
+    lookup: bool = False             # this round's speculation is the decoder's n-gram guess: the drafter takes no part
     first_round: bool = True         # its prompt is prefilled and an empty speculation verified
     output: list[int] = field(default_factory=list)
     spec: Speculation | None = None
@@ -260,7 +261,8 @@ class Decoder:
         # nothing in this round needs the drafter's answer: it is left unread (prompts to prefill, plain
         # steps to catch up on) and the drafter works on through the rounds after, on its own core;
         # read now before the policy explores (its round must find the drafter idle and up to date)
-        unanswered = not any(s.k or s.build for s in seqs) and not (self.policy is not None and self.policy.explore_next)
+        unanswered = (not any((s.k and not s.lookup) or s.build for s in seqs)
+                      and not (self.policy is not None and self.policy.explore_next))
         told_joins = bool(self.joins)
         told_tokens = sum(len(j.prompt) for j in self.joins) + sum(len(o.emitted) for o in self.outcomes)
         drained = drained or (self.unread is not None and self._has_news(urgent=True))
@@ -354,7 +356,7 @@ class Decoder:
         for s in seqs:
             speculates = s.mode != "ar" and not s.first_round
             s.k, s.build = (s.request_k, s.mode == "ssd") if speculates else (0, False)
-            s.round_budget = 0
+            s.round_budget, s.lookup = 0, False
         # A sequence's outcomes wait while it takes plain target steps: the drafter stays idle (and
         # off the target's cores). It is told them in a round on the target's own cores, and brings
         # its KV up to date there and in the rounds after (the answer is read once it should be
@@ -377,18 +379,22 @@ class Decoder:
         ids = {s.seq_id for s in chosen}
         fast_misses = option is not None and option.backup == "fast"
         for s in chosen:
-            s.k, s.build = option.k, option.kind == "ssd"
+            s.k, s.build, s.lookup = option.k, option.kind == "ssd", option.lookup
             s.round_budget = min(option.budget, s.budget) if s.build else 0
+            if s.lookup:
+                self._fast(s)
         told = []
         for o in self.outcomes:
             s = self.seqs[o.seq_id]
-            o.next_k, o.build, o.next_budget = s.k, s.build, s.round_budget or None
+            drafts = s.k and not s.lookup   # the drafter drafts, or looks up a pre-drafted speculation
+            o.next_k, o.build, o.next_budget = s.k if drafts else 0, s.build, s.round_budget or None
             if fast_misses and s.seq_id in ids and s.spec is None and s.seq_id in self.caches:
                 o.fast = self._fast(s)    # a miss (its outcome was not pre-drafted): no wait for the drafter
             self.held.setdefault(o.seq_id, []).append(o)
             if not (s.k or s.build):
                 s.spec = None           # a plain target step: a pre-drafted speculation goes unused
-            if s.k or s.build or (catch_up and o.seq_id not in self.deferred):
+            # (an n-gram round is the drafter's plain step: told with them)
+            if drafts or s.build or (catch_up and o.seq_id not in self.deferred):
                 told += _merged(self.held.pop(o.seq_id))
         self.outcomes = told
         return option, predicted, ids
@@ -437,11 +443,14 @@ class Decoder:
         return s.spec.tokens[: s.k] if s.spec is not None and s.k else []
 
     def _fast(self, s: Sequence) -> list[int]:
-        """A cache miss under the fast backup: the decoder's own n-gram speculation, as the drafter
-        would have guessed it (its top-1 next tokens copied from its builds), verified without
-        waiting for the drafter's answer; the drafter is told the tokens (Outcome.fast) and takes
-        them as the speculation."""
+        """The decoder's own n-gram speculation, as the drafter would have guessed it (its top-1
+        next tokens copied from its builds), verified without waiting for the drafter: a cache miss
+        under the fast backup (the drafter is told the tokens, Outcome.fast, and takes them as the
+        speculation), or SD drafted by it (Option.lookup). Cut before an id verification does not
+        cover (a prompt's, where the target's vocabulary is the larger)."""
         tokens = ngram_proposal(s.prompt + s.output, s.k, self.top_next)
+        if max(tokens) >= self.vocab:
+            tokens = tokens[:next(i for i, t in enumerate(tokens) if t >= self.vocab)]
         s.spec = Speculation(tokens, None if s.params.greedy else one_hot(tokens, self.vocab), "fast")
         return tokens
 
@@ -659,15 +668,18 @@ class Decoder:
 
 
 def _merged(held: list[Outcome]) -> list[Outcome]:
-    """A sequence's held outcomes as told: after the first, each is a plain target step's (it was
-    held because the round after it was one), so they go as one outcome of all their tokens
-    (a 64-step catch-up round at batch 4 spent 2.1 ms beyond its forward as 256 outcomes, 0.6 as 4)."""
-    if len(held) <= 2:
+    """A sequence's held outcomes as told: after the first, each is of a round the drafter took no
+    part in (a plain target step, or SD drafted by the n-gram guess: it was held because the round
+    after it was one), so they go as one outcome of all their tokens, none of them a speculation of
+    the drafter's (a 64-step catch-up round at batch 4 spent 2.1 ms beyond its forward as 256
+    outcomes, 0.6 as 4)."""
+    if len(held) == 1:
         return held
     first, steps = held[0], held[1:]
-    sampled = steps[0].p_plain is not None
-    return [first, Outcome(first.seq_id, 0, [o.emitted[0] for o in steps], next_k=steps[-1].next_k,
-                           build=steps[-1].build, next_budget=steps[-1].next_budget, fast=steps[-1].fast, p_plain=[o.p_plain[0] for o in steps] if sampled else None)]
+    sampled = all(o.p_plain is not None for o in steps)   # (an n-gram round's accepted tokens have none)
+    return [first, Outcome(first.seq_id, 0, [t for o in steps for t in o.emitted], next_k=steps[-1].next_k,
+                           build=steps[-1].build, next_budget=steps[-1].next_budget, fast=steps[-1].fast,
+                           p_plain=[p for o in steps for p in o.p_plain] if sampled else None)]
 
 
 def _ends_with(tokens: list[int], stop: tuple[int, ...]) -> bool:

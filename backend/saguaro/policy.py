@@ -75,13 +75,25 @@ class Option:
     kind: str                 # ar | sd | ssd
     k: int                    # draft tokens verified (0 for ar)
     wide: bool                # the target's forward may use every core (the drafter is idle during it)
-    backup: str = ""          # ssd: what a cache miss gets, neural | fast
+    backup: str = ""          # ssd: what a cache miss gets, neural | fast; sd: fast when the speculation
+                              # is the decoder's own n-gram guess (the drafter takes no part), else ""
     budget: int = 0           # ssd: the fan-out budget B, branches pre-drafted per sequence
 
     @property
     def label(self) -> str:
-        return (f"{self.kind}{self.k or ''}/{self.backup or ('wide' if self.wide else 'narrow')}"
-                + (f"/B{self.budget}" if self.budget else ""))
+        parts = [f"{self.kind}{self.k or ''}", self.backup, "" if self.kind == "ssd" else "wide" if self.wide else "narrow",
+                 f"B{self.budget}" if self.budget else ""]
+        return "/".join(p for p in parts if p)
+
+    @property
+    def lookup(self) -> bool:
+        """SD drafted by the n-gram guess in the decoder: no drafter, no drafting time."""
+        return self.kind == "sd" and self.backup == "fast"
+
+    @property
+    def work(self) -> str:
+        """What its costs beyond the forward are kept under: its kind, or lookup."""
+        return "lookup" if self.lookup else self.kind
 
 
 PLAIN_WIDE, PLAIN_NARROW = Option("ar", 0, True), Option("ar", 0, False)
@@ -243,10 +255,14 @@ class RoundPolicy:
         # the largest budget (the configured one) first: an unmeasured smaller one is priced as it
         # is (_budget_line, hit_rate) and must not win the tie
         self.budgets = budgets = tuple(sorted(set(budgets), reverse=True))
-        self.options = ([Option("ar", 0, w) for w in (True, False)] + [Option("sd", k, w) for k in ks for w in (True, False)]
+        # the n-gram guess as SD's drafter where the fast backup is allowed (backup auto or fast)
+        drafters = ("", "fast") if "fast" in backups else ("",)
+        self.options = ([Option("ar", 0, w) for w in (True, False)]
+                        + [Option("sd", k, w, d) for k in ks for w in (True, False) for d in drafters]
                         + [Option("ssd", k, False, b, n) for k in ks for b in backups for n in budgets])
         self.first = [Option("sd", default_k, True), Option("sd", default_k, False),
                       Option("ssd", default_k, False, backups[0], budgets[0]),
+                      *[Option("sd", default_k, True, "fast")][:len(drafters) - 1],
                       Option("ar", 0, True), Option("ar", 0, False)]   # tried first, in this order
         # by wide; a batch that has run only plain steps takes a verify of n tokens to cost n of them
         # (taking it for free, or reading it off batch 1's per-row cost, tried SD at batch 4 and
@@ -255,12 +271,13 @@ class RoundPolicy:
         self.jit = Costs(proportional=True)                                    # by K
         self.build = {n: Costs(proportional=True) for n in budgets}             # by fan-out budget, by K
         self.miss = {"neural": Costs(proportional=True), "fast": Costs()}  # the wait for a backup after a miss, by K
-        self.other: dict[str, Costs] = {"ar": Costs(), "sd": Costs(), "ssd": Costs()}   # wall minus the above
+        self.other: dict[str, Costs] = {w: Costs() for w in ("ar", "sd", "ssd", "lookup")}   # wall minus the above (Option.work)
         # what speculation has had here lately, by sampling regime (greedy or not): greedy requests
         # accepted ~0.6 here and T = 0.7 ones ~0.3, and a sampled sequence priced at greedy's rate
         # speculated at a loss
         self.accept = {True: Rate(GLOBAL_DECAY), False: Rate(GLOBAL_DECAY)}
-        self.accept_fast = Rate(GLOBAL_DECAY)
+        self.accept_fast = Rate(GLOBAL_DECAY)           # the n-gram guess's, globally and per sequence (copied
+        self.seq_accept_fast: dict[int, Rate] = {}      # text repeats in runs: one sequence's says little of another's)
         self.greedy: dict[int, bool] = {}                   # a sequence's regime (track)
         self.seq_accept: dict[int, Rate] = {}
         self.hits: dict[tuple[int, int], Rate] = {}        # by (K, fan-out budget)
@@ -270,6 +287,7 @@ class RoundPolicy:
         self.built = 0                                      # the last round pre-drafted (SSD) with this budget: its caches are in
         self.measured = False                               # every option has a prediction
         self.shortlist: list[Option] = []                   # the best options of the last full ranking
+        self.rerank = False                                 # news of acceptance: the next choice ranks them all
         self.last_seen: dict[Option, int] = {}              # the round each option was last measured
         self.rounds = 0
         self.rng = random.Random(seed)
@@ -277,8 +295,9 @@ class RoundPolicy:
         self.measure = True             # the round just chosen is to be measured (observe)
         self.explore_credit = 0.0       # exploring rounds owed: grows by the exploring rate per round
         # measured / predicted tokens of speculating rounds: the model assumes acceptance independent
-        # across positions and the rounds it chose were the ones it overestimated (winner's curse)
-        self.calibration = Rate(GLOBAL_DECAY)
+        # across positions and the rounds it chose were the ones it overestimated (winner's curse);
+        # the draft's and the n-gram guess's apart (the guess's acceptance comes in runs)
+        self.calibration = {"draft": Rate(GLOBAL_DECAY), "lookup": Rate(GLOBAL_DECAY)}
         self.raw_tokens: float | None = None    # the uncalibrated prediction of the round being run
         self.held: HeldChoice | None = None
         self.hold = self.ticks = 0              # rounds it is still kept; rounds the rates have not ticked
@@ -359,7 +378,7 @@ class RoundPolicy:
             self.measure = self.hold % HELD_MEASURED == 0
             return kept, self.held.prediction
         self.hold, factor, self.ticks = 0, RATE_DECAY ** self.ticks, 0
-        for rate in (*self.hits.values(), *self.seq_accept.values()):
+        for rate in (*self.hits.values(), *self.seq_accept.values(), *self.seq_accept_fast.values()):
             rate.tick(factor)
         if plain_only:
             self.explore_next = self.explore_next or explore
@@ -383,14 +402,21 @@ class RoundPolicy:
         # Every option is scored every RERANK rounds and when exploring (costs change slowly), the
         # shortlist in the rounds between.
         shortlist = [o for o in self.shortlist if wide_ok or not o.wide]
-        if explore or self.rounds % RERANK == 0 or not shortlist:
-            shortlist = options
+        if explore or self.rerank or self.rounds % RERANK == 0 or not shortlist:
+            shortlist, self.rerank = options, False
         else:       # a plain step is always a candidate (the shortlist may hold only wide ones)
             shortlist += [o for o in options if o.kind == "ar" and o not in shortlist]
         rates = [self._score(o, now) for o in shortlist]
         order = sorted(range(len(shortlist)), key=rates.__getitem__, reverse=True)
         if shortlist is options:
+            # the best few, and the best of each kind of work: the n-gram guess's options ranked
+            # above the drafter's at low acceptance and kept them all off the shortlist, so a jump
+            # in acceptance went unscored until the next full ranking
             self.shortlist = [options[i] for i in order[:SHORTLIST]]
+            for work in ("sd", "ssd", "lookup"):
+                best_of = next((options[i] for i in order if options[i].work == work), None)
+                if best_of is not None and best_of not in self.shortlist:
+                    self.shortlist.append(best_of)
         # Far from paying is judged at the acceptance speculation has had here lately (the global
         # rate), not at these sequences' own: a text's dip (acceptance swung 0.4-0.9 within the
         # dev prompts at batch 1) must not slow down noticing that it pays again. It moves slowly:
@@ -398,7 +424,9 @@ class RoundPolicy:
         if shortlist is options:
             typical = {**now, "tokens": self._tokens([self.global_acceptance(self._greedy(i)) for i in seq_ids])}
             plain = max((r for o, r in zip(options, rates) if o.kind == "ar"), default=0.0)
-            self.reach = max((self._score(o, typical) for o in options if o.kind != "ar"), default=0.0) / max(plain, 1e-9)
+            # (the drafter's options only: whether it is worth keeping it ready)
+            self.reach = (max((self._score(o, typical) for o in options if o.kind != "ar" and not o.lookup), default=0.0)
+                          / max(plain, 1e-9))
             self.far = self.measured and self.reach < FAR
         best = self._neighbour(shortlist, rates, order[0]) if explore else order[0]
         # chosen by the rate it keeps up; predicted as this round will run, after the round before
@@ -484,7 +512,8 @@ class RoundPolicy:
         predictions lately (between 0.5 and 1.2 of the model's)."""
         if x is None or o.kind == "ar":
             return x
-        return Prediction(x.tokens * min(1.2, max(0.5, self.calibration.value(1.0, CALIBRATION_PRIOR))), x.ms)
+        c = self.calibration["lookup" if o.lookup else "draft"].value(1.0, CALIBRATION_PRIOR)
+        return Prediction(x.tokens * min(1.2, max(0.5, c)), x.ms)
 
     def _plain_inputs(self, n: int, batch: int) -> dict:
         """What a plain step's prediction reads: the verify and other-work lines at this batch size
@@ -495,14 +524,13 @@ class RoundPolicy:
     def _inputs(self, seq_ids: list[int], batch: int) -> dict:
         """What one round's predictions read, looked up once: the cost lines at this batch size,
         and per K the expected tokens of these sequences, of the fast backup, and the hit rate."""
-        a_fast = self.accept_fast.value(0.3)
         ks = self.ks
         return {**self._plain_inputs(len(seq_ids), batch), "jit": self.jit.at(batch),
                 "build": {n: self._build_line(batch, n) for n in self.budgets},
                 "miss": {x: c.at(batch) for x, c in self.miss.items()},
                 "tokens": self._tokens([self.acceptance(i) for i in seq_ids]),
                 "hit": {(k, n): self.hit_rate(k, n) for k in ks for n in self.budgets},
-                "fast_tokens": {k: len(seq_ids) * expected_tokens(a_fast, k) for k in ks}}
+                "fast_tokens": self._tokens([self.fast_acceptance(i) for i in seq_ids])}
 
     def _build_line(self, batch: int, budget: int) -> Line | None:
         """The cache build's cost line for a fan-out budget; one never measured borrows the next
@@ -522,12 +550,14 @@ class RoundPolicy:
         the steady state of the option, SSD after SSD at its budget, SD after SD). The first SSD
         round after another kind has no cache to look in (its speculations are drafted as SD's);
         an SD round after an SSD round uses its hits."""
-        verify, other = now["verify"][o.wide], now["other"][o.kind]
+        verify, other = now["verify"][o.wide], now["other"][o.work]
         if verify is None or other is None:
             return None
         v, rest = verify.predict(o.k + 1), other.predict(0)
         if o.kind == "ar":
             return Prediction(tokens=float(now["n"]), ms=v + rest)
+        if o.lookup:                  # the n-gram guess: no drafting to wait for
+            return Prediction(now["fast_tokens"][o.k], v + rest)
         jit = now["jit"]
         if jit is None:
             return None
@@ -557,6 +587,12 @@ class RoundPolicy:
         rate = self.seq_accept.get(seq_id)
         return min(rate.value(prior, SEQ_PRIOR) if rate else prior, 0.999)
 
+    def fast_acceptance(self, seq_id: int) -> float:
+        """The n-gram guess's acceptance for a sequence: its own, with the global rate as prior."""
+        prior = self.accept_fast.value(0.3)
+        rate = self.seq_accept_fast.get(seq_id)
+        return min(rate.value(prior, SEQ_PRIOR) if rate else prior, 0.999)
+
     def hit_rate(self, k: int, budget: int) -> float:
         overall = 0.5                       # a budget not measured yet: the next larger one's rate
         for n in self.budgets:
@@ -581,6 +617,7 @@ class RoundPolicy:
         rejected = int(accepted < drafted)
         if source == "fast":
             self.accept_fast.observe(accepted, accepted + rejected)
+            self.seq_accept_fast.setdefault(seq_id, Rate()).observe(accepted, accepted + rejected)
             return
         self.accept[self._greedy(seq_id)].observe(accepted, accepted + rejected)
         self.seq_accept.setdefault(seq_id, Rate()).observe(accepted, accepted + rejected)
@@ -591,14 +628,14 @@ class RoundPolicy:
         steps measure acceptance too, so a text that starts to pay is noticed without exploring."""
         self.accept[self._greedy(seq_id)].observe(accepted, scored)
         self.seq_accept.setdefault(seq_id, Rate()).observe(accepted, scored)
-        self.hold = 0
+        self.hold, self.rerank = 0, True
 
     def observe(self, r: RoundCosts) -> None:
         o, b = r.option, r.batch
         self.last_seen[o] = self.rounds
         self.plain_news = self.plain_news or o.kind == "ar"
         if self.raw_tokens is not None and o.kind != "ar":
-            self.calibration.observe(r.tokens, self.raw_tokens)
+            self.calibration["lookup" if o.lookup else "draft"].observe(r.tokens, self.raw_tokens)
         self.raw_tokens = None
         if o.kind == "ssd" and r.build_ms > 0:
             # the drafter times its build; one that outlasted the verify is seen whole from here,
@@ -612,7 +649,7 @@ class RoundPolicy:
         # round at that K was priced at a switch's cost (J at K = 2 read 6.4-8.8 ms against ~2 at
         # batch 1, after 16-64 plain steps), and SD was priced out where it won
         drafting = max(0.0, r.spec_wait_ms - r.catch_up_ms)
-        if o.kind == "sd" and not r.hits + r.misses:     # (after an SSD round the hits needed no drafting)
+        if o.kind == "sd" and not o.lookup and not r.hits + r.misses:     # (after an SSD round the hits needed no drafting)
             self.jit.observe(b, o.k, drafting)
         if o.kind == "ssd":
             if r.hits + r.misses:
@@ -623,8 +660,9 @@ class RoundPolicy:
             elif not r.hits:               # no cache to look in (the round before built none): drafted as SD
                 self.jit.observe(b, o.k, drafting)
         rest = r.wall_ms - r.verify_ms - r.spec_wait_ms - r.build_wait_ms
-        self.other[o.kind].observe(b, 0, max(0.0, rest))
+        self.other[o.work].observe(b, 0, max(0.0, rest))
 
     def forget(self, seq_id: int) -> None:
         self.seq_accept.pop(seq_id, None)
+        self.seq_accept_fast.pop(seq_id, None)
         self.greedy.pop(seq_id, None)
