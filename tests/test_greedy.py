@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 
 from saguaro.config import DEMO_DRAFT, DEMO_TARGET, DEV_PROMPTS, EngineConfig, SamplingParams, SpecConfig
-from saguaro.decoder import JOIN_READ
+from saguaro.backup import ngram_proposal
+from saguaro.decoder import GUESS_EVERY, GUESS_SCORES, JOIN_READ
 from saguaro.llm import build_decoder
 from saguaro.policy import CATCH_UP, Option, RoundPolicy
 from saguaro.text import load_tokenizer
@@ -453,3 +454,34 @@ def test_sd_drafted_by_the_n_gram_guess_keeps_the_drafter_out(prompts, ar_output
     assert sum(r.draft_wait_ms == 0.0 for r in lookups) >= 0.8 * len(lookups)
     assert set(asked) <= {0}, asked                       # never asked to draft for an n-gram round
     assert sum(cores) >= len(lookups) // 2, (sum(cores), len(lookups))   # every core, where allowed
+
+
+class PlainSteps(RoundPolicy):
+    """A stand-in for the policy: plain target steps only (the policy's own bookkeeping)."""
+
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
+        return Option("ar", 0, wide_ok), None
+
+
+def test_plain_steps_score_the_n_gram_guess(prompts, ar_outputs):
+    """Plain steps measure what SD drafted by the n-gram guess would accept (its shadow acceptance):
+    once in GUESS_EVERY tokens the guess from the history before a token is scored on it, and the
+    policy is told every GUESS_SCORES scored, exactly what a direct recount finds."""
+    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=3), draft_process=False)
+    dec.policy = policy = PlainSteps(max_k=3, default_k=3)
+    told = []
+    observe = policy.observe_accept
+    policy.observe_accept = lambda *a, **kw: (told.append(a) if kw.get("shadow") else None, observe(*a, **kw))[1]
+    try:
+        [out] = dec.generate(prompts[:1], PARAMS)
+    finally:
+        dec.close()
+    assert out == ar_outputs[0]
+    history = prompts[0] + out
+    hits = [ngram_proposal(history[:i], 1, {})[0] == history[i]
+            for i in range(len(prompts[0]), len(history)) if i % GUESS_EVERY == 0]
+    whole = len(hits) // GUESS_SCORES * GUESS_SCORES
+    assert told and all(a[1:] == (sum(hits[j:j + GUESS_SCORES]), GUESS_SCORES, "fast")
+                        for a, j in zip(told, range(0, whole, GUESS_SCORES))), (told, hits)
+    assert len(told) == whole // GUESS_SCORES
+    assert policy.fast_acceptance(99) != pytest.approx(0.3)     # a new sequence's prior: what they measured

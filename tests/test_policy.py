@@ -557,3 +557,17 @@ def test_the_n_gram_guess_is_judged_per_sequence():
     assert policy.acceptance(1) == policy.acceptance(3)                   # the draft's is another matter
     policy.forget(1)
     assert policy.fast_acceptance(1) == policy.fast_acceptance(3)
+
+
+def test_rounds_with_sequences_the_drafter_does_not_know_may_still_speculate_by_the_n_gram_guess():
+    """plain_only (a join deferred far from paying: the drafter does not know every sequence): no
+    option that needs the drafter, but SD drafted by the n-gram guess needs none."""
+    machine, policy = Machine(a=0.05, a_fast=0.7), RoundPolicy(max_k=6, default_k=3)
+    drive(policy, machine, 400)
+    chosen = Counter()
+    for _ in range(100):
+        o, _ = policy.choose([0], 1, wide_ok=True, plain_only=True)
+        chosen[o] += 1
+        machine.run(policy, o)
+    assert all(o.kind == "ar" or o.lookup for o in chosen), chosen
+    assert sum(n for o, n in chosen.items() if o.lookup) >= 80, chosen

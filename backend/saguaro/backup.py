@@ -6,13 +6,14 @@ from __future__ import annotations
 from array import array
 
 
-def ngram_proposal(history: list[int], k: int, top_next: dict[int, int], max_n: int = 3) -> list[int]:
+def ngram_proposal(history: list[int] | array, k: int, top_next: dict[int, int], max_n: int = 3) -> list[int]:
     """K tokens: what followed the longest earlier occurrence of the history's last n tokens (the
     most recent one), continued with the draft's remembered top-1 next token of each last token.
-    The search runs over the history's bytes (one machine word per token): the decoder guesses on its own critical
-    path when a cache misses, and a Python scan of 800 tokens without a match took ~350 us."""
+    The search runs over the history's bytes (one machine word per token): the decoder guesses on
+    its own critical path, and a Python scan of 800 tokens without a match took ~350 us. A caller
+    that guesses every round keeps the history as an array("I") (no conversion)."""
     out: list[int] = []
-    tokens = array("I", history)
+    tokens = history if isinstance(history, array) else array("I", history)
     w, buf = tokens.itemsize, tokens.tobytes()
     end = (len(history) - 1) * w            # an occurrence ends before the last token
     for n in range(min(max_n, len(history) - 1), 0, -1):
@@ -22,7 +23,7 @@ def ngram_proposal(history: list[int], k: int, top_next: dict[int, int], max_n: 
             at = buf.rfind(pattern, 0, at + w * n - 1)
         if at >= 0 and at % w == 0:
             start = at // w
-            out = history[start + n:start + n + k]
+            out = tokens[start + n:start + n + k].tolist()
             break
     last = out[-1] if out else history[-1]
     while len(out) < k:

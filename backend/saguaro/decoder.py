@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from array import array
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -40,6 +41,8 @@ from saguaro.sampling import distribution, greedy, one_hot, token_log_probs, ver
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
 JOIN_READ = 2                        # rounds an answer left unread waits at least before it is read, until reads are timed
+GUESS_EVERY = 3                      # a plain step scores the n-gram guess once in this many tokens (~5 us a guess)
+GUESS_SCORES = 4                     # ... and the policy is told after this many
 
 
 class DraftClient(Protocol):
@@ -85,6 +88,8 @@ class Sequence:
     lookup: bool = False             # this round's speculation is the decoder's n-gram guess: the drafter takes no part
     first_round: bool = True         # its prompt is prefilled and an empty speculation verified
     output: list[int] = field(default_factory=list)
+    tokens: array = field(default_factory=lambda: array("I"))   # prompt + output, for the n-gram guess
+    guessed: list[int] = field(default_factory=lambda: [0, 0])  # plain steps' tokens the guess got right, scored
     spec: Speculation | None = None
     finish_reason: str | None = None  # length | stop | aborted
     stats: SeqStats = field(default_factory=SeqStats)
@@ -195,7 +200,7 @@ class Decoder:
             generator = torch.Generator()
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         slot = self.target.allocate()
-        self.seqs[seq_id] = Sequence(seq_id=seq_id, prompt=list(prompt), params=params, mode=mode,
+        self.seqs[seq_id] = Sequence(seq_id=seq_id, prompt=list(prompt), tokens=array("I", prompt), params=params, mode=mode,
                                      request_k=request_spec.k, pinned=k is not None, budget=request_spec.budget,
                                      slot=slot, generator=generator,
                                      pending=prompt[-1], processed=processes_logits(params))
@@ -448,11 +453,21 @@ class Decoder:
         under the fast backup (the drafter is told the tokens, Outcome.fast, and takes them as the
         speculation), or SD drafted by it (Option.lookup). Cut before an id verification does not
         cover (a prompt's, where the target's vocabulary is the larger)."""
-        tokens = ngram_proposal(s.prompt + s.output, s.k, self.top_next)
+        tokens = ngram_proposal(s.tokens, s.k, self.top_next)
         if max(tokens) >= self.vocab:
             tokens = tokens[:next(i for i, t in enumerate(tokens) if t >= self.vocab)]
         s.spec = Speculation(tokens, None if s.params.greedy else one_hot(tokens, self.vocab), "fast")
         return tokens
+
+    def _score_guess(self, s: Sequence, token: int) -> None:
+        """A plain step scores the n-gram guess on the token it committed (shadow acceptance, as the
+        drafter scores itself at a catch-up), once in GUESS_EVERY tokens: told to the policy every
+        GUESS_SCORES scored (scoring every token of a batch of 4 cost ~1% of its plain steps)."""
+        s.guessed[0] += ngram_proposal(s.tokens, 1, self.top_next)[0] == token
+        s.guessed[1] += 1
+        if s.guessed[1] >= GUESS_SCORES:
+            self.policy.observe_accept(s.seq_id, s.guessed[0], s.guessed[1], "fast", shadow=True)
+            s.guessed = [0, 0]
 
     def _has_news(self, urgent: bool = False) -> bool:
         """Something to tell the drafter; urgent: something that cannot wait for an answer left
@@ -562,8 +577,11 @@ class Decoder:
         setattr(st, f"{kind}_rounds", getattr(st, f"{kind}_rounds") + 1)
         if self.policy is not None:
             self.policy.observe_accept(s.seq_id, k, len(draft), s.spec.source if draft else "ar")
+        if not draft and self.policy is not None and len(s.tokens) % GUESS_EVERY == 0 and self._policy_seq(s):
+            self._score_guess(s, bonus)
         new = self._apply_stops(s, new)
         s.output.extend(new)
+        s.tokens.extend(new)
         self.target.truncate(s.slot, start + 1 + k)       # keep the pending token and the accepted ones
         s.pending = bonus
         event = Event(s.seq_id, new, s.finish_reason, st, s.spec.source if draft else "ar", len(draft), k, kind,

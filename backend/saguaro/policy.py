@@ -380,12 +380,10 @@ class RoundPolicy:
         self.hold, factor, self.ticks = 0, RATE_DECAY ** self.ticks, 0
         for rate in (*self.hits.values(), *self.seq_accept.values(), *self.seq_accept_fast.values()):
             rate.tick(factor)
-        if plain_only:
-            self.explore_next = self.explore_next or explore
-            o = self._plain_cores(batch) if wide_ok else PLAIN_NARROW
-            self._hold_plain(o, self.predict(o, seq_ids, batch), wide_ok, batch, seq_ids, self._hold_rounds)
-            return o, self.held.prediction
-        options = [o for o in self.options if wide_ok or not o.wide]
+        if plain_only:     # only what needs no drafter: a plain step, or SD drafted by the n-gram guess
+            self.explore_next, explore = self.explore_next or explore, False
+        allowed = lambda o: (wide_ok or not o.wide) and not (plain_only and o.kind != "ar" and not o.lookup)
+        options = [o for o in self.options if allowed(o)]
         now = self._inputs(seq_ids, batch)
         if not self.measured:
             unmeasured = [o for o in self.first if self._predict(o, now) is None]
@@ -401,14 +399,16 @@ class RoundPolicy:
                 return o, self._predict(o, now)
         # Every option is scored every RERANK rounds and when exploring (costs change slowly), the
         # shortlist in the rounds between.
-        shortlist = [o for o in self.shortlist if wide_ok or not o.wide]
-        if explore or self.rerank or self.rounds % RERANK == 0 or not shortlist:
+        shortlist = [o for o in self.shortlist if allowed(o)]
+        ranked = explore or self.rerank or self.rounds % RERANK == 0 or not shortlist
+        if ranked:
             shortlist, self.rerank = options, False
         else:       # a plain step is always a candidate (the shortlist may hold only wide ones)
             shortlist += [o for o in options if o.kind == "ar" and o not in shortlist]
         rates = [self._score(o, now) for o in shortlist]
         order = sorted(range(len(shortlist)), key=rates.__getitem__, reverse=True)
-        if shortlist is options:
+        ranked = ranked and not plain_only      # (every option, not those that need no drafter)
+        if ranked:
             # the best few, and the best of each kind of work: the n-gram guess's options ranked
             # above the drafter's at low acceptance and kept them all off the shortlist, so a jump
             # in acceptance went unscored until the next full ranking
@@ -421,10 +421,11 @@ class RoundPolicy:
         # rate), not at these sequences' own: a text's dip (acceptance swung 0.4-0.9 within the
         # dev prompts at batch 1) must not slow down noticing that it pays again. It moves slowly:
         # judged when every option is scored.
-        if shortlist is options:
+        if ranked:
             typical = {**now, "tokens": self._tokens([self.global_acceptance(self._greedy(i)) for i in seq_ids])}
-            plain = max((r for o, r in zip(options, rates) if o.kind == "ar"), default=0.0)
-            # (the drafter's options only: whether it is worth keeping it ready)
+            # whether the drafter is worth keeping ready: its options against the best without it
+            # (a plain step, or SD drafted by the n-gram guess)
+            plain = max((r for o, r in zip(options, rates) if o.kind == "ar" or o.lookup), default=0.0)
             self.reach = (max((self._score(o, typical) for o in options if o.kind != "ar" and not o.lookup), default=0.0)
                           / max(plain, 1e-9))
             self.far = self.measured and self.reach < FAR
@@ -610,11 +611,12 @@ class RoundPolicy:
         """A sequence's sampling regime (greedy when not tracked)."""
         return self.greedy.get(seq_id, True)
 
-    def observe_accept(self, seq_id: int, accepted: int, drafted: int, source: str) -> None:
-        """A verified speculation: `accepted` of its `drafted` tokens (a rejection ends it)."""
+    def observe_accept(self, seq_id: int, accepted: int, drafted: int, source: str, shadow: bool = False) -> None:
+        """A verified speculation: `accepted` of its `drafted` tokens (a rejection ends it); shadow:
+        `accepted` of `drafted` single-token guesses scored on plain steps (each its own trial)."""
         if drafted == 0:
             return
-        rejected = int(accepted < drafted)
+        rejected = drafted - accepted if shadow else int(accepted < drafted)
         if source == "fast":
             self.accept_fast.observe(accepted, accepted + rejected)
             self.seq_accept_fast.setdefault(seq_id, Rate()).observe(accepted, accepted + rejected)
