@@ -3,7 +3,8 @@
 One round, for every active sequence together:
   0. each sequence's K for this round and whether the drafter pre-drafts during it: `sd` and `ar`
      requests and requests that pinned K by their mode, the other `ssd` requests by the round
-     policy (policy.py), which picks the fastest of AR, SD with K and SSD with K;
+     policy (policy.py), which picks the fastest of AR, SD with K (drafted by the drafter, or by
+     the decoder's own n-gram guess: the drafter takes no part) and SSD with K and B;
   1. the round goes to the drafter (last round's outcomes with those choices, joins, leaves). A
      sequence whose outcome was pre-drafted already knows its speculation from the cache keys the
      drafter sent last round; misses and SD wait for the drafter's answer; AR and new sequences
@@ -17,7 +18,8 @@ One round, for every active sequence together:
 On a hit nothing waits for the drafter except a build that outlasts the forward. Sequences join
 and leave between rounds: a new prompt is prefilled on the target first, then its first round
 verifies an empty speculation while the drafter prefills it too (far from paying, later or never:
-the drafter follows one sequence, _defer_joins). AR is a round with an empty speculation. Which
+the drafter follows one sequence, _defer_joins). AR is a round with an empty speculation. A cache
+miss under the fast backup is guessed here too (_fast), so it waits for no drafter answer. Which
 round type runs never changes the output: each verifies what it speculated.
 """
 from __future__ import annotations
