@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import dataclass
+from functools import cached_property
 
 from saguaro.fanout import expected_tokens
 
@@ -79,18 +80,19 @@ class Option:
                               # is the decoder's own n-gram guess (the drafter takes no part), else ""
     budget: int = 0           # ssd: the fan-out budget B, branches pre-drafted per sequence
 
-    @property
+    # (computed once per option: the decoder reads them every round)
+    @cached_property
     def label(self) -> str:
         parts = [f"{self.kind}{self.k or ''}", self.backup, "" if self.kind == "ssd" else "wide" if self.wide else "narrow",
                  f"B{self.budget}" if self.budget else ""]
         return "/".join(p for p in parts if p)
 
-    @property
+    @cached_property
     def lookup(self) -> bool:
         """SD drafted by the n-gram guess in the decoder: no drafter, no drafting time."""
         return self.kind == "sd" and self.backup == "fast"
 
-    @property
+    @cached_property
     def work(self) -> str:
         """What its costs beyond the forward are kept under: its kind, or lookup."""
         return "lookup" if self.lookup else self.kind
