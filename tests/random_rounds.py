@@ -21,9 +21,11 @@ class RandomRounds(RoundPolicy):
         # far from paying at random, so new prompts' joins are deferred and told later (a catch-up,
         # or once no longer far) at every point too
         self.far = self.rng.random() < 0.3
-        kind = "ar" if plain_only else self.rng.choice(("ar", "sd", "ssd", "ssd"))
+        # (a sequence the drafter does not know: a plain step, or SD drafted by the n-gram guess)
+        kind = self.rng.choice(("ar", "sd")) if plain_only else self.rng.choice(("ar", "sd", "ssd", "ssd"))
         wide = kind != "ssd" and wide_ok and self.rng.random() < 0.5
         # SSD's backup, and SD's drafter (the drafter's, or the decoder's n-gram guess)
-        backup = self.rng.choice(("neural", "fast")) if kind == "ssd" else self.rng.choice(("", "fast")) if kind == "sd" else ""
+        backup = (self.rng.choice(("neural", "fast")) if kind == "ssd"
+                  else "fast" if plain_only and kind == "sd" else self.rng.choice(("", "fast")) if kind == "sd" else "")
         budget = self.rng.choice(BUDGETS) if kind == "ssd" else 0
         return Option(kind, 0 if kind == "ar" else self.rng.randint(1, self.max_k), wide, backup, budget), None

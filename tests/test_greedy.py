@@ -485,3 +485,34 @@ def test_plain_steps_score_the_n_gram_guess(prompts, ar_outputs):
                         for a, j in zip(told, range(0, whole, GUESS_SCORES))), (told, hits)
     assert len(told) == whole // GUESS_SCORES
     assert policy.fast_acceptance(99) != pytest.approx(0.3)     # a new sequence's prior: what they measured
+
+
+class PlainThenFast(RoundPolicy):
+    """A stand-in for the policy: a plain step, then SSD at K = 3 with the fast backup, in turn."""
+
+    def __init__(self):
+        super().__init__(max_k=3, default_k=3)
+        self.n = 0
+
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
+        self.n += 1
+        return (Option("ssd", 3, False, "fast", 8) if self.n % 2 else Option("ar", 0, wide_ok)), None
+
+
+def test_a_round_after_a_plain_step_has_no_cache_to_miss(prompts, ar_outputs):
+    """The cache keys a build sent are for the round right after it: after a plain step (nothing
+    built) an SSD round drafts its first speculation, it does not miss a stale cache and take the
+    n-gram guess."""
+    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=3), draft_process=False)
+    dec.policy = PlainThenFast()
+    told = []
+    start = dec.draft.start
+    dec.draft.start = lambda rnd: told.extend(o for o in rnd.outcomes if o.fast is not None) or start(rnd)
+    try:
+        [out] = dec.generate(prompts[:1], PARAMS)
+        history = list(dec.history)
+    finally:
+        dec.close()
+    assert out == ar_outputs[0]
+    ssd = [r for r in history if r.option.startswith("ssd")]
+    assert ssd and told == [] and all(r.misses == 0 and r.hits == 0 for r in ssd), (told, ssd[:3])

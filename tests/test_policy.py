@@ -172,6 +172,7 @@ class Machine:
         policy.observe(RoundCosts(option=o, batch=b, tokens_per_seq=o.k + 1, verify_ms=verify, spec_wait_ms=spec_wait,
                                   build_wait_ms=build_wait, build_ms=build, wall_ms=spec_wait + verify + build_wait + 0.3,
                                   hits=sum(hits), misses=misses, backup=o.backup, tokens=tokens))
+        policy.ran(o)
 
 
 def drive(policy: RoundPolicy, machine: Machine, rounds: int, b: int = 1) -> Counter:

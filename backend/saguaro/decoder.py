@@ -265,6 +265,7 @@ class Decoder:
         if drained:                     # the drafter is idle again: this round may use every core
             self._drain()
         option, predicted, chosen = self._plan(seqs, resumed)
+        self.caches = {}                # looked up (_plan); only a build during this round makes new ones
         # nothing in this round needs the drafter's answer: it is left unread (prompts to prefill, plain
         # steps to catch up on) and the drafter works on through the rounds after, on its own core;
         # read now before the policy explores (its round must find the drafter idle and up to date)
@@ -274,7 +275,7 @@ class Decoder:
         told_tokens = sum(len(j.prompt) for j in self.joins) + sum(len(o.emitted) for o in self.outcomes)
         drained = drained or (self.unread is not None and self._has_news(urgent=True))
         t_send = time.perf_counter()
-        pending = self._start_draft_round(option.backup if option else "")
+        pending = self._start_draft_round(option.backup if option is not None and option.kind == "ssd" else "")
         reply, spec_wait = None, (time.perf_counter() - t0) * 1e3 if drained else 0.0
         if pending and any(s.k and s.spec is None for s in seqs):
             reply = self._await(pending.reply)[0]       # misses and SD: drafted for this round
@@ -335,6 +336,8 @@ class Decoder:
                 hits=stats.hits, misses=stats.misses, backup=stats.backup,
                 tokens=sum(e.accepted + 1 for e in events if e.seq_id in chosen),
                 catch_up_ms=reply.catch_up_ms if reply else 0.0))
+        if option is not None:
+            self.policy.ran(option)
         self.last_round_end = time.perf_counter()
         return events
 

@@ -316,6 +316,8 @@ class Drafter:
 
     def _fast(self, s: _Seq, tokens: list[int] | None = None) -> Speculation:
         tokens = s.fast_guess if tokens is None else tokens
+        if tokens and max(tokens) >= s.vocab:      # a prompt's id verification does not cover: cut there
+            tokens = tokens[:next(i for i, t in enumerate(tokens) if t >= s.vocab)]
         return Speculation(tokens, None if s.params.greedy else one_hot(tokens, s.vocab), "fast")
 
     def _backup_choice(self, batch: int, verify_ms: float) -> str:

@@ -404,7 +404,7 @@ class RoundPolicy:
         shortlist = [o for o in self.shortlist if allowed(o)]
         ranked = explore or self.rerank or self.rounds % RERANK == 0 or not shortlist
         if ranked:
-            shortlist, self.rerank = options, False
+            shortlist, self.rerank = options, self.rerank and plain_only   # (news waits for a full ranking)
         else:       # a plain step is always a candidate (the shortlist may hold only wide ones)
             shortlist += [o for o in options if o.kind == "ar" and o not in shortlist]
         rates = [self._score(o, now) for o in shortlist]
@@ -647,7 +647,7 @@ class RoundPolicy:
             # the model counts as J or M, not as the build's)
             exposed = r.verify_ms + r.build_wait_ms if r.build_wait_ms > 0.1 and r.hits and not r.misses else 0.0
             self.build[o.budget].observe(b, o.k, max(r.build_ms, exposed))
-        looked_up, self.built = self.built, o.budget if o.kind == "ssd" else 0   # the caches looked up: last round's
+        looked_up = self.built          # the caches this round looked in: the round before's (ran)
         self.verify[o.wide].observe(b, r.tokens_per_seq, r.verify_ms)
         # drafting's wait, less a catch-up on plain steps that came first: counted in, every SD
         # round at that K was priced at a switch's cost (J at K = 2 read 6.4-8.8 ms against ~2 at
@@ -665,6 +665,10 @@ class RoundPolicy:
                 self.jit.observe(b, o.k, drafting)
         rest = r.wall_ms - r.verify_ms - r.spec_wait_ms - r.build_wait_ms
         self.other[o.work].observe(b, 0, max(0.0, rest))
+
+    def ran(self, o: Option) -> None:
+        """A round of option o ran, measured or not: the next round looks in the caches it built."""
+        self.built = o.budget if o.kind == "ssd" else 0
 
     def forget(self, seq_id: int) -> None:
         self.seq_accept.pop(seq_id, None)
