@@ -34,12 +34,13 @@ import torch
 
 from saguaro.config import MODES, SamplingParams, SpecConfig
 from saguaro.backup import ngram_proposal
-from saguaro.draft import CacheKeys, DraftReply, DraftRound, Join, NextCaches, Outcome, PendingRound, Speculation
+from saguaro.draft import (CacheKeys, DraftReply, DraftRound, Join, NextCaches, Outcome, PendingRound, Speculation,
+                           fast_speculation)
 from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure, SaguaroError
 from saguaro.logits import active as processes_logits, process
 from saguaro.policy import Option, Prediction, RoundCosts, RoundPolicy
-from saguaro.sampling import distribution, greedy, one_hot, token_log_probs, verify_greedy, verify_sampled
+from saguaro.sampling import distribution, greedy, token_log_probs, verify_greedy, verify_sampled
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
 JOIN_READ = 2                        # rounds an answer left unread waits at least before it is read, until reads are timed
@@ -304,7 +305,7 @@ class Decoder:
         build_wait = built_ms = 0.0
         if pending and unanswered:
             self._leave_unread(pending, told_tokens, told_joins)
-            pending, self.caches = None, {}
+            pending = None
         if pending and reply is None:   # all hits: the answer (q's for sampling) came during the forward
             reply, build_wait = self._await(pending.reply)
         if pending and reply is not None:
@@ -456,13 +457,9 @@ class Decoder:
         """The decoder's own n-gram speculation, as the drafter would have guessed it (its top-1
         next tokens copied from its builds), verified without waiting for the drafter: a cache miss
         under the fast backup (the drafter is told the tokens, Outcome.fast, and takes them as the
-        speculation), or SD drafted by it (Option.lookup). Cut before an id verification does not
-        cover (a prompt's, where the target's vocabulary is the larger)."""
-        tokens = ngram_proposal(s.tokens, s.k, self.top_next)
-        if max(tokens) >= self.vocab:
-            tokens = tokens[:next(i for i, t in enumerate(tokens) if t >= self.vocab)]
-        s.spec = Speculation(tokens, None if s.params.greedy else one_hot(tokens, self.vocab), "fast")
-        return tokens
+        speculation), or SD drafted by it (Option.lookup)."""
+        s.spec = fast_speculation(ngram_proposal(s.tokens, s.k, self.top_next), self.vocab, s.params.greedy)
+        return s.spec.tokens
 
     def _score_guess(self, s: Sequence, token: int) -> None:
         """A plain step scores the n-gram guess on the token it committed (shadow acceptance, as the

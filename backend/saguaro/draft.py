@@ -315,10 +315,7 @@ class Drafter:
         return Speculation(hit.tokens[: s.k], None if hit.q is None else hit.q[: s.k], "cache") if hit else None
 
     def _fast(self, s: _Seq, tokens: list[int] | None = None) -> Speculation:
-        tokens = s.fast_guess if tokens is None else tokens
-        if tokens and max(tokens) >= s.vocab:      # a prompt's id verification does not cover: cut there
-            tokens = tokens[:next(i for i, t in enumerate(tokens) if t >= s.vocab)]
-        return Speculation(tokens, None if s.params.greedy else one_hot(tokens, s.vocab), "fast")
+        return fast_speculation(s.fast_guess if tokens is None else tokens, s.vocab, s.params.greedy)
 
     def _backup_choice(self, batch: int, verify_ms: float) -> str:
         if self.spec.backup != "auto":
@@ -440,6 +437,15 @@ class Drafter:
         for n, (s, j, c) in enumerate(owners):
             q = None if s.params.greedy else qs[n, : s.k, : s.vocab]
             s.cache[(j, c)] = Speculation(drafted_l[n][: s.k], q, "cache")
+
+
+def fast_speculation(tokens: list[int], vocab: int, greedy: bool) -> Speculation:
+    """The n-gram guess as a speculation (the drafter's fast backup, or the decoder's own guess):
+    cut before an id verification does not cover (a prompt's, where the target's vocabulary is the
+    larger), its q one-hot under sampling."""
+    cut = next((i for i, t in enumerate(tokens) if t >= vocab), len(tokens))
+    tokens = tokens[:cut]
+    return Speculation(tokens, None if greedy else one_hot(tokens, vocab), "fast")
 
 
 def _at(fanout: list[int], depth: int) -> int:

@@ -299,7 +299,7 @@ class RoundPolicy:
         # measured / predicted tokens of speculating rounds: the model assumes acceptance independent
         # across positions and the rounds it chose were the ones it overestimated (winner's curse);
         # the draft's and the n-gram guess's apart (the guess's acceptance comes in runs)
-        self.calibration = {"draft": Rate(GLOBAL_DECAY), "lookup": Rate(GLOBAL_DECAY)}
+        self.calibration = {False: Rate(GLOBAL_DECAY), True: Rate(GLOBAL_DECAY)}   # by Option.lookup
         self.raw_tokens: float | None = None    # the uncalibrated prediction of the round being run
         self.held: HeldChoice | None = None
         self.hold = self.ticks = 0              # rounds it is still kept; rounds the rates have not ticked
@@ -515,7 +515,7 @@ class RoundPolicy:
         predictions lately (between 0.5 and 1.2 of the model's)."""
         if x is None or o.kind == "ar":
             return x
-        c = self.calibration["lookup" if o.lookup else "draft"].value(1.0, CALIBRATION_PRIOR)
+        c = self.calibration[o.lookup].value(1.0, CALIBRATION_PRIOR)
         return Prediction(x.tokens * min(1.2, max(0.5, c)), x.ms)
 
     def _plain_inputs(self, n: int, batch: int) -> dict:
@@ -639,7 +639,7 @@ class RoundPolicy:
         self.last_seen[o] = self.rounds
         self.plain_news = self.plain_news or o.kind == "ar"
         if self.raw_tokens is not None and o.kind != "ar":
-            self.calibration["lookup" if o.lookup else "draft"].observe(r.tokens, self.raw_tokens)
+            self.calibration[o.lookup].observe(r.tokens, self.raw_tokens)
         self.raw_tokens = None
         if o.kind == "ssd" and r.build_ms > 0:
             # the drafter times its build; one that outlasted the verify is seen whole from here,
