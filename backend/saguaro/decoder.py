@@ -72,7 +72,7 @@ class SeqStats:
     ssd_rounds: int = 0              # a speculation verified while the next one is pre-drafted
 
 
-@dataclass
+@dataclass(eq=False)      # one sequence is itself only: `s in chosen` compared every field of the others
 class Sequence:
     seq_id: int
     prompt: list[int]
@@ -363,7 +363,7 @@ class Decoder:
         """Each sequence's K and pre-drafting for this round (step 0), told to the drafter with the
         outcomes. Returns the policy's option and prediction (None when no sequence is its), and
         the ids of the sequences it chose for. cold: the round follows a pause (it is not measured)."""
-        chosen = [s for s in seqs if self.policy is not None and self._policy_seq(s) and not s.first_round]
+        chosen = [s for s in seqs if self._policy_seq(s) and not s.first_round] if self.policy is not None else []
         for s in seqs:
             speculates = s.mode != "ar" and not s.first_round
             s.k, s.build = (s.request_k, s.mode == "ssd") if speculates else (0, False)
@@ -375,10 +375,12 @@ class Decoder:
         # policy.catch_up of them (policy.catch_up_now), so speculating again waits for no long catch-up.
         # (not while an answer is unread: telling it more would wait for that answer)
         # (timed by the sequences the drafter follows: _defer_joins)
-        followed = [o for o in self.outcomes if o.seq_id not in self.deferred] or self.outcomes
-        held = max((len(self.held.get(o.seq_id, ())) + 1 for o in followed), default=0)
-        catch_up = held > 1 and self.policy is not None and self.unread is None and self.policy.catch_up_now(held)
-        if self.policy is not None:
+        catch_up = False
+        if self.policy is not None and self.unread is None and self.outcomes:
+            followed = [o for o in self.outcomes if o.seq_id not in self.deferred] or self.outcomes
+            held = max(len(self.held.get(o.seq_id, ())) for o in followed) + 1
+            catch_up = held > 1 and self.policy.catch_up_now(held)
+        if self.policy is not None and (self.joins or self.deferred or catch_up):
             catch_up = self._defer_joins(catch_up)
         option = predicted = None
         if chosen:
@@ -387,7 +389,7 @@ class Decoder:
             wide_ok = not busy and not any(s.build for s in seqs if s not in chosen)
             plain_only = any(s.seq_id in self.deferred for s in chosen)
             option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok, busy, cold, plain_only)
-        ids = {s.seq_id for s in chosen}
+        ids = {s.seq_id for s in chosen} if chosen else set()
         fast_misses = option is not None and option.backup == "fast"
         for s in chosen:
             s.k, s.build, s.lookup = option.k, option.kind == "ssd", option.lookup

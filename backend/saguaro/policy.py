@@ -38,8 +38,9 @@ PLAIN_REFRESH = 0.003     # a kept plain step runs on the other cores once every
 SWITCH_BACK = 0.1         # ... counting the round after it too, back on the kept cores: the first round on
                           # every core after one on a single core cost 7-16% more at batch 1 (threads woken,
                           # caches the drafter used); without it one core was tried every ~17 rounds there
-HELD_MEASURED = 4         # a kept plain step's rounds are measured one in this many: measuring took ~19 us a
-                          # round at batch 1 (caches cold after the forward), 1% of a 2 ms round
+HELD_MEASURED = 8         # a kept plain step's rounds are measured one in this many: measuring took ~19 us a
+                          # round at batch 1 (caches cold after the forward), 1% of a 2 ms round; at 4, ~30 us
+                          # a measured round was still ~0.4% of T = 0.7 batch-1 runs where AR won every round
 HOLD = 8                  # rounds a plain step's choice is kept unscored after it was chosen (until news
                           # of acceptance, which scores at once): a scoring round's choice took ~100 us in the
                           # decoder at batch 1 (a full ranking ~300 us alone), and at 3 one round in four scored
@@ -65,7 +66,7 @@ CATCH_UP = 16             # plain steps a sequence's outcomes wait at most befor
 # and the drafter catches up every CATCH_UP_FAR plain steps (at batch 4 here a catch-up kept the
 # target on its own core for 2-4 rounds of every 16)
 FAR = 0.9
-FAR_HOLD = 16
+FAR_HOLD = 32             # (at 16, the choices at a hold's end took ~0.4% of T = 0.7 batch-1 runs, ~160 us each)
 FAR_EXPLORE = 0.25
 CATCH_UP_FAR = 64
 FOLLOW_CATCH_UPS = 2      # far from paying, a sequence is followed only with this many catch-ups' tokens left
@@ -303,7 +304,7 @@ class RoundPolicy:
         self.raw_tokens: float | None = None    # the uncalibrated prediction of the round being run
         self.held: HeldChoice | None = None
         self.hold = self.ticks = 0              # rounds it is still kept; rounds the rates have not ticked
-        self.plain_gap, self.refreshed = 0.0, 0   # the other cores' plain step: predicted slowdown, last run
+        self.refresh_every, self.refreshed = 16.0, 0   # the other cores' plain step: run once in, last run
         self.plain_news = False                 # a plain step was measured since its cores were last judged
         self.reach = 0.0                        # the best speculating option's score at the global acceptance / the best plain step's
         self.far = False                        # speculation is predicted far from paying (reach < FAR)
@@ -370,11 +371,7 @@ class RoundPolicy:
                 if kept != (cores := self._plain_cores(batch)):
                     self._hold_plain(cores, self.predict(cores, seq_ids, batch), wide_ok, batch, seq_ids, self.hold)
                     return cores, self.held.prediction
-            # the other cores are tried as rarely as the gap they would have to close to be chosen:
-            # one core must also beat every core by NARROW_MARGIN
-            gap = self.plain_gap + (NARROW_MARGIN if kept.wide else 0.0)
-            due = max(16, (gap + SWITCH_BACK) / PLAIN_REFRESH)
-            if not cold and self.rounds - self.refreshed >= due and (wide_ok or kept.wide):
+            if not cold and self.rounds - self.refreshed >= self.refresh_every and (wide_ok or kept.wide):
                 other, self.refreshed = (PLAIN_NARROW if kept.wide else PLAIN_WIDE), self.rounds
                 return other, self.predict(other, seq_ids, batch)
             self.measure = self.hold % HELD_MEASURED == 0
@@ -450,7 +447,10 @@ class RoundPolicy:
         """Keep a plain step for `rounds` rounds unscored, and how much slower its other cores are."""
         self.held, self.hold = HeldChoice(o, prediction, wide_ok, batch, tuple(seq_ids)), rounds
         kept, other = self._plain_floor(o.wide, batch), self._plain_floor(not o.wide, batch)
-        self.plain_gap = other / kept - 1 if kept and other else 0.0
+        # the other cores are tried as rarely as the gap they would have to close to be chosen:
+        # one core must also beat every core by NARROW_MARGIN
+        gap = (other / kept - 1 if kept and other else 0.0) + (NARROW_MARGIN if o.wide else 0.0)
+        self.refresh_every = max(16, (gap + SWITCH_BACK) / PLAIN_REFRESH)
 
     @property
     def _hold_rounds(self) -> int:
