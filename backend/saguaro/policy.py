@@ -67,7 +67,8 @@ CATCH_UP = 16             # plain steps a sequence's outcomes wait at most befor
 # target on its own core for 2-4 rounds of every 16)
 FAR = 0.9
 FAR_HOLD = 32             # (at 16, the choices at a hold's end took ~0.4% of T = 0.7 batch-1 runs, ~160 us each)
-FAR_EXPLORE = 0.25
+FAR_EXPLORE = 0.125       # (at 0.25, one exploring round in 384: at batch 4 each one first tells the drafter every
+                          # deferred prompt, 20-40 ms on the target's own core, ~0.7% of a cell where AR won every round)
 CATCH_UP_FAR = 64
 FOLLOW_CATCH_UPS = 2      # far from paying, a sequence is followed only with this many catch-ups' tokens left
 
