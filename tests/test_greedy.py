@@ -11,7 +11,7 @@ import pytest
 
 from saguaro.config import DEMO_DRAFT, DEMO_TARGET, DEV_PROMPTS, EngineConfig, SamplingParams, SpecConfig
 from saguaro.backup import ngram_proposal
-from saguaro.decoder import GUESS_EVERY, GUESS_SCORES, JOIN_READ
+from saguaro.decoder import GUESS_EVERY, GUESS_FAR, GUESS_SCORES, JOIN_READ
 from saguaro.llm import build_decoder
 from saguaro.policy import CATCH_UP, Option, RoundPolicy
 from saguaro.text import load_tokenizer
@@ -463,12 +463,16 @@ class PlainSteps(RoundPolicy):
         return Option("ar", 0, wide_ok), None
 
 
-def test_plain_steps_score_the_n_gram_guess(prompts, ar_outputs):
+@pytest.mark.parametrize("far", [False, True])
+def test_plain_steps_score_the_n_gram_guess(prompts, ar_outputs, far):
     """Plain steps measure what SD drafted by the n-gram guess would accept (its shadow acceptance):
-    once in GUESS_EVERY tokens the guess from the history before a token is scored on it, and the
-    policy is told every GUESS_SCORES scored, exactly what a direct recount finds."""
+    once in GUESS_EVERY tokens (GUESS_FAR times fewer while the guess is far from paying) the guess
+    from the history before a token is scored on it, and the policy is told every GUESS_SCORES
+    scored, exactly what a direct recount finds."""
     dec = build_decoder(TARGET, DRAFT, SpecConfig(k=3), draft_process=False)
     dec.policy = policy = PlainSteps(max_k=3, default_k=3)
+    policy.guess_far = far
+    every = GUESS_EVERY * GUESS_FAR if far else GUESS_EVERY
     told = []
     observe = policy.observe_accept
     policy.observe_accept = lambda *a, **kw: (told.append(a) if kw.get("shadow") else None, observe(*a, **kw))[1]
@@ -479,7 +483,7 @@ def test_plain_steps_score_the_n_gram_guess(prompts, ar_outputs):
     assert out == ar_outputs[0]
     history = prompts[0] + out
     hits = [ngram_proposal(history[:i], 1, {})[0] == history[i]
-            for i in range(len(prompts[0]), len(history)) if i % GUESS_EVERY == 0]
+            for i in range(len(prompts[0]), len(history)) if i % every == 0]
     whole = len(hits) // GUESS_SCORES * GUESS_SCORES
     assert told and all(a[1:] == (sum(hits[j:j + GUESS_SCORES]), GUESS_SCORES, "fast")
                         for a, j in zip(told, range(0, whole, GUESS_SCORES))), (told, hits)

@@ -548,6 +548,15 @@ def test_where_the_n_gram_guess_pays_sd_is_drafted_by_it_on_every_core():
     assert policy.far
 
 
+@pytest.mark.parametrize("a_fast,far", [(0.0, True), (0.7, False)])
+def test_the_n_gram_guess_is_judged_far_from_paying_by_its_own_reach(a_fast, far):
+    """Where SD drafted by the guess would lose to a plain step by more than FAR at the guess's
+    global acceptance, the policy says so (the decoder's plain steps then score it less often)."""
+    policy, machine = RoundPolicy(max_k=6, default_k=3), Machine(a=0.02, a_fast=a_fast)
+    drive(policy, machine, 600)
+    assert policy.guess_far == far and policy.far
+
+
 def test_the_n_gram_guess_is_judged_per_sequence():
     policy = RoundPolicy(max_k=4, default_k=3)
     for _ in range(50):

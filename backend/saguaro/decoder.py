@@ -46,6 +46,7 @@ MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness
 JOIN_READ = 2                        # rounds an answer left unread waits at least before it is read, until reads are timed
 GUESS_EVERY = 3                      # a plain step scores the n-gram guess once in this many tokens (~5 us a guess)
 GUESS_SCORES = 4                     # ... and the policy is told after this many
+GUESS_FAR = 4                        # one in GUESS_FAR times as many while the guess is far from paying (policy.guess_far)
 
 
 class DraftClient(Protocol):
@@ -170,6 +171,7 @@ class Decoder:
         self.unread_joins = False        # it prefills new prompts (else it catches up)
         self.read_ms_per_token = {True: 0.0, False: 0.0}   # the drafter's time per token told, as last read, by joins
         self.history: list[RoundStats] = []
+        self.guess_every = GUESS_EVERY   # plain steps' tokens per n-gram guess scored, this round (_plan)
         backups = ("neural", "fast") if spec.backup == "auto" else (spec.backup,)
         # fan-out budgets the policy chooses from: the configured B, and half of it (a build of fewer
         # branches that a one-core verify hides, for fewer hits)
@@ -383,6 +385,8 @@ class Decoder:
         if self.policy is not None and (self.joins or self.deferred or catch_up):
             catch_up = self._defer_joins(catch_up)
         option = predicted = None
+        if self.policy is not None:
+            self.guess_every = GUESS_EVERY * GUESS_FAR if self.policy.guess_far else GUESS_EVERY
         if chosen:
             # the drafter prefills new prompts or held outcomes in this round, or still does
             busy = bool(self.joins) or catch_up or self.unread is not None
@@ -465,8 +469,9 @@ class Decoder:
 
     def _score_guess(self, s: Sequence, token: int) -> None:
         """A plain step scores the n-gram guess on the token it committed (shadow acceptance, as the
-        drafter scores itself at a catch-up), once in GUESS_EVERY tokens: told to the policy every
-        GUESS_SCORES scored (scoring every token of a batch of 4 cost ~1% of its plain steps)."""
+        drafter scores itself at a catch-up), once in GUESS_EVERY tokens (GUESS_FAR times fewer while
+        the guess is far from paying): told to the policy every GUESS_SCORES scored (scoring every
+        token of a batch of 4 cost ~1% of its plain steps)."""
         s.guessed[0] += ngram_proposal(s.tokens, 1, self.top_next)[0] == token
         s.guessed[1] += 1
         if s.guessed[1] >= GUESS_SCORES:
@@ -581,7 +586,7 @@ class Decoder:
         setattr(st, f"{kind}_rounds", getattr(st, f"{kind}_rounds") + 1)
         if self.policy is not None:
             self.policy.observe_accept(s.seq_id, k, len(draft), s.spec.source if draft else "ar")
-        if not draft and self.policy is not None and len(s.tokens) % GUESS_EVERY == 0 and self._policy_seq(s):
+        if not draft and self.policy is not None and len(s.tokens) % self.guess_every == 0 and self._policy_seq(s):
             self._score_guess(s, bonus)
         new = self._apply_stops(s, new)
         s.output.extend(new)

@@ -309,6 +309,7 @@ class RoundPolicy:
         self.plain_news = False                 # a plain step was measured since its cores were last judged
         self.reach = 0.0                        # the best speculating option's score at the global acceptance / the best plain step's
         self.far = False                        # speculation is predicted far from paying (reach < FAR)
+        self.guess_far = False                  # ... and SD drafted by the n-gram guess too, by its own reach
 
     @property
     def explore_soon(self) -> bool:
@@ -429,6 +430,13 @@ class RoundPolicy:
             self.reach = (max((self._score(o, typical) for o in options if o.kind != "ar" and not o.lookup), default=0.0)
                           / max(plain, 1e-9))
             self.far = self.measured and self.reach < FAR
+            # the n-gram guess's own reach, at its global acceptance against plain steps: far from
+            # paying, plain steps score it less often (the decoder's GUESS_FAR): scoring one token
+            # in three took ~0.35% of T = 0.7 runs, where it was chosen in 0-2% of the rounds
+            guessing = {**now, "fast_tokens": self._tokens([self.accept_fast.value(0.3)] * len(seq_ids))}
+            steps = max((r for o, r in zip(options, rates) if o.kind == "ar"), default=0.0)
+            self.guess_far = self.measured and max(
+                (self._score(o, guessing) for o in options if o.lookup and o.wide), default=0.0) < FAR * steps
         best = self._neighbour(shortlist, rates, order[0]) if explore else order[0]
         # chosen by the rate it keeps up; predicted as this round will run, after the round before
         o = shortlist[best]
