@@ -463,8 +463,10 @@ class RoundPolicy:
 
     @property
     def _hold_rounds(self) -> int:
-        """Rounds a plain choice is kept unscored: FAR_HOLD far from paying, else HOLD."""
-        return FAR_HOLD if self.far else HOLD
+        """Rounds a plain choice is kept unscored: FAR_HOLD where the drafter and the n-gram guess are
+        both far from paying, else HOLD (greedy text repeats in runs the guess's scores come in every
+        12 tokens, and a hold of 32 would let most of a run go by unchosen)."""
+        return FAR_HOLD if self.far and self.guess_far else HOLD
 
     def _plain_cores(self, batch: int) -> Option:
         """A plain step's cores while the drafter is idle: every core unless the target's own
