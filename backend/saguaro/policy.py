@@ -453,7 +453,7 @@ class RoundPolicy:
 
     def _hold_plain(self, o: Option, prediction: Prediction | None, wide_ok: bool, batch: int, seq_ids: list[int],
                     rounds: int) -> None:
-        """Keep a plain step for `rounds` rounds unscored, and how much slower its other cores are."""
+        """Keep a plain step for `rounds` rounds unscored, and how often its other cores are tried."""
         self.held, self.hold = HeldChoice(o, prediction, wide_ok, batch, tuple(seq_ids)), rounds
         kept, other = self._plain_floor(o.wide, batch), self._plain_floor(not o.wide, batch)
         # the other cores are tried as rarely as the gap they would have to close to be chosen:
@@ -464,8 +464,8 @@ class RoundPolicy:
     @property
     def _hold_rounds(self) -> int:
         """Rounds a plain choice is kept unscored: FAR_HOLD where the drafter and the n-gram guess are
-        both far from paying, else HOLD (greedy text repeats in runs the guess's scores come in every
-        12 tokens, and a hold of 32 would let most of a run go by unchosen)."""
+        both far from paying, else HOLD (greedy text repeats in runs, and the guess's scores, told
+        every 12 tokens, do not end a hold: one of FAR_HOLD would let most of a run go by)."""
         return FAR_HOLD if self.far and self.guess_far else HOLD
 
     def _plain_cores(self, batch: int) -> Option:
