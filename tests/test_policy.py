@@ -232,8 +232,8 @@ def test_exploring_rounds_are_evenly_spaced_and_announced_ahead():
     policy, machine = RoundPolicy(max_k=4, default_k=2), Machine(a=0.02)
     drive(policy, machine, 300)
     assert policy.far
-    explored, soon, caught, held = [], [], [], 0
-    for i in range(3600):
+    explored, soon, caught, held, rounds = [], [], [], 0, 3600
+    for i in range(rounds):
         soon.append(policy.explore_soon)
         held += 1                                   # as the decoder counts a sequence's untold plain steps
         if policy.catch_up_now(held):
@@ -252,7 +252,7 @@ def test_exploring_rounds_are_evenly_spaced_and_announced_ahead():
     # between leads one every catch_up steps
     for i in explored:
         assert len([c for c in caught if i - EXPLORE_LEAD <= c <= i]) == 1, (i, caught)
-    assert len(caught) <= len(explored) + 3600 // policy.catch_up + 1, caught
+    assert len(caught) <= len(explored) + rounds // policy.catch_up + 1, caught
 
 
 def test_policy_notices_when_speculation_starts_and_stops_paying():

@@ -171,7 +171,6 @@ class Decoder:
         self.unread_joins = False        # it prefills new prompts (else it catches up)
         self.read_ms_per_token = {True: 0.0, False: 0.0}   # the drafter's time per token told, as last read, by joins
         self.history: list[RoundStats] = []
-        self.guess_every = GUESS_EVERY   # plain steps' tokens per n-gram guess scored, this round (_plan)
         backups = ("neural", "fast") if spec.backup == "auto" else (spec.backup,)
         # fan-out budgets the policy chooses from: the configured B, and half of it (a build of fewer
         # branches that a one-core verify hides, for fewer hits)
@@ -382,18 +381,16 @@ class Decoder:
             followed = [o for o in self.outcomes if o.seq_id not in self.deferred] or self.outcomes
             held = max(len(self.held.get(o.seq_id, ())) for o in followed) + 1
             catch_up = held > 1 and self.policy.catch_up_now(held)
-        if self.policy is not None and (self.joins or self.deferred or catch_up):
+        if self.policy is not None:
             catch_up = self._defer_joins(catch_up)
         option = predicted = None
-        if self.policy is not None:
-            self.guess_every = GUESS_EVERY * GUESS_FAR if self.policy.guess_far else GUESS_EVERY
         if chosen:
             # the drafter prefills new prompts or held outcomes in this round, or still does
             busy = bool(self.joins) or catch_up or self.unread is not None
             wide_ok = not busy and not any(s.build for s in seqs if s not in chosen)
             plain_only = any(s.seq_id in self.deferred for s in chosen)
             option, predicted = self.policy.choose([s.seq_id for s in chosen], len(seqs), wide_ok, busy, cold, plain_only)
-        ids = {s.seq_id for s in chosen} if chosen else set()
+        ids = {s.seq_id for s in chosen}
         fast_misses = option is not None and option.backup == "fast"
         for s in chosen:
             s.k, s.build, s.lookup = option.k, option.kind == "ssd", option.lookup
@@ -424,6 +421,8 @@ class Decoder:
         that ends first never reaches the drafter. Its rounds may use every core. Every join
         waiting is told when exploring comes near and once speculation is no longer far from
         paying (that round catches every sequence up). Returns whether this round catches up."""
+        if not (self.joins or self.deferred or catch_up):
+            return False                # nothing to defer, tell or catch up on
         if self.policy.far and not self.policy.explore_soon:
             for j in [j for j in self.joins if self._policy_seq(self.seqs[j.seq_id])]:
                 self.joins.remove(j)
@@ -586,8 +585,9 @@ class Decoder:
         setattr(st, f"{kind}_rounds", getattr(st, f"{kind}_rounds") + 1)
         if self.policy is not None:
             self.policy.observe_accept(s.seq_id, k, len(draft), s.spec.source if draft else "ar")
-        if not draft and self.policy is not None and len(s.tokens) % self.guess_every == 0 and self._policy_seq(s):
-            self._score_guess(s, bonus)
+        if not draft and self.policy is not None and self._policy_seq(s):
+            if len(s.tokens) % (GUESS_EVERY * GUESS_FAR if self.policy.guess_far else GUESS_EVERY) == 0:
+                self._score_guess(s, bonus)
         new = self._apply_stops(s, new)
         s.output.extend(new)
         s.tokens.extend(new)
