@@ -13,7 +13,7 @@ from saguaro.config import DEMO_DRAFT, DEMO_TARGET, DEV_PROMPTS, EngineConfig, S
 from saguaro.backup import ngram_proposal
 from saguaro.decoder import GUESS_EVERY, GUESS_FAR, GUESS_SCORES, JOIN_READ
 from saguaro.llm import build_decoder
-from saguaro.policy import CATCH_UP, Option, RoundPolicy
+from saguaro.policy import CATCH_UP, HELD_MEASURED, HeldChoice, Option, PLAIN_NARROW, RoundPolicy
 from saguaro.text import load_tokenizer
 from random_rounds import RandomRounds
 
@@ -153,6 +153,68 @@ def test_the_drafter_catches_up_during_plain_steps_and_joins_are_read_later(prom
     assert behind and max(behind) <= CATCH_UP + 2 * JOIN_READ + 1, behind
     narrow = [i for i, ok in enumerate(policy.wide_ok) if not ok]
     assert narrow and len(narrow) <= (len(policy.wide_ok) // CATCH_UP + 1) * 2 * JOIN_READ, narrow
+
+
+class KeptPlainSteps(RoundPolicy):
+    """A stand-in for the policy far from paying: each choice it makes is a plain step on the cores
+    the round may use, kept `hold` rounds as choose keeps one (counted, measured one round in
+    HELD_MEASURED); steady and keep are the policy's own."""
+
+    def __init__(self, hold: int):
+        super().__init__(max_k=2, default_k=2)
+        self.hold_rounds, self.choices = hold, 0
+        self.refresh_every = 10**6           # (the other cores never tried)
+
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
+        self.choices += 1
+        self.measure = True
+        if drafter_busy:
+            return PLAIN_NARROW, None
+        self._count_round()
+        if self.hold > 0 and self.held.fits(wide_ok, batch, seq_ids):
+            self.hold -= 1
+            self.measure = self.hold % HELD_MEASURED == 0
+            return self.held.option, None
+        o = Option("ar", 0, wide_ok)
+        self.held, self.hold = HeldChoice(o, None, wide_ok, batch, tuple(seq_ids)), self.hold_rounds
+        return o, None
+
+
+def test_a_kept_plain_step_repeats_without_planning_and_the_drafter_still_hears_every_step(prompts, ar_outputs):
+    """While the policy keeps a plain step and nothing else changes, rounds repeat the last one's
+    plan on policy.keep alone (choosing and planning took ~45 us a round at batch 1); their outcomes
+    are held and told at the catch-ups as before, and a join ends the repeat (its first round is
+    planned: prefill, the drafter told). Greedy output stays AR's."""
+    dec = build_decoder(replace(TARGET, prefill_threads=2), DRAFT, SpecConfig(k=2), draft_process=False)
+    dec.policy = policy = KeptPlainSteps(hold=32)
+    kept = policy.keep
+    kept_rounds = []
+    policy.keep = lambda: kept() and not kept_rounds.append(len(dec.history))
+    told = []
+    start = dec.draft.start
+    dec.draft.start = lambda rnd: told.append((len(dec.history), [j.seq_id for j in rnd.joins], len(rnd.outcomes))) or start(rnd)
+    out: dict[int, list[int]] = {}
+    try:
+        first = dec.add(prompts[0], PARAMS)
+        behind = []
+        while dec.active:
+            if len(dec.history) == NEW_TOKENS // 2:
+                second = dec.add(prompts[1], PARAMS)
+                joined_at = len(dec.history)
+            for e in dec.step():
+                out.setdefault(e.seq_id, []).extend(e.tokens)
+            drafter = dec.draft.drafter
+            if first in drafter.seqs and first in dec.seqs:   # committed tokens the draft's KV lacks
+                behind.append(len(prompts[0]) + len(out[first]) - drafter.engine.length(drafter.seqs[first].slot))
+        rounds = len(dec.history)
+    finally:
+        dec.close()
+    assert out[first] == ar_outputs[0] and out[second] == ar_outputs[1]
+    assert len(kept_rounds) >= rounds / 2 and policy.choices <= rounds / 2, (len(kept_rounds), policy.choices, rounds)
+    assert joined_at not in kept_rounds                             # the join's round was planned
+    assert any(second in joins for _, joins, _ in told)             # ... and the drafter told of it
+    assert max(n for _, _, n in told) <= 4                          # held steps told as one outcome each
+    assert behind and max(behind) <= CATCH_UP + 2 * JOIN_READ + 1, behind    # caught up as before
 
 
 def test_rounds_that_keep_the_drafter_idle_give_the_target_every_core_whoever_chose_them(prompts, ar_outputs):

@@ -3,6 +3,7 @@ acceptance are known: it learns the costs, settles on the fastest option, predic
 rate, keeps exploring, and notices when speculation starts or stops paying."""
 from __future__ import annotations
 
+import copy
 import random
 import statistics
 from collections import Counter
@@ -432,6 +433,31 @@ def test_a_kept_plain_steps_rounds_are_measured_one_in_a_few():
         measured.append(policy.measure)
         machine.run(policy, o)
     assert 96 / policy_module.HELD_MEASURED <= sum(measured) <= 96 * (1 / policy_module.HELD_MEASURED + 1 / FAR_HOLD) + 2
+
+
+@pytest.mark.parametrize("a_fast,share", [(0.0, 0.8), (0.3, 0.5)])   # the n-gram guess far from paying, or not
+def test_the_rounds_steady_grants_are_kept_as_choose_keeps_them(a_fast, share):
+    """The decoder runs the rounds `steady` grants after a kept plain step on `keep` alone (choosing
+    and planning one took ~45 us at batch 1): choose would have kept the same step in each, with
+    no exploring near as each starts, and keep counts them as choose does."""
+    policy, machine = RoundPolicy(max_k=6, default_k=3), Machine(a=0.3, a_fast=a_fast)
+    drive(policy, machine, 300)
+    granted = rounds = 0
+    while rounds < 3000:
+        o, _ = policy.choose([0], 1, wide_ok=True)
+        n = policy.steady(o)
+        twin = copy.deepcopy(policy)
+        for _ in range(n):
+            assert not twin.explore_soon
+            assert twin.choose([0], 1, wide_ok=True)[0] == o and policy.keep()
+            assert [getattr(policy, f) for f in COUNTED] == [getattr(twin, f) for f in COUNTED]
+        for _ in range(n + 1):
+            machine.run(policy, o)
+        granted, rounds = granted + n, rounds + n + 1
+    assert granted >= rounds * share, (granted, rounds)
+
+
+COUNTED = ("rounds", "ticks", "explore_credit", "explore_next", "hold", "measure", "refreshed", "held")
 
 
 def test_rounds_that_cannot_use_every_core_measure_what_they_can():

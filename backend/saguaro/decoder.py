@@ -171,6 +171,8 @@ class Decoder:
         self.unread_joins = False        # it prefills new prompts (else it catches up)
         self.read_ms_per_token = {True: 0.0, False: 0.0}   # the drafter's time per token told, as last read, by joins
         self.history: list[RoundStats] = []
+        # rounds that repeat the last one's plan without planning (_steady_rounds), and that plan
+        self.steady, self.steady_plan = 0, (None, None, set())
         backups = ("neural", "fast") if spec.backup == "auto" else (spec.backup,)
         # fan-out budgets the policy chooses from: the configured B, and half of it (a build of fewer
         # branches that a one-core verify hides, for fewer hits)
@@ -204,6 +206,7 @@ class Decoder:
             generator = torch.Generator()
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         slot = self.target.allocate()
+        self.steady = 0
         self.seqs[seq_id] = Sequence(seq_id=seq_id, prompt=list(prompt), tokens=array("I", prompt), params=params, mode=mode,
                                      request_k=request_spec.k, pinned=k is not None, budget=request_spec.budget,
                                      slot=slot, generator=generator,
@@ -364,6 +367,14 @@ class Decoder:
         """Each sequence's K and pre-drafting for this round (step 0), told to the drafter with the
         outcomes. Returns the policy's option and prediction (None when no sequence is its), and
         the ids of the sequences it chose for. cold: the round follows a pause (it is not measured)."""
+        if self.steady and self.policy.keep():   # a plain step kept, the round as the last one
+            self.steady -= 1
+            for o in self.outcomes:     # (held: the drafter hears of them at the next catch-up)
+                o.next_k, o.build = 0, False
+                self.held[o.seq_id].append(o)
+            self.outcomes = []
+            return self.steady_plan
+        self.steady = 0
         chosen = [s for s in seqs if self._policy_seq(s) and not s.first_round] if self.policy is not None else []
         for s in seqs:
             speculates = s.mode != "ar" and not s.first_round
@@ -411,7 +422,21 @@ class Decoder:
             if drafts or s.build or (catch_up and o.seq_id not in self.deferred):
                 told += _merged(self.held.pop(o.seq_id))
         self.outcomes = told
+        if option is not None and len(chosen) == len(seqs) and option.kind == "ar":
+            self.steady, self.steady_plan = self._steady_rounds(seqs, option), (option, predicted, ids)
         return option, predicted, ids
+
+    def _steady_rounds(self, seqs: list[Sequence], option: Option) -> int:
+        """Rounds after this one (a plain step for sequences all the policy's) that repeat it
+        without planning, on policy.keep alone: while the policy would only keep that step
+        (RoundPolicy.steady) and the drafter has nothing to hear before the next catch-up (this
+        round tells it nothing, no answer is unread). A join, a leave or a failure ends them (add,
+        _finish, _degrade)."""
+        if self.outcomes or self.joins or self.leaves or self.unread is not None or (self.deferred and not self.policy.far):
+            return 0
+        followed = [s for s in seqs if s.seq_id not in self.deferred] or seqs
+        untold = max(len(self.held.get(s.seq_id, ())) for s in followed)
+        return min(self.policy.steady(option), self.policy.catch_up - untold - 1)
 
     def _defer_joins(self, catch_up: bool) -> bool:
         """Far from paying, the drafter follows one of the policy's sequences, enough to measure
@@ -558,6 +583,7 @@ class Decoder:
             if s.mode != "ar":
                 s.mode, s.k, s.spec, s.stats.degraded = "ar", 0, None, True
         self.joins, self.outcomes, self.leaves, self.held, self.unread, self.deferred = [], [], [], {}, None, {}
+        self.steady = 0
         try:
             self.draft.reset()
         except Exception:   # a drafter that cannot even reset is replaced by its client or stays unused
@@ -627,6 +653,7 @@ class Decoder:
 
     def _finish(self, s: Sequence) -> None:
         self.seqs.pop(s.seq_id, None)
+        self.steady = 0
         if self.policy is not None:
             self.policy.forget(s.seq_id)
         self.target.release(s.slot)

@@ -18,6 +18,7 @@ was drawn from, so the output does not depend on the choice.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -306,7 +307,6 @@ class RoundPolicy:
         self.held: HeldChoice | None = None
         self.hold = self.ticks = 0              # rounds it is still kept; rounds the rates have not ticked
         self.refresh_every, self.refreshed = 16.0, 0   # the other cores' plain step: run once in, last run
-        self.plain_news = False                 # a plain step was measured since its cores were last judged
         self.reach = 0.0                        # the best speculating option's score at the global acceptance / the best plain step's
         self.far = False                        # speculation is predicted far from paying (reach < FAR)
         self.guess_far = False                  # ... and SD drafted by the n-gram guess too, by its own reach
@@ -356,23 +356,12 @@ class RoundPolicy:
         self.measure = True
         if drafter_busy:   # a speculation would wait for that work (10-20 ms at batch 4 here)
             return PLAIN_NARROW, self.predict(PLAIN_NARROW, seq_ids, batch)
-        self.rounds += 1
-        self.ticks += 1
-        self.explore_credit += self._explore_rate()
+        self._count_round()
         explore, self.explore_next = self.explore_next, self.explore_credit >= 1
         self.explore_credit -= self.explore_next
         if self.hold > 0 and not explore and self.held.fits(wide_ok, batch, seq_ids):
             self.hold -= 1
             kept = self.held.option
-            # a kept plain step's cores are judged again whenever a plain step was measured, so one
-            # stale floor is not kept for the whole hold (16 rounds on one core at 1.3x per round);
-            # not every round: a round's bookkeeping ran ~4x slower than alone, on caches the
-            # forward had just filled, and the SSD decoder's came to 0.05 ms a round over AR's
-            if wide_ok and self.plain_news:
-                self.plain_news = False
-                if kept != (cores := self._plain_cores(batch)):
-                    self._hold_plain(cores, self.predict(cores, seq_ids, batch), wide_ok, batch, seq_ids, self.hold)
-                    return cores, self.held.prediction
             if not cold and self.rounds - self.refreshed >= self.refresh_every and (wide_ok or kept.wide):
                 other, self.refreshed = (PLAIN_NARROW if kept.wide else PLAIN_WIDE), self.rounds
                 return other, self.predict(other, seq_ids, batch)
@@ -450,6 +439,34 @@ class RoundPolicy:
         if o.kind == "ar" and not explore:
             self._hold_plain(o, raw, wide_ok, batch, seq_ids, self._hold_rounds)
         return o, self._calibrated(o, raw)
+
+    def steady(self, o: Option) -> int:
+        """Rounds after this one (its choice o) in which `choose` would keep a plain step: the
+        hold goes on, on the same cores, with no exploring near (`explore_soon` stays False). The
+        decoder runs them on `keep` alone while its own round does not change (no join, leave,
+        catch-up or answer to read): choosing and planning a kept round took ~45 us at batch 1,
+        ~2% of the round, in T = 0.7 runs where AR won every round."""
+        if self.held is None or o != self.held.option or self.explore_next:
+            return 0
+        refresh = math.ceil(self.refresh_every - (self.rounds - self.refreshed))   # the next on the other cores
+        # ... and the first whose start finds exploring near (explore_soon; a round early, for rounding)
+        exploring = int((1 - self.explore_credit) / self._explore_rate()) - EXPLORE_LEAD
+        return max(0, min(self.hold, refresh - 1, exploring - 1))
+
+    def keep(self) -> bool:
+        """A round of the plain step kept (`steady`), counted as choose's kept path counts it.
+        False: the hold ended (a measurement judged its cores anew, news of acceptance): choose."""
+        if self.hold <= 0:
+            return False
+        self._count_round()
+        self.hold -= 1
+        self.measure = self.hold % HELD_MEASURED == 0
+        return True
+
+    def _count_round(self) -> None:
+        self.rounds += 1
+        self.ticks += 1
+        self.explore_credit += self._explore_rate()
 
     def _hold_plain(self, o: Option, prediction: Prediction | None, wide_ok: bool, batch: int, seq_ids: list[int],
                     rounds: int) -> None:
@@ -648,7 +665,6 @@ class RoundPolicy:
     def observe(self, r: RoundCosts) -> None:
         o, b = r.option, r.batch
         self.last_seen[o] = self.rounds
-        self.plain_news = self.plain_news or o.kind == "ar"
         if self.raw_tokens is not None and o.kind != "ar":
             self.calibration[o.lookup].observe(r.tokens, self.raw_tokens)
         self.raw_tokens = None
@@ -676,6 +692,13 @@ class RoundPolicy:
                 self.jit.observe(b, o.k, drafting)
         rest = r.wall_ms - r.verify_ms - r.spec_wait_ms - r.build_wait_ms
         self.other[o.work].observe(b, 0, max(0.0, rest))
+        # A kept plain step's cores are judged again whenever a plain step is measured (one round in
+        # HELD_MEASURED of a hold, the other cores' refresh), so one stale floor is not kept for the
+        # whole hold (16 rounds on one core at 1.3x per round); not every round: a round's bookkeeping
+        # ran ~4x slower than alone, on caches the forward had just filled. Cores that changed
+        # end the hold: the next round chooses them.
+        if o.kind == "ar" and self.hold > 0 and self.held.wide_ok and self.held.batch == b and self.held.option != self._plain_cores(b):
+            self.hold = 0
 
     def ran(self, o: Option) -> None:
         """A round of option o ran, measured or not: the next round looks in the caches it built."""
