@@ -610,9 +610,9 @@ class Decoder:
         st.rounds, st.drafted, st.accepted = st.rounds + 1, st.drafted + len(draft), st.accepted + k
         setattr(st, f"{kind}_rounds", getattr(st, f"{kind}_rounds") + 1)
         if self.policy is not None:
-            self.policy.observe_accept(s.seq_id, k, len(draft), s.spec.source if draft else "ar")
-        if not draft and self.policy is not None and self._policy_seq(s):
-            if len(s.tokens) % (GUESS_EVERY * GUESS_FAR if self.policy.guess_far else GUESS_EVERY) == 0:
+            if draft:
+                self.policy.observe_accept(s.seq_id, k, len(draft), s.spec.source)
+            elif len(s.tokens) % (GUESS_EVERY * GUESS_FAR if self.policy.guess_far else GUESS_EVERY) == 0 and self._policy_seq(s):
                 self._score_guess(s, bonus)
         new = self._apply_stops(s, new)
         s.output.extend(new)
