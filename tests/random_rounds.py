@@ -18,9 +18,9 @@ class RandomRounds(RoundPolicy):
         self.max_k = max_k
 
     def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
-        # far from paying at random, so new prompts' joins are deferred and told later (a catch-up,
-        # or once no longer far) at every point too
-        self.far = self.rng.random() < 0.3
+        # far from paying (the drafter following one sequence) at random, so new prompts' joins are
+        # deferred and told later (a catch-up, or once no longer far) at every point too
+        self.far = self.follows_one = self.rng.random() < 0.3
         # (a sequence the drafter does not know: a plain step, or SD drafted by the n-gram guess)
         kind = self.rng.choice(("ar", "sd")) if plain_only else self.rng.choice(("ar", "sd", "ssd", "ssd"))
         wide = kind != "ssd" and wide_ok and self.rng.random() < 0.5

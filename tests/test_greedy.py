@@ -305,7 +305,8 @@ class FarFromPaying(RoundPolicy):
 
     def __init__(self, catch_up_every: int):
         super().__init__(max_k=2, default_k=2)
-        self.far, self.measured, self.every = True, True, catch_up_every
+        self.far = self.follows_one = self.measured = True
+        self.every = catch_up_every
 
     @property
     def catch_up(self) -> int:
@@ -380,7 +381,7 @@ def test_far_from_paying_the_drafter_follows_one_sequence(prompts, ar_outputs):
         for _ in range(3 * 8):          # three more catch-ups of the followed sequence alone
             step()
         assert joins == [first] and dec.draft_slots == 1
-        policy.far = False
+        policy.far = policy.follows_one = False
         while dec.seqs:
             step()
         dec.settle()

@@ -295,6 +295,18 @@ def test_a_dip_in_one_texts_acceptance_is_not_far_from_paying():
     assert chosen["ar"] >= 9 and not policy.far and policy.catch_up == CATCH_UP
 
 
+@pytest.mark.parametrize("a,draft_step,far,follows_one", [(0.05, 0.8, True, True), (0.65, 0.8, False, True),
+                                                            (0.8, 0.5, False, False)])
+def test_the_drafter_follows_one_sequence_wherever_its_speculation_does_not_pay(a, draft_step, far, follows_one):
+    """Far from paying, or near but not paying, the decoder's drafter follows one sequence (joins
+    deferred): served greedy at concurrency 4 and 8, where AR won nearly every round with the drafter
+    near paying, every join's draft prefill and every sequence's catch-ups had put ~11% of the rounds
+    on the target's own core. Where its speculation pays at the acceptance it has had, it follows all."""
+    policy, machine = RoundPolicy(max_k=6, default_k=3), Machine(a=a, draft_step=draft_step, a_fast=0.0)
+    drive(policy, machine, 600)
+    assert (policy.far, policy.follows_one) == (far, follows_one), policy.reach
+
+
 def test_a_round_where_the_drafter_works_first_is_a_plain_step_on_the_targets_cores():
     """New prompts' draft prefill or a catch-up runs in this round: a speculation would wait for
     it, so even where speculating pays the round is a plain step, and it is not one of the

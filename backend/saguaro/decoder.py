@@ -17,10 +17,10 @@ One round, for every active sequence together:
      as the request asks (penalties, min_tokens, bad words: logits.py), each row with its own context.
 On a hit nothing waits for the drafter except a build that outlasts the forward. Sequences join
 and leave between rounds: a new prompt is prefilled on the target first, then its first round
-verifies an empty speculation while the drafter prefills it too (far from paying, later or never:
-the drafter follows one sequence, _defer_joins). AR is a round with an empty speculation. A cache
-miss under the fast backup is guessed here too (_fast), so it waits for no drafter answer. Which
-round type runs never changes the output: each verifies what it speculated.
+verifies an empty speculation while the drafter prefills it too (while the drafter's speculation
+does not pay, later or never: it follows one sequence, _defer_joins). AR is a round with an empty
+speculation. A cache miss under the fast backup is guessed here too (_fast), so it waits for no
+drafter answer. Which round type runs never changes the output: each verifies what it speculated.
 """
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ class Decoder:
         self.joins: list[Join] = []
         self.outcomes: list[Outcome] = []
         self.held: dict[int, list[Outcome]] = {}   # outcomes not yet told: rounds since with nothing to draft
-        self.deferred: dict[int, Join] = {}  # joins not yet told: far from paying, all but one sequence (_defer_joins)
+        self.deferred: dict[int, Join] = {}  # joins not yet told: speculation not paying, all but one sequence (_defer_joins)
         self.leaves: list[int] = []
         self.last_verify_ms = 0.0
         self.last_round_end = 0.0        # perf_counter() when the last round ended
@@ -432,23 +432,24 @@ class Decoder:
         (RoundPolicy.steady) and the drafter has nothing to hear before the next catch-up (this
         round tells it nothing, no answer is unread). A join, a leave or a failure ends them (add,
         _finish, _degrade)."""
-        if self.outcomes or self.joins or self.leaves or self.unread is not None or (self.deferred and not self.policy.far):
+        if self.outcomes or self.joins or self.leaves or self.unread is not None or (self.deferred and not self.policy.follows_one):
             return 0
         followed = [s for s in seqs if s.seq_id not in self.deferred] or seqs
         untold = max(len(self.held.get(s.seq_id, ())) for s in followed)
         return min(self.policy.steady(option), self.policy.catch_up - untold - 1)
 
     def _defer_joins(self, catch_up: bool) -> bool:
-        """Far from paying, the drafter follows one of the policy's sequences, enough to measure
-        what speculation would accept (shadow acceptance); the others stay unknown to it. A new
-        prompt's join waits with its sequence's plain steps; at a catch-up with no sequence
-        followed, the one that joined first is told, its prompt and plain steps together; one
-        that ends first never reaches the drafter. Its rounds may use every core. Every join
-        waiting is told when exploring comes near and once speculation is no longer far from
-        paying (that round catches every sequence up). Returns whether this round catches up."""
+        """While its speculation is not predicted to pay (policy.follows_one: far from paying, or
+        near), the drafter follows one of the policy's sequences, enough to measure what it would
+        accept (shadow acceptance); the others stay unknown to it. A new prompt's join waits with
+        its sequence's plain steps; at a catch-up with no sequence followed, the one that joined
+        first is told, its prompt and plain steps together; one that ends first never reaches the
+        drafter. Its rounds may use every core. Every join waiting is told when exploring comes near
+        and once the drafter's speculation is predicted to pay (that round catches every sequence
+        up). Returns whether this round catches up."""
         if not (self.joins or self.deferred or catch_up):
             return False                # nothing to defer, tell or catch up on
-        if self.policy.far and not self.policy.explore_soon:
+        if self.policy.follows_one and not self.policy.explore_soon:
             for j in [j for j in self.joins if self._policy_seq(self.seqs[j.seq_id])]:
                 self.joins.remove(j)
                 self.deferred[j.seq_id] = j
