@@ -93,6 +93,42 @@ def test_modes_take_turns_of_a_few_rounds(monkeypatch):
             d.close()
 
 
+def test_staggered_arrivals_keep_a_few_in_flight_the_next_joining_as_one_finishes(monkeypatch):
+    """--arrivals staggered: served requests join as others finish, and each join costs the SSD
+    decoder what a batch's joins together do not (its greedy concurrency-4 loss showed there, not
+    in batches): `batch` prompts in flight, the next added in the round after one finished, in
+    the modes' turns, each output the prompt's own."""
+    from saguaro.config import DEMO_TARGET, EngineConfig, SamplingParams, SpecConfig
+    from saguaro.llm import build_decoder
+
+    monkeypatch.setattr(bench, "TURN_ROUNDS", 3)
+    decs = [build_decoder(EngineConfig(checkpoint=str(DEMO_TARGET), max_slots=4), None, SpecConfig(), draft_process=False)
+            for _ in range(2)]
+    try:
+        prompts = [[12, 13], [100, 200, 300, 400], [14, 15, 16], [5, 6, 7, 8]]
+        first = decs[0].generate(prompts[:1], SamplingParams(max_tokens=6, temperature=0.0), "ar")[0]
+        # the first prompt stops early (at the first token its output had not emitted before), the second later
+        stop = next(i for i in range(1, len(first)) if first[i] not in first[:i])
+        params = SamplingParams(max_tokens=6, temperature=0.0, stop=((first[stop],),))
+        alone = [decs[0].generate([p], params, "ar")[0] for p in prompts]
+        assert len(alone[0]) == stop + 1 < len(alone[1]), alone
+        runs = [bench.Run(d, "ar", params, prompts[0]) for d in decs]
+        in_flight = []
+        for r in runs:
+            step = r.dec.step
+            monkeypatch.setattr(r.dec, "step", lambda step=step, d=r.dec: in_flight.append(d.active) or step())
+        bench.run_side_by_side(runs, prompts, 2, "ar+ar", staggered=True)
+        for r in runs:
+            assert r.outputs == alone and r.produced == sum(map(len, alone))
+            joins = [h.joined for h in r.dec.history]
+            # the third prompt joins in the round after the first stopped, beside the second
+            assert joins[:stop + 2] == [2] + [0] * stop + [1] and sum(joins) == 4, joins
+        assert max(in_flight) == 2
+    finally:
+        for d in decs:
+            d.close()
+
+
 def test_a_turn_goes_on_while_the_drafter_owes_an_answer(monkeypatch):
     """An SSD decoder leaves its drafter's answers to new prompts and catch-ups unread while it
     steps on: its turn ends only once nothing is owed, or the drafter's work would run into the

@@ -96,10 +96,17 @@ class Run:
     def tokens_per_s(self) -> float:
         return self.produced / self.busy if self.busy else 0.0
 
-    def start(self, group: list[list[int]]) -> None:
+    def start(self, group: list[list[int]], in_flight: int | None = None) -> None:
+        """The group's prompts: all at once, or `in_flight` at a time, the next joining as one
+        finishes (as served requests do)."""
         t0 = time.perf_counter()
-        self.out = {self.dec.add(p, self.params, self.mode): [] for p in group}
+        self.queue, self.in_flight, self.out = list(group), in_flight or len(group), {}
+        self._admit()
         self.busy += time.perf_counter() - t0
+
+    def _admit(self) -> None:
+        while self.queue and self.dec.active < self.in_flight:
+            self.out[self.dec.add(self.queue.pop(0), self.params, self.mode)] = []
 
     def turn(self, rounds: int) -> bool:
         """Up to `rounds` rounds of the batch, and on until the drafter owes no answer (its work is
@@ -114,6 +121,7 @@ class Run:
                     self.sums["drafted"] += e.stats.drafted
                     self.sums["accepted"] += e.stats.accepted
                     self.sums["seq_rounds"] += e.stats.rounds
+            self._admit()
             n += 1
         dec.pause()
         if not dec.active:
@@ -124,17 +132,18 @@ class Run:
         return not dec.active
 
 
-def run_side_by_side(runs: list[Run], ids: list[list[int]], batch: int, label: str) -> None:
+def run_side_by_side(runs: list[Run], ids: list[list[int]], batch: int, label: str, staggered: bool = False) -> None:
     """Every batch of prompts through every mode, the modes taking turns of TURN_ROUNDS rounds (the
-    order rotating per batch), with progress."""
-    for n, group in enumerate(_batches(ids, batch)):
+    order rotating per batch), with progress. staggered: the prompts as one group, `batch` of them
+    in flight, the next joining as one finishes (served requests' arrivals)."""
+    for n, group in enumerate([ids] if staggered else _batches(ids, batch)):
         live = [runs[(n + i) % len(runs)] for i in range(len(runs))]
         for r in live:
-            r.start(group)
+            r.start(group, batch if staggered else None)
         while live:
             live = [r for r in live if not r.turn(TURN_ROUNDS)]
         rates = "  ".join(f"{r.mode} {r.tokens_per_s:6.1f}" for r in runs)
-        print(f"\r[{label}] {min((n + 1) * batch, len(ids))}/{len(ids)} prompts, tok/s: {rates}",
+        print(f"\r[{label}] {len(ids) if staggered else min((n + 1) * batch, len(ids))}/{len(ids)} prompts, tok/s: {rates}",
               end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
 
@@ -284,6 +293,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--arrivals", default="together", choices=["together", "staggered"],
+                    help="together: batches of --batch-size prompts, each run to its end; staggered: "
+                         "--batch-size prompts in flight, the next joining as one finishes (as served)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -369,7 +381,7 @@ def run_cell(args: argparse.Namespace) -> dict:
             configs[mode] = (best[1], best[2], (auto_draft if best[3] == "auto" else best[3]) if mode == "sd" else None)
         runs.append(Run(dec, mode, params, ids[0]))
     try:
-        run_side_by_side(runs, ids, args.batch_size, "+".join(r.mode for r in runs))
+        run_side_by_side(runs, ids, args.batch_size, "+".join(r.mode for r in runs), args.arrivals == "staggered")
     finally:
         for r in runs:
             r.dec.close()
@@ -384,7 +396,8 @@ def run_cell(args: argparse.Namespace) -> dict:
         results["hf"] = ModeResult("hf", tps, outs, threads, args.k)
 
     ar_tps = results["ar"].tokens_per_s if "ar" in results else None
-    print(f"\nsaguaro.bench: {len(ids)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, "
+    print(f"\nsaguaro.bench: {len(ids)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size} "
+          f"({args.arrivals}), "
           f"temperature {args.temperature}, budget {args.budget} ({args.fanout}), C={c}, backup={args.backup}")
     for r in results.values():
         print(summary_line(r, ar_tps))
