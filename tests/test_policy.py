@@ -557,16 +557,20 @@ def test_a_host_whose_speed_drifts_keeps_plain_steps_on_every_core():
 def test_a_new_sequence_starts_from_what_its_sampling_regime_accepted():
     """Greedy requests accepted ~0.6 of draft tokens here, T = 0.7 ones ~0.3: a sampled sequence
     that joins after greedy ones is priced at what sampled sequences accepted, not at the greedy
-    rate (one served run speculated at acceptance 0.29 right after a greedy sweep)."""
+    rate (one served run speculated at acceptance 0.29 right after a greedy sweep); the n-gram
+    guess's too (greedy text repeats itself, sampled text rarely: the first T = 0.7 point after a
+    served greedy sweep drafted 179-377 tokens, 0.91 of AR)."""
     policy = RoundPolicy(max_k=4, default_k=2)
     policy.track(1, greedy=True)
     policy.track(2, greedy=False)
     for _ in range(100):
-        policy.observe_accept(1, 4, 4, "neural")       # greedy: every draft token accepted
-        policy.observe_accept(2, 0, 4, "neural")       # sampled: the first rejected
+        for source in ("neural", "fast"):
+            policy.observe_accept(1, 4, 4, source)       # greedy: every draft token accepted
+            policy.observe_accept(2, 0, 4, source)       # sampled: the first rejected
     policy.track(3, greedy=False)
     policy.track(4, greedy=True)
     assert policy.acceptance(3) < 0.1 < 0.9 < policy.acceptance(4)
+    assert policy.fast_acceptance(3) < 0.1 < 0.9 < policy.fast_acceptance(4)
     policy.forget(3)
     assert 3 not in policy.greedy
 

@@ -281,8 +281,11 @@ class RoundPolicy:
         # accepted ~0.6 here and T = 0.7 ones ~0.3, and a sampled sequence priced at greedy's rate
         # speculated at a loss
         self.accept = {True: Rate(GLOBAL_DECAY), False: Rate(GLOBAL_DECAY)}
-        self.accept_fast = Rate(GLOBAL_DECAY)           # the n-gram guess's, globally and per sequence (copied
-        self.seq_accept_fast: dict[int, Rate] = {}      # text repeats in runs: one sequence's says little of another's)
+        # the n-gram guess's, by regime too (greedy text repeats itself, sampled text rarely: after a
+        # served greedy sweep the first T = 0.7 requests were priced at greedy's rate), and per
+        # sequence (copied text repeats in runs: one sequence's says little of another's)
+        self.accept_fast = {True: Rate(GLOBAL_DECAY), False: Rate(GLOBAL_DECAY)}
+        self.seq_accept_fast: dict[int, Rate] = {}
         self.greedy: dict[int, bool] = {}                   # a sequence's regime (track)
         self.seq_accept: dict[int, Rate] = {}
         self.hits: dict[tuple[int, int], Rate] = {}        # by (K, fan-out budget)
@@ -428,7 +431,7 @@ class RoundPolicy:
             # the n-gram guess's own reach, at its global acceptance against plain steps: far from
             # paying, plain steps score it less often (the decoder's GUESS_FAR): scoring one token
             # in three took ~0.35% of T = 0.7 runs, where it was chosen in 0-2% of the rounds
-            guessing = {**now, "fast_tokens": self._tokens([self.accept_fast.value(0.3)] * len(seq_ids))}
+            guessing = {**now, "fast_tokens": self._tokens([self._fast_prior(i) for i in seq_ids])}
             steps = max((r for o, r in zip(options, rates) if o.kind == "ar"), default=0.0)
             self.guess_far = self.measured and max(
                 (self._score(o, guessing) for o in options if o.lookup and o.wide), default=0.0) < FAR * steps
@@ -626,9 +629,13 @@ class RoundPolicy:
 
     def fast_acceptance(self, seq_id: int) -> float:
         """The n-gram guess's acceptance for a sequence: its own, with the global rate as prior."""
-        prior = self.accept_fast.value(0.3)
+        prior = self._fast_prior(seq_id)
         rate = self.seq_accept_fast.get(seq_id)
         return min(rate.value(prior, SEQ_PRIOR) if rate else prior, 0.999)
+
+    def _fast_prior(self, seq_id: int) -> float:
+        """The n-gram guess's acceptance lately in a sequence's sampling regime."""
+        return self.accept_fast[self._greedy(seq_id)].value(0.3)
 
     def hit_rate(self, k: int, budget: int) -> float:
         overall = 0.5                       # a budget not measured yet: the next larger one's rate
@@ -654,7 +661,7 @@ class RoundPolicy:
             return
         rejected = drafted - accepted if shadow else int(accepted < drafted)
         if source == "fast":
-            self.accept_fast.observe(accepted, accepted + rejected)
+            self.accept_fast[self._greedy(seq_id)].observe(accepted, accepted + rejected)
             self.seq_accept_fast.setdefault(seq_id, Rate()).observe(accepted, accepted + rejected)
             return
         self.accept[self._greedy(seq_id)].observe(accepted, accepted + rejected)
