@@ -389,8 +389,7 @@ class Decoder:
         # (timed by the sequences the drafter follows: _defer_joins)
         catch_up = False
         if self.policy is not None and self.unread is None and self.outcomes:
-            followed = [o for o in self.outcomes if o.seq_id not in self.deferred] or self.outcomes
-            held = max(len(self.held.get(o.seq_id, ())) for o in followed) + 1
+            held = self._untold([o.seq_id for o in self.outcomes]) + 1
             catch_up = held > 1 and self.policy.catch_up_now(held)
         if self.policy is not None:
             catch_up = self._defer_joins(catch_up)
@@ -434,9 +433,13 @@ class Decoder:
         _finish, _degrade)."""
         if self.outcomes or self.joins or self.leaves or self.unread is not None or (self.deferred and not self.policy.follows_one):
             return 0
-        followed = [s for s in seqs if s.seq_id not in self.deferred] or seqs
-        untold = max(len(self.held.get(s.seq_id, ())) for s in followed)
-        return min(self.policy.steady(option), self.policy.catch_up - untold - 1)
+        return min(self.policy.steady(option), self.policy.catch_up - self._untold([s.seq_id for s in seqs]) - 1)
+
+    def _untold(self, seq_ids: list[int]) -> int:
+        """The most held outcomes of a sequence the drafter follows (of all, when it follows none
+        of these): what the catch-ups are timed by."""
+        followed = [i for i in seq_ids if i not in self.deferred] or seq_ids
+        return max(len(self.held.get(i, ())) for i in followed)
 
     def _defer_joins(self, catch_up: bool) -> bool:
         """While its speculation is not predicted to pay (policy.follows_one: far from paying, or
