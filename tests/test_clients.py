@@ -24,7 +24,9 @@ sys.path.insert(0, str(ROOT))  # the repo root holds clients/
 import tritonclient.grpc as grpcclient  # noqa: E402
 
 from clients.async_load import run_load, summarize  # noqa: E402
-from clients.common import TOTALS, ClientError, GenerateRequest, Generation, check_ready  # noqa: E402
+from clients.common import (  # noqa: E402
+    DEFAULT_PROMPTS_FILE, TOTALS, ClientError, GenerateRequest, Generation, check_ready, load_prompts,
+)
 from clients.grpc_stream import stream_generate  # noqa: E402
 from clients.http_generate import generate, generate_stream  # noqa: E402
 
@@ -161,8 +163,13 @@ def test_perf_analyzer_sweep_and_report(server: Any, tmp_path: Path) -> None:
     rows = json.loads((out / "rows.json").read_text())
     assert {(r["mode"], r["concurrency"]) for r in rows} == {("ssd", 1), ("ssd", 2), ("sd", 1), ("sd", 2)}
     for r in rows:
-        assert r["errors"] == 0 and r["requests"] > 0
+        # prompts x concurrency requests: each perf_analyzer thread decodes each prompt once
+        assert r["errors"] == 0 and r["requests"] == 2 * r["concurrency"]
         assert r["tokens_per_s"] and r["latency_p50_ms"] and r["ttft_p50_ms"] is not None
+        assert 0.0 < r["held"] <= 1.0
+    for c in (1, 2):
+        sent = [req["request_inputs"]["text_input"] for req in json.loads((out / f"ssd_c{c}.json").read_text())["experiments"][0]["requests"]]
+        assert sorted(sent) == sorted(load_prompts(DEFAULT_PROMPTS_FILE)[:2] * c), "every prompt, once per thread"
     for c in (1, 2):
         deltas = json.loads((out / f"ssd_c{c}.metrics.json").read_text())
         assert deltas.get("nv_inference_request_failure", 0) == 0

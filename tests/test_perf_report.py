@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root ho
 from clients.common import (  # noqa: E402
     GenerateRequest, Generation, build_inputs, metrics_url_for, shapes_from_metadata,
 )
-from clients.perf.make_input_data import build_input_data  # noqa: E402
+from clients.perf.make_input_data import build_input_data, thread_order  # noqa: E402
 from clients.perf.sweep import (  # noqa: E402
-    ClientError, Row, _whole_json, advantage_line, metric_deltas, parse_csv, parse_export, parse_mode_ks, parse_prometheus,
+    ClientError, Row, _whole_json, advantage_line, held_seconds, metric_deltas, parse_csv, parse_export, parse_mode_ks, parse_prometheus,
     percentile, rows_from_dir, speculative_rates, write_input_data, write_report,
 )
 
@@ -102,7 +102,7 @@ def test_write_report_table_and_plot(tmp_path: Path) -> None:
 
 
 def _row(mode: str, c: int, tps: float, hit: float | None = None) -> Row:
-    return Row(mode, c, 8, tps / 100, tps, tps / 100, 1.0, 2.0, 0.1, 0.2, 0.01, hit, 0.5, 0)
+    return Row(mode, c, 8, tps / 100, tps, tps / 100, 1.0, 2.0, 0.1, 0.2, 0.01, 1.0, hit, 0.5, 0)
 
 
 def test_advantage_line_finds_where_ssd_stops_beating_sd() -> None:
@@ -124,6 +124,34 @@ def test_input_data_format() -> None:
         for p in ("a", "b")]}
     sd_k2 = GenerateRequest("", max_tokens=16, decoding_mode="sd", num_draft_tokens=2)
     assert build_input_data(["a"], sd_k2)["data"][0]["num_draft_tokens"] == [2]
+
+
+@pytest.mark.parametrize("n_prompts", [1, 2, 3, 8])
+@pytest.mark.parametrize("concurrency", [1, 2, 3, 4, 8])
+def test_every_perf_analyzer_thread_decodes_every_prompt(n_prompts: int, concurrency: int) -> None:
+    # perf_analyzer's thread i of C sends entries i, i + C, i + 2C, ... of the input data
+    # (make_input_data's docstring cites the source), and with --request-count prompts x C each
+    # thread sends `prompts` requests
+    order = thread_order(n_prompts, concurrency)
+    assert len(order) == n_prompts * concurrency
+    per_thread = [[order[(i + k * concurrency) % len(order)] for k in range(n_prompts)] for i in range(concurrency)]
+    for prompts in per_thread:
+        assert sorted(prompts) == list(range(n_prompts))          # every prompt, once
+    for k in range(n_prompts):                                   # in flight together: different prompts
+        at_once = [prompts[k] for prompts in per_thread]
+        assert len(set(at_once)) == min(concurrency, n_prompts)
+    data = build_input_data(["a", "b"], GenerateRequest("", max_tokens=16), concurrency=2)
+    assert [e["text_input"][0] for e in data["data"]] == ["a", "b", "b", "a"]   # thread 0: a, b; thread 1: b, a
+
+
+def test_held_concurrency_share() -> None:
+    # two requests in flight over [0, 2] s and [1, 4] s (send, last response): both in flight for 1 s
+    req = lambda t0, t1: {"timestamp": int(t0 * 1e9), "response_timestamps": [int(t0 * 1e9) + 5, int(t1 * 1e9)]}
+    assert held_seconds([req(0, 2), req(1, 4)], 2) == pytest.approx(1.0)
+    assert held_seconds([req(0, 2), req(1, 4)], 1) == pytest.approx(4.0)
+    assert held_seconds([req(0, 2), req(2, 4)], 1) == pytest.approx(4.0)   # the next sent as one ends
+    for r in rows_from_dir(SAMPLE):
+        assert 0.0 < r.held <= 1.0
 
 
 def test_per_mode_draft_length_reaches_the_requests_and_the_report(tmp_path: Path) -> None:

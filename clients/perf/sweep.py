@@ -10,9 +10,14 @@ export (`<mode>_c<C>.json`, every response's timestamp and outputs), and the dif
 server's Prometheus counters over the run (`<mode>_c<C>.metrics.json`: every `saguaro_*` metric
 plus Triton's request failures). report.md and report.png summarize them.
 
-By default every point runs a fixed number of requests (a multiple of the prompt count), so each
-mode decodes the same prompts: acceptance depends on the prompt, and time windows would let
-faster modes see a different mix. --measurement-interval switches to perf_analyzer's time windows.
+By default every point runs a fixed number of requests, prompts x concurrency, laid out so that
+each of perf_analyzer's C threads decodes every prompt once (make_input_data.py: perf_analyzer
+steps each thread through the input data by C, and splits the count between its threads), so each
+mode decodes the same prompts: acceptance depends on the prompt, and time windows would let faster
+modes see a different mix. With one entry per prompt instead, at C = 8 each thread repeated one
+prompt, and a mode whose speed varies by prompt ran its last ~40% below concurrency 8, waiting for
+its slowest prompt. --measurement-interval switches to perf_analyzer's time windows. The report's
+"at C" column is the share of a point's wall time during which all C requests were in flight.
 
 --repeats N runs every point N times, the modes in a rotated order each time (files
 `<mode>_c<C>_r<i>.*`), and reports each point over all its runs: on a shared machine whose speed
@@ -62,6 +67,7 @@ class Row:
     ttft_p50_ms: float | None
     ttft_p99_ms: float | None
     itl_p50_ms: float | None
+    held: float | None          # share of the wall time with all `concurrency` requests in flight
     hit_rate: float | None
     acceptance: float | None
     errors: int
@@ -108,8 +114,22 @@ def parse_export(path: Path) -> list[dict[str, Any]]:
         sends = [r["timestamp"] for r in exp["requests"]]
         ends = [r["response_timestamps"][-1] for r in exp["requests"] if r.get("response_timestamps")]
         span_s = (max(ends) - min(sends)) / 1e9 if ends else 0.0
-        experiments.append({"concurrency": int(exp["experiment"]["value"]), "requests": reqs, "span_s": span_s})
+        concurrency = int(exp["experiment"]["value"])
+        experiments.append({"concurrency": concurrency, "requests": reqs, "span_s": span_s,
+                            "held_s": held_seconds(exp["requests"], concurrency)})
     return experiments
+
+
+def held_seconds(requests: list[dict[str, Any]], concurrency: int) -> float:
+    """Seconds during which `concurrency` requests were in flight (sent, last response not yet in)."""
+    edges = sorted([(r["timestamp"], 1) for r in requests if r.get("response_timestamps")]
+                   + [(r["response_timestamps"][-1], -1) for r in requests if r.get("response_timestamps")])
+    held, in_flight, since = 0, 0, 0
+    for t, step in edges:
+        if in_flight >= concurrency:
+            held += t - since
+        in_flight, since = in_flight + step, t
+    return held / 1e9
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -188,6 +208,7 @@ def summarize_runs(mode: str, runs: list[Run]) -> Row:
     reqs = [r for exp in exps for r in exp["requests"]]
     tokens = [r["generated_tokens"] for r in reqs if r["generated_tokens"]]
     span_s = sum(exp["span_s"] for exp in exps)
+    held_s = sum(exp["held_s"] for exp in exps)
     deltas: dict[str, float] = {}
     for _, _, d in runs:
         for k, v in d.items():
@@ -209,7 +230,7 @@ def summarize_runs(mode: str, runs: list[Run]) -> Row:
         ttft_p50_ms=percentile([r["ttft_ms"] for r in reqs if "ttft_ms" in r], 50),
         ttft_p99_ms=percentile([r["ttft_ms"] for r in reqs if "ttft_ms" in r], 99),
         itl_p50_ms=percentile([r["itl_ms"] for r in reqs if "itl_ms" in r], 50),
-        hit_rate=hit_rate, acceptance=acceptance, errors=errors,
+        held=held_s / span_s if span_s else None, hit_rate=hit_rate, acceptance=acceptance, errors=errors,
     )
 
 
@@ -218,13 +239,14 @@ def run_point(a: argparse.Namespace, mode: str, concurrency: int, input_path: Pa
     stem = a.out / (f"{mode}_c{concurrency}" + (f"_r{repeat}" if repeat is not None else ""))
     csv_path, export_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
     export_path.unlink(missing_ok=True)   # perf_analyzer refuses to overwrite an export (a re-run into --out)
+    # one thread per request in flight, as the input data's order assumes (make_input_data.thread_order)
     cmd = [str(PERF_ANALYZER), "-m", a.model, "-u", a.url, "-i", "grpc", "--async", "--streaming",
-           "--concurrency-range", str(concurrency), "--input-data", str(input_path),
+           "--concurrency-range", str(concurrency), "--max-threads", str(concurrency), "--input-data", str(input_path),
            "-f", str(csv_path), "--profile-export-file", str(export_path)]
     if a.measurement_interval:
         cmd += ["--measurement-interval", str(a.measurement_interval), "--stability-percentage", str(a.stability)]
     else:
-        count = a.request_count or math.ceil(max(4 * concurrency, n_prompts) / n_prompts) * n_prompts
+        count = a.request_count or n_prompts * concurrency
         cmd += ["--request-count", str(count)]
     before = scrape_metrics(a.metrics_url)
     log = stem.with_suffix(".log")
@@ -277,6 +299,10 @@ def _fmt(v: float | None, digits: int = 1) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.0f}%"
+
+
 def _throughput(r: Row) -> float:
     return r.tokens_per_s if r.tokens_per_s is not None else r.infer_per_s
 
@@ -319,12 +345,12 @@ def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: co
     rows = sorted(rows, key=lambda r: (["ssd", "sd", "ar"].index(r.mode) if r.mode in ("ssd", "sd", "ar") else 9,
                                        r.concurrency))
     lines = [f"# {title}", "",
-             "| mode | concurrency | requests | infer/s | tokens/s | p50 latency ms | p99 latency ms "
+             "| mode | concurrency | requests | infer/s | tokens/s | at C | p50 latency ms | p99 latency ms "
              "| p50 TTFT ms | p99 TTFT ms | p50 ITL ms | hit rate | acceptance | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.mode} | {r.concurrency} | {r.requests} | {_fmt(r.infer_per_s, 2)} | {_fmt(r.tokens_per_s)} "
-                     f"| {_fmt(r.latency_p50_ms)} | {_fmt(r.latency_p99_ms)} | {_fmt(r.ttft_p50_ms)} "
+                     f"| {_pct(r.held)} | {_fmt(r.latency_p50_ms)} | {_fmt(r.latency_p99_ms)} | {_fmt(r.ttft_p50_ms)} "
                      f"| {_fmt(r.ttft_p99_ms)} | {_fmt(r.itl_p50_ms, 2)} | {_fmt(r.hit_rate, 3)} "
                      f"| {_fmt(r.acceptance, 3)} | {r.errors} |")
     c1 = {r.mode: r for r in rows if r.concurrency == 1}
@@ -340,7 +366,8 @@ def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: co
                   + " (other modes: the server's default)."]
     lines += ["", "Latency: send to last response; TTFT: send to first response; ITL: (last - first piece) /"
               " (tokens - 1); throughput: requests and generated tokens over the wall time from the first send to"
-              " the last response; all from perf_analyzer's profile export. Hit rate = cache_hits / (hits + misses)"
+              " the last response; at C: the share of that wall time with all C requests in flight; all from"
+              " perf_analyzer's profile export. Hit rate = cache_hits / (hits + misses)"
               " and acceptance = accepted / drafted from the server's saguaro_* counters over the run"
               " (acceptance falls back to the requests' own totals)."]
     md = out / "report.md"
@@ -398,10 +425,10 @@ def parse_mode_ks(spec: str, modes: list[str]) -> dict[str, int]:
 def requested_ks(out: Path) -> dict[str, int]:
     """The num_draft_tokens a sweep's requests carried, per mode, from its input files."""
     ks = {}
-    for path in sorted(out.glob("input_*.json")):
+    for path in sorted(out.glob("input_*.json")):      # input_<mode>_c<C>.json (input_<mode>.json before)
         entries = json.loads(path.read_text())["data"]
         if entries and "num_draft_tokens" in entries[0]:
-            ks[path.stem.removeprefix("input_")] = entries[0]["num_draft_tokens"][0]
+            ks[re.sub(r"_c\d+$", "", path.stem.removeprefix("input_"))] = entries[0]["num_draft_tokens"][0]
     return ks
 
 
@@ -421,7 +448,7 @@ def main() -> None:
                    help="K per mode, e.g. sd=2 (each mode at its best K; default: the server's)")
     p.add_argument("--concurrency", default="1,2,4,8")
     p.add_argument("--request-count", type=int, default=0,
-                   help="requests per point (default: max(4 x concurrency, prompts), rounded up to whole prompt sets)")
+                   help="requests per point (default: prompts x concurrency, every perf_analyzer thread decoding every prompt once)")
     p.add_argument("--measurement-interval", type=int, default=0, help="ms; use time windows instead of a request count")
     p.add_argument("--stability", type=float, default=999, help="perf_analyzer --stability-percentage (time windows)")
     p.add_argument("--timeout-s", type=float, default=1800, help="per perf_analyzer run")
@@ -451,7 +478,8 @@ def main() -> None:
     for mode in modes:
         request = GenerateRequest(prompts[0], max_tokens=a.max_tokens, temperature=a.temperature,
                                   num_draft_tokens=ks.get(mode), decoding_mode=mode)
-        inputs[mode] = write_input_data(a.out / f"input_{mode}.json", prompts, request)
+        for c in levels:
+            inputs[(mode, c)] = write_input_data(a.out / f"input_{mode}_c{c}.json", prompts, request, concurrency=c)
         warm_up(a, request)
     runs: dict[tuple[str, int], list[Run]] = {}
     rows: dict[tuple[str, int], Row] = {}
@@ -464,7 +492,7 @@ def main() -> None:
                 print(f"[{step}/{total}] {mode} concurrency {c}: running perf_analyzer ...", flush=True)
                 t0 = time.monotonic()
                 runs.setdefault((mode, c), []).append(
-                    run_point(a, mode, c, inputs[mode], len(prompts), rep if a.repeats > 1 else None))
+                    run_point(a, mode, c, inputs[(mode, c)], len(prompts), rep if a.repeats > 1 else None))
                 row = rows[(mode, c)] = summarize_runs(mode, runs[(mode, c)])
                 print(f"[{step}/{total}] {mode} concurrency {c}: {row.requests} requests so far, last run "
                       f"{time.monotonic() - t0:.0f} s; {_fmt(row.tokens_per_s)} tokens/s, p50 latency "
