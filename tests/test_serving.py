@@ -262,6 +262,10 @@ def test_metrics_count_rounds_tokens_and_cache(serving):
                  "saguaro_accepted_length_count"):
         assert after[name] > before.get(name, 0.0), f"{name} did not move"
     assert after["saguaro_accepted_length_sum"] - before.get("saguaro_accepted_length_sum", 0) == 32
+    # SSD pinned: pre-drafting beside every verify after the first round, on the drafter's core
+    rounds = after["saguaro_rounds_total"] - before.get("saguaro_rounds_total", 0.0)
+    one_core = after["saguaro_one_core_rounds_total"] - before.get("saguaro_one_core_rounds_total", 0.0)
+    assert 0 < one_core <= rounds
 
 
 def test_bls_transport_serves_the_same_greedy_text(tmp_path, reference):

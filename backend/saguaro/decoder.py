@@ -130,6 +130,8 @@ class RoundStats:
     emitted: list[int] = field(default_factory=list)   # tokens per sequence (bonus included)
     prefill_ms: float = 0.0          # target prefill of sequences that joined this round
     joined: int = 0                  # sequences in their first round (prefill, first token)
+    one_core: bool = False           # the target's forward left the drafter's cores to it (under way
+                                     # beside it: pre-drafting, a prompt or catch-up; or the policy's choice)
     wall_ms: float = 0.0             # the whole round, prefill included
     gap_ms: float = 0.0              # since the previous round ended: the caller's own work per round
                                      # (streaming, admission), at most MAX_GAP_MS (longer: the loop was idle)
@@ -294,7 +296,8 @@ class Decoder:
         # requests' own ar and sd modes (served, where the target's own threads are one, those ran
         # on one core)
         idle = not told_joins and not any(s.build for s in seqs) and self.unread is None and (pending is None or reply is not None)
-        self.target.use_all_cores(idle and (option is None or option.wide))
+        all_cores = idle and (option is None or option.wide)
+        self.target.use_all_cores(all_cores)
         t0 = time.perf_counter()
         starts = [self.target.length(s.slot) for s in seqs]
         fed = [[s.pending] + self._spec_tokens(s) for s in seqs]
@@ -328,7 +331,7 @@ class Decoder:
             build_ms=reply.build_ms if reply else 0.0, hits=hits, misses=len(reply.hits) - hits if reply else 0,
             backup=reply.backup if reply else "", degraded=any(s.stats.degraded for s in seqs),
             drafted=sum(e.drafted for e in events), accepted=sum(e.accepted for e in events),
-            emitted=[len(e.tokens) for e in events], prefill_ms=prefill_ms, joined=len(joining),
+            emitted=[len(e.tokens) for e in events], prefill_ms=prefill_ms, joined=len(joining), one_core=not all_cores,
             wall_ms=(time.perf_counter() - t_round) * 1e3, gap_ms=gap_ms, spec_wait_ms=spec_wait, ar=kinds.count("ar"),
             sd=kinds.count("sd"), ssd=kinds.count("ssd"), ks=[e.drafted for e in events],
             option=option.label if option else "", budget=option.budget if option else 0, predicted_ms=predicted.ms if predicted else None,

@@ -260,6 +260,8 @@ class Metrics:
             hits := fam("saguaro_cache_hits_total", "SSD rounds whose outcome was in the speculation cache", C),
             misses := fam("saguaro_cache_misses_total", "SSD rounds that needed a backup speculation, by backup", C),
             degraded := fam("saguaro_degraded_rounds_total", "Rounds run on the target alone after a draft failure", C),
+            one_core := fam("saguaro_one_core_rounds_total",
+                            "Rounds whose target forward left the drafter's cores to it (CPU: the target on its own core)", C),
             verify := fam("saguaro_verify_seconds_total", "Time in target verification", C),
             wait := fam("saguaro_draft_wait_seconds_total", "Time the round loop waited for the draft", C),
             build := fam("saguaro_draft_build_seconds_total", "Time the draft spent pre-drafting (hidden under SSD)", C),
@@ -274,6 +276,7 @@ class Metrics:
         self.hits = hits.Metric()
         self.misses = {b: misses.Metric(labels={"backup": b}) for b in ("neural", "fast")}
         self.degraded, self.verify, self.wait, self.build = degraded.Metric(), verify.Metric(), wait.Metric(), build.Metric()
+        self.one_core = one_core.Metric()
         self.active = active.Metric()
         self.slots = {e: slots.Metric(labels={"engine": e}) for e in ("target", "draft")}
         self.accepted_len = hist.Metric(buckets=self.ACCEPTED_BUCKETS)
@@ -292,6 +295,7 @@ class Metrics:
             add(self.hits, r.hits)
             add(self.misses[r.backup or "neural"], r.misses)
             add(self.degraded, int(r.degraded))
+            add(self.one_core, int(r.one_core))
             add(self.verify, r.verify_ms / 1e3)
             add(self.wait, r.draft_wait_ms / 1e3)
             add(self.build, r.build_ms / 1e3)
