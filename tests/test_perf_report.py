@@ -20,8 +20,8 @@ from clients.common import (  # noqa: E402
 )
 from clients.perf.make_input_data import build_input_data, thread_order  # noqa: E402
 from clients.perf.sweep import (  # noqa: E402
-    ClientError, Row, _whole_json, advantage_line, held_seconds, metric_deltas, parse_csv, parse_export, parse_mode_ks, parse_prometheus,
-    percentile, rows_from_dir, speculative_rates, write_input_data, write_report,
+    ClientError, Row, _run_order, _whole_json, advantage_line, held_seconds, metric_deltas, parse_csv, parse_export, parse_mode_ks, parse_prometheus,
+    percentile, rows_from_dir, speculative_rates, spread_line, write_input_data, write_report,
 )
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "perf_sample"
@@ -197,6 +197,19 @@ def test_repeated_runs_of_a_point_pool_into_one_row(tmp_path: Path) -> None:
     assert (pooled.mode, pooled.concurrency, pooled.requests) == ("ssd", 1, 2 * single.requests)
     assert pooled.tokens_per_s == pytest.approx(single.tokens_per_s)
     assert pooled.hit_rate == pytest.approx(single.hit_rate)
+    assert pooled.run_rates == pytest.approx([single.tokens_per_s] * 2)
+
+
+def test_spread_line_pairs_the_runs_of_a_point(tmp_path: Path) -> None:
+    # runs r0..r10 (r10 sorts after r9, not after r1), ssd's rates against ar's run by run
+    ar = _row("ar", 1, 100)
+    ssd = _row("ssd", 1, 100)
+    ar.run_rates, ssd.run_rates = [100.0, 100.0, 200.0], [90.0, 110.0, 200.0]
+    assert spread_line([ssd, ar], "ar") == "ssd/ar run by run (the runs of a point paired in order): c=1: 0.90-1.10x."
+    assert spread_line([_row("ssd", 1, 100), _row("ar", 1, 100)], "ar") is None     # one run a point
+    stems = [f"ssd_c1_r{i}" for i in (10, 2, 0, 1, 9)]
+    assert [p.stem for p in sorted((tmp_path / f"{s}.csv" for s in stems), key=_run_order)] == \
+        ["ssd_c1_r0", "ssd_c1_r1", "ssd_c1_r2", "ssd_c1_r9", "ssd_c1_r10"]
 
 
 def test_an_export_cut_off_mid_file_is_not_taken_as_whole(tmp_path: Path) -> None:

@@ -21,7 +21,9 @@ its slowest prompt. --measurement-interval switches to perf_analyzer's time wind
 
 --repeats N runs every point N times, the modes in a rotated order each time (files
 `<mode>_c<C>_r<i>.*`), and reports each point over all its runs: on a shared machine whose speed
-drifts by tens of percent within minutes, one block per mode can hand a mode a slow minute.
+drifts by tens of percent within minutes, one block per mode can hand a mode a slow minute. The
+report then also gives ssd/ar run by run (each point's runs paired in order): how far the host
+moved a point.
 
 --num-draft-tokens MODE=K,... sends K with that mode's requests, so each mode can run at its own
 best K (served on this CPU, sd is fastest at K=1-2, ssd at the server's default K=3).
@@ -38,7 +40,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,7 @@ class Row:
     hit_rate: float | None
     acceptance: float | None
     errors: int
+    run_rates: list[float] = field(default_factory=list)   # throughput of each of its runs, in run order
 
 
 # ---- parsing perf_analyzer's outputs ---------------------------------------------------------
@@ -209,6 +212,8 @@ def summarize_runs(mode: str, runs: list[Run]) -> Row:
     tokens = [r["generated_tokens"] for r in reqs if r["generated_tokens"]]
     span_s = sum(exp["span_s"] for exp in exps)
     held_s = sum(exp["held_s"] for exp in exps)
+    run_rates = [(sum(r["generated_tokens"] for r in exp["requests"]) if tokens else len(exp["requests"])) / exp["span_s"]
+                 for exp in exps if exp["span_s"]]
     deltas: dict[str, float] = {}
     for _, _, d in runs:
         for k, v in d.items():
@@ -230,7 +235,7 @@ def summarize_runs(mode: str, runs: list[Run]) -> Row:
         ttft_p50_ms=percentile([r["ttft_ms"] for r in reqs if "ttft_ms" in r], 50),
         ttft_p99_ms=percentile([r["ttft_ms"] for r in reqs if "ttft_ms" in r], 99),
         itl_p50_ms=percentile([r["itl_ms"] for r in reqs if "itl_ms" in r], 50),
-        held=held_s / span_s if span_s else None, hit_rate=hit_rate, acceptance=acceptance, errors=errors,
+        held=held_s / span_s if span_s else None, hit_rate=hit_rate, run_rates=run_rates, acceptance=acceptance, errors=errors,
     )
 
 
@@ -337,6 +342,18 @@ def advantage_line(rows: list[Row], base: str = "sd") -> str:
     return f"ssd's advantage over {base} disappears at concurrency {c} (ssd/{base} {unit}: {listed}).{why}"
 
 
+def spread_line(rows: list[Row], base: str = "ar") -> str | None:
+    """ssd/`base` run by run, the runs of a point paired in order (with --repeats the modes take
+    turns, so a pair ran minutes apart at most): how far the host moved a point. None with one run."""
+    by = {(r.mode, r.concurrency): r for r in rows}
+    spans = []
+    for c in sorted(c for m, c in by if m == "ssd" and (base, c) in by):
+        pairs = [s / b for s, b in zip(by[("ssd", c)].run_rates, by[(base, c)].run_rates) if b]
+        if len(pairs) > 1:
+            spans.append(f"c={c}: {min(pairs):.2f}-{max(pairs):.2f}x")
+    return f"ssd/{base} run by run (the runs of a point paired in order): {', '.join(spans)}." if spans else None
+
+
 def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: concurrency sweep") -> tuple[Path, Path]:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
@@ -355,6 +372,9 @@ def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: co
                      f"| {_fmt(r.acceptance, 3)} | {r.errors} |")
     c1 = {r.mode: r for r in rows if r.concurrency == 1}
     lines += ["", advantage_line(rows, "sd"), "", advantage_line(rows, "ar")]
+    spread = spread_line(rows, "ar")
+    if spread:
+        lines += ["", spread]
     if "ssd" in c1 and _throughput(c1["ssd"]):
         ratios = [f"ssd/{m} {_throughput(c1['ssd']) / _throughput(c1[m]):.2f}x" for m in ("sd", "ar")
                   if m in c1 and _throughput(c1[m])]
@@ -397,10 +417,16 @@ def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: co
     return md, png
 
 
+def _run_order(csv_path: Path) -> tuple[str, int]:
+    """<mode>_c<C>[_r<i>]: by point, then run index as a number (r10 after r9)."""
+    m = re.fullmatch(r"(.+?)(?:_r(\d+))?", csv_path.stem)
+    return m.group(1), int(m.group(2) or -1)
+
+
 def rows_from_dir(out: Path) -> list[Row]:
     """Rebuilds the rows from a sweep directory's <mode>_c<C>[_r<i>].{csv,json,metrics.json} files."""
     points: dict[tuple[str, int], list[Run]] = {}
-    for csv_path in sorted(out.glob("*_c*.csv")):
+    for csv_path in sorted(out.glob("*_c*.csv"), key=_run_order):
         m = re.fullmatch(r"(\w+?)_c(\d+)(?:_r\d+)?", csv_path.stem)
         export = csv_path.with_suffix(".json")
         if not m or not export.exists():
