@@ -5,6 +5,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 from saguaro.config import SpecConfig
@@ -63,6 +64,10 @@ class TritonPythonModel:
         # The round loop runs on its own thread beside the stub's: hand the GIL over within 0.1 ms,
         # not Python's default 5 ms, or every BLS call can wait that long to be sent or read.
         sys.setswitchinterval(1e-4)
+        # The engines run in their own processes; this one's tensor work is verification, a few
+        # vocabulary rows a round. On one thread: a pool of two would spin on both cores after
+        # each of its ops, into the target's forward that follows.
+        torch.set_num_threads(1)
         p = model_params(args)
         target, draft = sibling_params(args, "target"), sibling_params(args, "draft")
         max_draft_len = min(int(target.get("max_draft_len", 8)), int(draft.get("max_draft_len", 8)))
