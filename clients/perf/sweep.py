@@ -125,8 +125,8 @@ def parse_export(path: Path) -> list[dict[str, Any]]:
 
 def held_seconds(requests: list[dict[str, Any]], concurrency: int) -> float:
     """Seconds during which `concurrency` requests were in flight (sent, last response not yet in)."""
-    edges = sorted([(r["timestamp"], 1) for r in requests if r.get("response_timestamps")]
-                   + [(r["response_timestamps"][-1], -1) for r in requests if r.get("response_timestamps")])
+    answered = [r for r in requests if r.get("response_timestamps")]
+    edges = sorted([(r["timestamp"], 1) for r in answered] + [(r["response_timestamps"][-1], -1) for r in answered])
     held, in_flight, since = 0, 0, 0
     for t, step in edges:
         if in_flight >= concurrency:
@@ -417,17 +417,20 @@ def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: co
     return md, png
 
 
+RUN_NAME = re.compile(r"(\w+?)_c(\d+)(?:_r(\d+))?")   # <mode>_c<C>[_r<i>], a point's run's files
+
+
 def _run_order(csv_path: Path) -> tuple[str, int]:
-    """<mode>_c<C>[_r<i>]: by point, then run index as a number (r10 after r9)."""
-    m = re.fullmatch(r"(.+?)(?:_r(\d+))?", csv_path.stem)
-    return m.group(1), int(m.group(2) or -1)
+    """By point, then run index as a number (r10 after r9)."""
+    m = RUN_NAME.fullmatch(csv_path.stem)
+    return (csv_path.stem, -1) if m is None else (f"{m.group(1)}_c{m.group(2)}", int(m.group(3) or -1))
 
 
 def rows_from_dir(out: Path) -> list[Row]:
     """Rebuilds the rows from a sweep directory's <mode>_c<C>[_r<i>].{csv,json,metrics.json} files."""
     points: dict[tuple[str, int], list[Run]] = {}
     for csv_path in sorted(out.glob("*_c*.csv"), key=_run_order):
-        m = re.fullmatch(r"(\w+?)_c(\d+)(?:_r\d+)?", csv_path.stem)
+        m = RUN_NAME.fullmatch(csv_path.stem)
         export = csv_path.with_suffix(".json")
         if not m or not export.exists():
             continue
