@@ -267,6 +267,7 @@ class Decoder:
         # plain target step, while the drafter prefills its copy and pre-drafts for its outcome.
         self._prefill(joining)
         prefill_ms = (time.perf_counter() - t_round) * 1e3
+        # 0. each sequence's K and pre-drafting (the policy's choice, or the request's mode)
         t0 = time.perf_counter()
         drained = self.unread is not None and self._unread_done()
         if drained:                     # the drafter is idle again: this round may use every core
@@ -278,6 +279,7 @@ class Decoder:
         # read now before the policy explores (its round must find the drafter idle and up to date)
         unanswered = (not any((s.k and not s.lookup) or s.build for s in seqs)
                       and not (self.policy is not None and self.policy.explore_next))
+        # 1. the round to the drafter; misses and SD wait for its speculation
         told_joins = bool(self.joins)
         told_tokens = sum(len(j.prompt) for j in self.joins) + sum(len(o.emitted) for o in self.outcomes)
         drained = drained or (self.unread is not None and self._has_news(urgent=True))
@@ -291,6 +293,7 @@ class Decoder:
             # counted apart (as other per-round time, K-independent) it priced SD at every K by K = 6
             spec_wait = (time.perf_counter() - (t0 if drained else t_send)) * 1e3
             pending = pending if reply is not None else None
+        # 2. one batched target forward over [pending token, speculation] per sequence.
         # The target may take every core when the drafter has nothing to do during the forward (no
         # pre-drafting, no prompt or catch-up to prefill), whoever chose the round: the policy, or
         # requests' own ar and sd modes (served, where the target's own threads are one, those ran
@@ -309,6 +312,7 @@ class Decoder:
         else:
             outputs = self.target.forward([s.slot for s in seqs], fed)
         verify_ms = (time.perf_counter() - t0) * 1e3
+        # 3. the drafter's answer and next cache keys read, each sequence verified
         build_wait = built_ms = 0.0
         if pending and unanswered:
             self._leave_unread(pending, told_tokens, told_joins)
@@ -323,6 +327,7 @@ class Decoder:
         events = [self._verify(s, out, start, ids_only) for s, out, start in zip(seqs, outputs, starts)]
         self.last_verify_ms = verify_ms + (time.perf_counter() - t0) * 1e3
         self._flush_leaves()
+        # 4. the round recorded, and measured for the policy
         hits = sum(reply.hits.values()) if reply else 0
         kinds = [e.kind for e in events]
         stats = RoundStats(
@@ -598,44 +603,64 @@ class Decoder:
         self.draft_slots = 0
 
     def _verify(self, s: Sequence, out: torch.Tensor, start: int, ids_only: bool) -> Event:
-        """out: the target's logits over [pending, speculation], or their argmax ids (ids_only)."""
+        """A sequence's part of step 3. out: the target's logits over [pending, speculation], or
+        their argmax ids (ids_only)."""
         draft = self._spec_tokens(s)   # empty if the drafter failed after the forward: an AR step
         kind = "ar" if not draft else "ssd" if s.build else "sd"
         x = None if ids_only else self._scaled(s, out, draft)
-        p_plain = None
-        if s.params.greedy:
-            k, bonus = verify_greedy((out if ids_only else greedy(x)).tolist(), draft)
-        else:
-            q = s.spec.q[: len(draft)] if draft else None
-            p = distribution(x, s.params)
-            k, bonus = verify_sampled(p, q, draft, s.generator)
-            p_plain = None if draft else [float(p[0, bonus])]    # a plain step: what the drafter scores itself on
-        new = draft[:k] + [bonus]
-        log_probs = token_log_probs(x, new) if s.params.return_log_probs else None
-        s.first_round = False
-        st = s.stats
-        st.rounds, st.drafted, st.accepted = st.rounds + 1, st.drafted + len(draft), st.accepted + k
-        setattr(st, f"{kind}_rounds", getattr(st, f"{kind}_rounds") + 1)
+        # a. what the target accepts of the speculation, and the token it adds
+        k, bonus, p_plain = self._accept(s, out if ids_only else x, draft, ids_only)
+        log_probs = token_log_probs(x, draft[:k] + [bonus]) if s.params.return_log_probs else None
+        # b. what the policy learns from it (before the tokens join the sequence: the guess is scored on them)
         if self.policy is not None:
             if draft:
                 self.policy.observe_accept(s.seq_id, k, len(draft), s.spec.source)
             elif len(s.tokens) % (GUESS_EVERY * GUESS_FAR if self.policy.guess_far else GUESS_EVERY) == 0 and self._policy_seq(s):
                 self._score_guess(s, bonus)
-        new = self._apply_stops(s, new)
-        s.output.extend(new)
-        s.tokens.extend(new)
-        self.target.truncate(s.slot, start + 1 + k)       # keep the pending token and the accepted ones
-        s.pending = bonus
-        event = Event(s.seq_id, new, s.finish_reason, st, s.spec.source if draft else "ar", len(draft), k, kind,
-                      log_probs[: len(new)] if log_probs is not None else None)
+        # c. the tokens committed, up to a stop
+        new = self._commit(s, draft, k, bonus, start, kind)
+        event = Event(seq_id=s.seq_id, tokens=new, finish_reason=s.finish_reason, stats=s.stats,
+                      source=s.spec.source if draft else "ar", drafted=len(draft), accepted=k, kind=kind,
+                      log_probs=log_probs[: len(new)] if log_probs is not None else None)
+        # d. the outcome for the drafter, and the next speculation if it was pre-drafted
         if s.finish_reason is None and s.mode != "ar":
             self.outcomes.append(Outcome(s.seq_id, k, draft[:k] + [bonus], p_plain=p_plain))
-            # SSD: the next speculation, if the drafter pre-drafted this outcome (else it sends one)
-            tokens = self.caches.get(s.seq_id, {}).get((k, bonus)) if s.build else None
-            s.spec = Speculation(tokens, None, "cache") if tokens else None
+            s.spec = self._next_speculation(s, k, bonus)
         if s.finish_reason is not None:
             self._finish(s)
         return event
+
+    @staticmethod
+    def _accept(s: Sequence, out: torch.Tensor, draft: list[int], ids_only: bool) -> tuple[int, int, list[float] | None]:
+        """(k, bonus, p_plain): the draft tokens accepted, the target's own token after them, and
+        for a sampled plain step the probability of that token (what the drafter scores itself on).
+        out: argmax ids (ids_only) or the processed logits."""
+        if s.params.greedy:
+            return (*verify_greedy((out if ids_only else greedy(out)).tolist(), draft), None)
+        q = s.spec.q[: len(draft)] if draft else None
+        p = distribution(out, s.params)
+        k, bonus = verify_sampled(p, q, draft, s.generator)
+        return k, bonus, None if draft else [float(p[0, bonus])]
+
+    def _commit(self, s: Sequence, draft: list[int], k: int, bonus: int, start: int, kind: str) -> list[int]:
+        """The accepted tokens and the bonus join the sequence (up to a stop: returns those that
+        did); the target's KV keeps the pending token and the accepted ones."""
+        s.first_round = False
+        st = s.stats
+        st.rounds, st.drafted, st.accepted = st.rounds + 1, st.drafted + len(draft), st.accepted + k
+        setattr(st, f"{kind}_rounds", getattr(st, f"{kind}_rounds") + 1)
+        new = self._apply_stops(s, draft[:k] + [bonus])
+        s.output.extend(new)
+        s.tokens.extend(new)
+        self.target.truncate(s.slot, start + 1 + k)
+        s.pending = bonus
+        return new
+
+    def _next_speculation(self, s: Sequence, k: int, bonus: int) -> Speculation | None:
+        """SSD: the speculation the drafter pre-drafted for this outcome, from the cache keys it
+        sent (None: a miss, or no build this round; the drafter then sends one if asked)."""
+        tokens = self.caches.get(s.seq_id, {}).get((k, bonus)) if s.build else None
+        return Speculation(tokens, None, "cache") if tokens else None
 
     def _scaled(self, s: Sequence, out: torch.Tensor, draft: list[int]) -> torch.Tensor:
         """The target's rows over the shared vocabulary, scaled by the temperature (1 for greedy) and,
