@@ -229,10 +229,10 @@ def test_exploring_rounds_are_evenly_spaced_and_announced_ahead():
     """One round in 1 / rate explores, never several in a clump (a seeded random draw put 3 of a
     batch-4 run's 256 rounds at 1/384), and explore_soon says so EXPLORE_LEAD rounds ahead: the
     decoder starts the drafter's catch-up then, on its own core, instead of waiting for it; once,
-    not in every round of the lead."""
-    policy, machine = RoundPolicy(max_k=4, default_k=2), Machine(a=0.02)
+    not in every round of the lead. (Near paying: far from it exploring leaves the drafter out.)"""
+    policy, machine = RoundPolicy(max_k=4, default_k=2), Machine(a=0.75, a_fast=0.0)
     drive(policy, machine, 300)
-    assert policy.far
+    assert not policy.far and policy.explores_drafter
     explored, soon, caught, held, rounds = [], [], [], 0, 3600
     for i in range(rounds):
         soon.append(policy.explore_soon)
@@ -244,7 +244,7 @@ def test_exploring_rounds_are_evenly_spaced_and_announced_ahead():
             explored.append(i)
         o, _ = policy.choose([0], 1, wide_ok=True)
         machine.run(policy, o)
-    every = 1 / (EXPLORE * FAR_EXPLORE)
+    every = 1 / EXPLORE
     gaps = [b - a for a, b in zip(explored, explored[1:])]
     assert len(explored) >= 4 and all(abs(gap - every) <= 1 for gap in gaps), explored
     assert all(all(soon[i - EXPLORE_LEAD: i + 1]) for i in explored if i >= EXPLORE_LEAD)
@@ -254,6 +254,37 @@ def test_exploring_rounds_are_evenly_spaced_and_announced_ahead():
     for i in explored:
         assert len([c for c in caught if i - EXPLORE_LEAD <= c <= i]) == 1, (i, caught)
     assert len(caught) <= len(explored) + rounds // policy.catch_up + 1, caught
+
+
+@pytest.mark.parametrize("plain_only", [False, True])
+def test_far_from_paying_exploring_leaves_the_drafter_out(plain_only):
+    """Far from paying, exploring rounds try only what needs no drafter (a plain step's other cores,
+    SD drafted by the n-gram guess), evenly spaced at the far rate, also in rounds with sequences
+    the drafter does not know (plain_only), and announce nothing: the decoder tells the drafter
+    only every catch_up steps. Served at T = 0.7 exploring the drafter there cost 0.4% of the wall
+    time, and a catch-up of every sequence before each such round."""
+    policy, machine = RoundPolicy(max_k=4, default_k=2), Machine(a=0.02)
+    drive(policy, machine, 300)
+    assert policy.far and not policy.explores_drafter
+    explored, rounds = [], 3600
+    for i in range(rounds):
+        assert not policy.explore_soon and not policy.catch_up_now(EXPLORE_LEAD + 1)
+        if policy.explore_next:
+            explored.append(i)
+        o, _ = policy.choose([0], 1, wide_ok=True, plain_only=plain_only)
+        if explored and explored[-1] == i:
+            explored[-1] = (i, o)
+        machine.run(policy, o)
+    every = 1 / (EXPLORE * FAR_EXPLORE)
+    assert len(explored) >= rounds // every - 1, explored
+    assert all(abs(b[0] - a[0] - every) <= 1 for a, b in zip(explored, explored[1:])), explored
+    assert all(o.kind == "ar" or o.lookup for _, o in explored), explored
+    assert any(o.lookup for _, o in explored), explored
+    # once it pays again (noticed by plain steps' shadow acceptance), its options are explored as before
+    machine.a = 0.95
+    drive(policy, machine, 2 * CATCH_UP_FAR)
+    kinds = Counter(o.kind for o in drive(policy, machine, 400).elements())
+    assert kinds["sd"] + kinds["ssd"] > kinds["ar"] and not policy.far and policy.explores_drafter, kinds
 
 
 def test_policy_notices_when_speculation_starts_and_stops_paying():

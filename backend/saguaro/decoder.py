@@ -276,9 +276,10 @@ class Decoder:
         self.caches = {}                # looked up (_plan); only a build during this round makes new ones
         # nothing in this round needs the drafter's answer: it is left unread (prompts to prefill, plain
         # steps to catch up on) and the drafter works on through the rounds after, on its own core;
-        # read now before the policy explores (its round must find the drafter idle and up to date)
+        # read now before the policy explores the drafter's options (its round must find the drafter
+        # idle and up to date)
         unanswered = (not any((s.k and not s.lookup) or s.build for s in seqs)
-                      and not (self.policy is not None and self.policy.explore_next))
+                      and not (self.policy is not None and self.policy.explore_next and self.policy.explores_drafter))
         # 1. the round to the drafter; misses and SD wait for its speculation
         told_joins = bool(self.joins)
         told_tokens = sum(len(j.prompt) for j in self.joins) + sum(len(o.emitted) for o in self.outcomes)

@@ -320,9 +320,20 @@ class RoundPolicy:
         self.guess_far = False                  # ... and SD drafted by the n-gram guess too, by its own reach
 
     @property
+    def explores_drafter(self) -> bool:
+        """Exploring may try the drafter's options. Not far from paying: there exploring keeps fresh
+        only the costs of what needs no drafter (a plain step's other cores, SD drafted by the
+        n-gram guess, whose verify costs every kind shares), the drafter's acceptance is measured on
+        plain steps meanwhile (shadow acceptance), and its own costs once it is near paying again.
+        Exploring it there cost a catch-up of every sequence first (served T = 0.7, concurrency
+        2-4: 0.4% of the wall time in the exploring rounds, more in the catch-ups before them)."""
+        return not self.far
+
+    @property
     def explore_soon(self) -> bool:
-        """A round explores within EXPLORE_LEAD rounds: time to start bringing the drafter up to date."""
-        return self.explore_next or self.explore_credit + EXPLORE_LEAD * self._explore_rate() >= 1
+        """A round that may try the drafter's options explores within EXPLORE_LEAD rounds: time to
+        start bringing the drafter up to date."""
+        return self.explores_drafter and (self.explore_next or self.explore_credit + EXPLORE_LEAD * self._explore_rate() >= 1)
 
     def _explore_rate(self) -> float:
         return EXPLORE * (FAR_EXPLORE if self.far else 1.0)
@@ -378,7 +389,9 @@ class RoundPolicy:
         self.hold, factor, self.ticks = 0, RATE_DECAY ** self.ticks, 0
         for rate in (*self.hits.values(), *self.seq_accept.values(), *self.seq_accept_fast.values()):
             rate.tick(factor)
-        if plain_only:     # only what needs no drafter: a plain step, or SD drafted by the n-gram guess
+        # only what needs no drafter: a plain step, or SD drafted by the n-gram guess (exploring waits
+        # unless it leaves the drafter out anyway)
+        if plain_only and self.explores_drafter:
             self.explore_next, explore = self.explore_next or explore, False
         allowed = lambda o: (wide_ok or not o.wide) and not (plain_only and o.kind != "ar" and not o.lookup)
         options = [o for o in self.options if allowed(o)]
@@ -435,7 +448,7 @@ class RoundPolicy:
             steps = max((r for o, r in zip(options, rates) if o.kind == "ar"), default=0.0)
             self.guess_far = self.measured and max(
                 (self._score(o, guessing) for o in options if o.lookup and o.wide), default=0.0) < FAR * steps
-        best = self._neighbour(shortlist, rates, order[0]) if explore else order[0]
+        best = self._neighbour(shortlist, rates, order[0], self.explores_drafter) if explore else order[0]
         # chosen by the rate it keeps up; predicted as this round will run, after the round before
         o = shortlist[best]
         if o.kind == "ar" and wide_ok and not explore:
@@ -524,20 +537,24 @@ class RoundPolicy:
         rate = tokens / max(ms, 1e-6)
         return rate if o.kind == "ar" else rate / (1 + MARGIN)
 
-    def _neighbour(self, options: list[Option], rates: list[float], best: int) -> int:
+    def _neighbour(self, options: list[Option], rates: list[float], best: int, drafter: bool = True) -> int:
         """An option next to the best, the one measured longest ago: its kind with K +- 1, the other
         backup, fan-out budget or cores, or the best option of another kind on either cores with K at
         most one above the best's (so that a cost the machine's load once made look bad is measured
         again, by a round that costs little more than the best: a long speculation is reached a
-        step at a time)."""
+        step at a time). drafter False: only options that need no drafter (explores_drafter), the
+        n-gram guess's SD then a kind of its own."""
         b = options[best]
         reach = max(b.k, 1) + 1
-        top = {(kind, wide): max((i for i, o in enumerate(options) if (o.kind, o.wide) == (kind, wide) and o.k <= reach),
+        group = (lambda o: o.kind) if drafter else (lambda o: o.work)
+        if not drafter:
+            options = [o if o.kind == "ar" or o.lookup else None for o in options]
+        top = {(kind, wide): max((i for i, o in enumerate(options) if o and (group(o), o.wide) == (kind, wide) and o.k <= reach),
                                  key=rates.__getitem__, default=None)
-               for kind in ("ar", "sd", "ssd") for wide in (True, False)}
-        near = [i for i, o in enumerate(options) if i != best and (
+               for kind in ("ar", "sd", "ssd", "lookup") for wide in (True, False)}
+        near = [i for i, o in enumerate(options) if o and i != best and (
             (o.kind == b.kind and abs(o.k - b.k) + (o.backup != b.backup) + (o.wide != b.wide) + (o.budget != b.budget) == 1)
-            or i == top[o.kind, o.wide])]
+            or i == top[group(o), o.wide])]
         # the one measured longest ago (ties at random): every neighbour is measured in turn
         return max(near, key=lambda i: (self.rounds - self.last_seen.get(options[i], -1), self.rng.random())) if near else best
 
