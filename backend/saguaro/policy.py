@@ -321,7 +321,7 @@ class RoundPolicy:
 
     @property
     def explores_drafter(self) -> bool:
-        """Exploring may try the drafter's options. Not far from paying: there exploring keeps fresh
+        """Exploring may try the drafter's options, except far from paying: there exploring keeps fresh
         only the costs of what needs no drafter (a plain step's other cores, SD drafted by the
         n-gram guess, whose verify costs every kind shares), the drafter's acceptance is measured on
         plain steps meanwhile (shadow acceptance), and its own costs once it is near paying again.
@@ -547,12 +547,11 @@ class RoundPolicy:
         b = options[best]
         reach = max(b.k, 1) + 1
         group = (lambda o: o.kind) if drafter else (lambda o: o.work)
-        if not drafter:
-            options = [o if o.kind == "ar" or o.lookup else None for o in options]
-        top = {(kind, wide): max((i for i, o in enumerate(options) if o and (group(o), o.wide) == (kind, wide) and o.k <= reach),
+        candidates = [(i, o) for i, o in enumerate(options) if drafter or o.kind == "ar" or o.lookup]
+        top = {(kind, wide): max((i for i, o in candidates if (group(o), o.wide) == (kind, wide) and o.k <= reach),
                                  key=rates.__getitem__, default=None)
                for kind in ("ar", "sd", "ssd", "lookup") for wide in (True, False)}
-        near = [i for i, o in enumerate(options) if o and i != best and (
+        near = [i for i, o in candidates if i != best and (
             (o.kind == b.kind and abs(o.k - b.k) + (o.backup != b.backup) + (o.wide != b.wide) + (o.budget != b.budget) == 1)
             or i == top[group(o), o.wide])]
         # the one measured longest ago (ties at random): every neighbour is measured in turn

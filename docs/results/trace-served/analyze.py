@@ -20,7 +20,7 @@ T, BATCH, TOK, VERIFY, WALL, GAP, PREFILL, JOINED, ONE_CORE, OPTION, DRAFTED, UN
 
 
 def load(trace: Path, run_dir: Path):
-    """(rounds labelled (mode, concurrency, round), target forwards [(start, end)])."""
+    """(rounds labelled (mode, concurrency, round), target forwards [(start, end)] in start order)."""
     rows = [json.loads(line) for line in trace.open()]
     others = sorted(trace.parent.glob(trace.name + ".*"), key=lambda f: f.stat().st_size)
     forwards = sorted(((r[1], r[2]) for r in map(json.loads, others[-1].open()) if r[0] == "T")) if others else []
@@ -41,8 +41,7 @@ def load(trace: Path, run_dir: Path):
 
 def target_ms(forwards, r):
     """The target's compute for round r (the forward that started with it), or None."""
-    starts = [f[0] for f in forwards]
-    i = bisect.bisect_left(starts, r[FWD_T0] - 0.0005)
+    i = bisect.bisect_left(forwards, (r[FWD_T0] - 0.0005,))
     if i < len(forwards) and forwards[i][0] - r[FWD_T0] < 0.005:
         return (forwards[i][1] - forwards[i][0]) * 1e3
     return None
