@@ -8,6 +8,7 @@ by the pip tritonserver. No server is needed here.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from clients.common import (  # noqa: E402
 from clients.perf.make_input_data import build_input_data, thread_order  # noqa: E402
 from clients.perf.sweep import (  # noqa: E402
     ClientError, Row, _run_order, _whole_json, advantage_line, held_seconds, metric_deltas, parse_csv, parse_export, parse_mode_ks, parse_prometheus,
-    percentile, rows_from_dir, speculative_rates, spread_line, write_input_data, write_report,
+    paired_interval, percentile, rows_from_dir, speculative_rates, spread_line, write_input_data, write_report,
 )
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "perf_sample"
@@ -205,11 +206,24 @@ def test_spread_line_pairs_the_runs_of_a_point(tmp_path: Path) -> None:
     ar = _row("ar", 1, 100)
     ssd = _row("ssd", 1, 100)
     ar.run_rates, ssd.run_rates = [100.0, 100.0, 200.0], [90.0, 110.0, 200.0]
-    assert spread_line([ssd, ar], "ar") == "ssd/ar run by run (the runs of a point paired in order): c=1: 0.90-1.10x."
+    assert spread_line([ssd, ar], "ar") == ("ssd/ar run by run (the runs of a point paired in order): the range, then "
+                                            "their geometric mean (95% confidence interval): c=1: 0.90-1.10x, 1.00x (0.78-1.28).")
     assert spread_line([_row("ssd", 1, 100), _row("ar", 1, 100)], "ar") is None     # one run a point
     stems = [f"ssd_c1_r{i}" for i in (10, 2, 0, 1, 9)]
     assert [p.stem for p in sorted((tmp_path / f"{s}.csv" for s in stems), key=_run_order)] == \
         ["ssd_c1_r0", "ssd_c1_r1", "ssd_c1_r2", "ssd_c1_r9", "ssd_c1_r10"]
+
+
+def test_paired_interval_is_student_t_on_the_logs() -> None:
+    # logs of 0.9, 1.1, 1.0: mean -0.00335, sd 0.1004; t(0.975, 2) = 4.303
+    mean, low, high = paired_interval([0.9, 1.1, 1.0])
+    assert mean == pytest.approx(0.99665, abs=1e-5)
+    assert (low, high) == (pytest.approx(0.7767, abs=1e-4), pytest.approx(1.2789, abs=1e-4))
+    assert paired_interval([1.05] * 4) == pytest.approx((1.05, 1.05, 1.05))    # runs that agree pin it down
+    # past 31 pairs the normal quantile: 40 pairs of logs +-0.1 (sd 0.1013), half-width 1.96 * sd / sqrt(40)
+    mean, low, high = paired_interval([math.exp(0.1), math.exp(-0.1)] * 20)
+    assert mean == pytest.approx(1.0)
+    assert math.log(high) == pytest.approx(1.96 * math.sqrt(0.4 / 39) / math.sqrt(40), rel=1e-6)
 
 
 def test_an_export_cut_off_mid_file_is_not_taken_as_whole(tmp_path: Path) -> None:

@@ -342,16 +342,35 @@ def advantage_line(rows: list[Row], base: str = "sd") -> str:
     return f"ssd's advantage over {base} disappears at concurrency {c} (ssd/{base} {unit}: {listed}).{why}"
 
 
+# two-sided 95% Student t quantiles by degrees of freedom (1-30), the normal one above
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """The geometric mean of paired run ratios and its 95% confidence interval (Student t on the
+    logs): how well a point's runs pin down a mode's ratio on a host whose speed drifts."""
+    logs = [math.log(r) for r in ratios]
+    n = len(logs)
+    mean = sum(logs) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+    half = (T95[n - 2] if n - 1 <= len(T95) else 1.960) * sd / math.sqrt(n)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
 def spread_line(rows: list[Row], base: str = "ar") -> str | None:
     """ssd/`base` run by run, the runs of a point paired in order (with --repeats the modes take
-    turns, so a pair ran minutes apart at most): how far the host moved a point. None with one run."""
+    turns, so a pair ran minutes apart at most): how far the host moved a point, and the 95%
+    confidence interval of the pairs' geometric mean. None with one run."""
     by = {(r.mode, r.concurrency): r for r in rows}
     spans = []
     for c in sorted(c for m, c in by if m == "ssd" and (base, c) in by):
-        pairs = [s / b for s, b in zip(by[("ssd", c)].run_rates, by[(base, c)].run_rates) if b]
+        pairs = [s / b for s, b in zip(by[("ssd", c)].run_rates, by[(base, c)].run_rates) if b and s]
         if len(pairs) > 1:
-            spans.append(f"c={c}: {min(pairs):.2f}-{max(pairs):.2f}x")
-    return f"ssd/{base} run by run (the runs of a point paired in order): {', '.join(spans)}." if spans else None
+            mean, low, high = paired_interval(pairs)
+            spans.append(f"c={c}: {min(pairs):.2f}-{max(pairs):.2f}x, {mean:.2f}x ({low:.2f}-{high:.2f})")
+    return (f"ssd/{base} run by run (the runs of a point paired in order): the range, then their geometric mean "
+            f"(95% confidence interval): {'; '.join(spans)}.") if spans else None
 
 
 def write_report(rows: list[Row], out: Path, title: str = "Saguaro on Triton: concurrency sweep") -> tuple[Path, Path]:
