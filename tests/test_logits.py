@@ -25,7 +25,7 @@ from saguaro.engines.torch_engine import TorchEngine
 from saguaro.errors import SaguaroError
 from saguaro.llm import build_decoder
 from saguaro.logits import MIN_LENGTH_MASK, active, banned, process
-from saguaro.sampling import distribution, token_log_probs
+from saguaro.sampling import distribution, probability, token_log_probs
 from saguaro.text import load_tokenizer
 from random_rounds import RandomRounds
 from test_exactness import chi_square_p
@@ -307,3 +307,13 @@ def test_log_probs_are_the_processed_targets(tiny, mode, params):
             expected += token_log_probs(x, [out[j]])
         assert logps[i] == pytest.approx(expected, abs=1e-4)
         assert all(v > -math.inf for v in logps[i])
+
+
+def test_probability_reads_the_same_float_as_torch_indexing() -> None:
+    # the drafter scores plain steps on this value (Outcome.p_plain): the numpy read must equal torch's
+    g = torch.Generator().manual_seed(3)
+    p = distribution(torch.randn(2, 4096, generator=g) / 0.7, SamplingParams(temperature=0.7, top_p=0.9))
+    for token in (0, 17, 4095, int(p[0].argmax())):
+        assert probability(p, token) == float(p[0, token])
+    strided = torch.randn(4096, 3, generator=g).softmax(0).t()     # a view, not contiguous
+    assert probability(strided, 5) == float(strided[0, 5])

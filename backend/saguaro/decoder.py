@@ -40,7 +40,7 @@ from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure, SaguaroError
 from saguaro.logits import active as processes_logits, process
 from saguaro.policy import Option, Prediction, RoundCosts, RoundPolicy
-from saguaro.sampling import distribution, greedy, token_log_probs, verify_greedy, verify_sampled
+from saguaro.sampling import distribution, greedy, probability, token_log_probs, verify_greedy, verify_sampled
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
 JOIN_READ = 2                        # rounds an answer left unread waits at least before it is read, until reads are timed
@@ -641,7 +641,7 @@ class Decoder:
         q = s.spec.q[: len(draft)] if draft else None
         p = distribution(out, s.params)
         k, bonus = verify_sampled(p, q, draft, s.generator)
-        return k, bonus, None if draft else [float(p[0, bonus])]
+        return k, bonus, None if draft else [probability(p, bonus)]
 
     def _commit(self, s: Sequence, draft: list[int], k: int, bonus: int, start: int, kind: str) -> list[int]:
         """The accepted tokens and the bonus join the sequence (up to a stop: returns those that

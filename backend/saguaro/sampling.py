@@ -44,6 +44,12 @@ def distribution(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return out
 
 
+def probability(p: torch.Tensor, token: int) -> float:
+    """p[0, token] as a float: on CPU through numpy (~1.5 us a read here, ~6 through torch's
+    indexing; a sampled plain step reads one for the drafter every round, per sequence)."""
+    return float(p.numpy()[0, token]) if p.device.type == "cpu" else float(p[0, token])
+
+
 def token_log_probs(x: torch.Tensor, tokens: list[int]) -> list[float]:
     """log softmax(x[i])[tokens[i]] for the first len(tokens) rows of x: TensorRT-LLM's
     output_log_probs, the log-probability under the whole vocabulary of the scaled, processed
