@@ -45,7 +45,7 @@ def distribution(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def probability(p: torch.Tensor, token: int) -> float:
-    """p[0, token] as a float: on CPU through numpy (~1.5 us a read here, ~6 through torch's
+    """p[0, token] as a float: on CPU through numpy (1.2 us a read here, 2.9 through torch's
     indexing; a sampled plain step reads one for the drafter every round, per sequence)."""
     return float(p.numpy()[0, token]) if p.device.type == "cpu" else float(p[0, token])
 
