@@ -15,7 +15,9 @@ Every report interval it prints: sent, ok, cancelled, errors by message, tokens/
 KV slots in use. It exits non-zero on any lost request (no final answer or error within
 --request-timeout), a greedy output that differs, a KV slot still held after the run, or a
 resident-memory growth of the server's processes over --max-rss-growth between the end of the
-first interval and the end of the run.
+first interval and the end of the run. The server's own output goes to SOAK_SERVER_LOG (a file)
+when set; otherwise its last lines are shown when the soak fails or the server exits before it
+is ready (the soak stops waiting then).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -231,15 +234,23 @@ def slots(metrics_url: str) -> dict[str, float]:
             re.finditer(r'^saguaro_(kv_slots_in_use\{engine="\w+"\}|active_sequences) (\S+)$', text, re.M)}
 
 
-def wait_ready(http_url: str, timeout_s: float) -> bool:
+def wait_ready(http_url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> bool:
+    """Whether the server answers ready within timeout_s; False at once when proc (the server
+    started for the soak) exits first."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         try:
             with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2):
                 return True
         except OSError:
             time.sleep(0.5)
     return False
+
+
+def show_log(path: str, lines: int = 40) -> None:
+    """The end of the server's output (a tritonserver crash: "Signal (11) received" and its frames)."""
+    tail = Path(path).read_text(errors="replace").splitlines()[-lines:]
+    print(f"soak: the server's log ({path}), its last {len(tail)} lines:", *("    " + t for t in tail), sep="\n", flush=True)
 
 
 def kill_stub(serve_pid: int, model: str) -> str:
@@ -272,14 +283,18 @@ def main(argv=None) -> int:
         ports = [free_port() for _ in range(4)]
         args.url, http_url = f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[0]}"
         args.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
-        log = open(os.environ.get("SOAK_SERVER_LOG", os.devnull), "w")
+        # the server's output, kept where SOAK_SERVER_LOG says; else shown in part if the soak fails
+        log_path = os.environ.get("SOAK_SERVER_LOG") or tempfile.mkstemp(prefix="soak-server-", suffix=".log")[1]
+        log = open(log_path, "w")
         serve = subprocess.Popen([sys.executable, "-m", "saguaro.serve", "--http-port", str(ports[0]), "--grpc-port",
                                   str(ports[1]), "--metrics-port", str(ports[2]), "--openai-port", str(ports[3])],
                                  stdout=log, stderr=log)
         print(f"soak: starting saguaro.serve (pid {serve.pid}) on {http_url}", flush=True)
-        if not wait_ready(http_url, 600):
-            print("soak: the server did not become ready", flush=True)
+        if not wait_ready(http_url, 600, serve):
+            rc = serve.poll()
+            print(f"soak: the server {'exited (rc %d)' % rc if rc is not None else 'did not become ready'}", flush=True)
             serve.kill()
+            show_log(log_path)
             return 2
     soak = Soak(args)
     threads = [threading.Thread(target=soak.worker, args=(i,), daemon=True) for i in range(args.concurrency)]
@@ -357,6 +372,11 @@ def main(argv=None) -> int:
                 serve.kill()
     for f in failed:
         print(f"soak: FAILED: {f}", flush=True)
+    if serve is not None:
+        if failed:
+            show_log(log_path)
+        elif not os.environ.get("SOAK_SERVER_LOG"):
+            os.unlink(log_path)
     print("soak: PASSED" if not failed else "soak: FAILED", flush=True)
     return 1 if failed else 0
 

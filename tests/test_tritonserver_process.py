@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from saguaro.errors import SaguaroError
-from saguaro.tritonserver_process import DEFAULT_MODEL_REPOSITORY, TritonServer
+from saguaro.tritonserver_process import DEFAULT_MODEL_REPOSITORY, TritonServer, ephemeral_low, free_port
 
 BROKEN = '''
 import triton_python_backend_utils as pb_utils
@@ -35,6 +35,21 @@ def test_port_in_use_names_the_flag(tmp_path):
         busy = s.getsockname()[1]
         with pytest.raises(SaguaroError, match=f"--grpc-port: port {busy} .* already in use"):
             TritonServer(tmp_path, http_port=0, grpc_port=busy, metrics_port=0).start()
+
+
+def test_free_ports_lie_below_the_ephemeral_range_where_outgoing_connections_take_theirs(tmp_path, monkeypatch):
+    low = ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    assert all(low - 12000 <= p < low for p in ports) and len(ports) > 10
+    for p in ports:         # each bindable (nothing holds it)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+    (tmp_path / "range").write_text("2000\t60999\n")
+    assert ephemeral_low(str(tmp_path / "range")) == 2000
+    assert ephemeral_low(str(tmp_path / "absent")) == 49152
+    # a range that starts too low leaves no room below it: the kernel's pick (port 0) then
+    monkeypatch.setattr("saguaro.tritonserver_process.ephemeral_low", lambda: 2000)
+    assert free_port() >= low
 
 
 def test_model_load_failure_shows_the_models_error_and_leaves_nothing_running(tmp_path: Path):

@@ -19,6 +19,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -115,10 +116,32 @@ def server_env(install: TritonInstall, base: Optional[Mapping[str, str]] = None)
     return env
 
 
+FREE_PORTS = 12000   # how many ports below the kernel's ephemeral range free_port draws from
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing is bound to, drawn below the kernel's ephemeral range where that leaves room.
+    A port of that range (what binding port 0 gives) is the local end of any outgoing connection
+    made before the server binds it: a soak's server once refused to start, its metrics port taken
+    between the pick and the bind, and a restarted tritonserver would find its loopback port so."""
+    low = ephemeral_low()
+    for _ in range(100):
+        port = random.SystemRandom().randrange(low - FREE_PORTS, low) if low > FREE_PORTS + 1024 else 0
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise SaguaroError(f"no free port on {host} among 100 tried below {low}; free some, or name the ports")
+
+
+def ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    """The lowest port the kernel hands outgoing connections (Linux; IANA's 49152 elsewhere)."""
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
 
 
 def port_in_use(host: str, port: int) -> bool:
