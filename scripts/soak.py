@@ -284,7 +284,10 @@ def main(argv=None) -> int:
         args.url, http_url = f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[0]}"
         args.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
         # the server's output, kept where SOAK_SERVER_LOG says; else shown in part if the soak fails
-        log_path = os.environ.get("SOAK_SERVER_LOG") or tempfile.mkstemp(prefix="soak-server-", suffix=".log")[1]
+        log_path = os.environ.get("SOAK_SERVER_LOG")
+        if not log_path:
+            fd, log_path = tempfile.mkstemp(prefix="soak-server-", suffix=".log")
+            os.close(fd)
         log = open(log_path, "w")
         serve = subprocess.Popen([sys.executable, "-m", "saguaro.serve", "--http-port", str(ports[0]), "--grpc-port",
                                   str(ports[1]), "--metrics-port", str(ports[2]), "--openai-port", str(ports[3])],
