@@ -284,8 +284,8 @@ def main(argv=None) -> int:
         args.url, http_url = f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[0]}"
         args.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
         # the server's output, kept where SOAK_SERVER_LOG says; else shown in part if the soak fails
-        log_path = os.environ.get("SOAK_SERVER_LOG")
-        if not log_path:
+        log_path = keep_log = os.environ.get("SOAK_SERVER_LOG")
+        if not keep_log:
             fd, log_path = tempfile.mkstemp(prefix="soak-server-", suffix=".log")
             os.close(fd)
         log = open(log_path, "w")
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     if serve is not None:
         if failed:
             show_log(log_path)
-        elif not os.environ.get("SOAK_SERVER_LOG"):
+        elif not keep_log:
             os.unlink(log_path)
     print("soak: PASSED" if not failed else "soak: FAILED", flush=True)
     return 1 if failed else 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from saguaro.errors import SaguaroError
-from saguaro.tritonserver_process import DEFAULT_MODEL_REPOSITORY, TritonServer, ephemeral_low, free_port
+from saguaro.tritonserver_process import DEFAULT_MODEL_REPOSITORY, TritonServer, FREE_PORTS, ephemeral_low, free_port
 
 BROKEN = '''
 import triton_python_backend_utils as pb_utils
@@ -40,7 +40,7 @@ def test_port_in_use_names_the_flag(tmp_path):
 def test_free_ports_lie_below_the_ephemeral_range_where_outgoing_connections_take_theirs(tmp_path, monkeypatch):
     low = ephemeral_low()
     ports = {free_port() for _ in range(20)}
-    assert all(low - 12000 <= p < low for p in ports) and len(ports) > 10
+    assert all(low - FREE_PORTS <= p < low for p in ports) and len(ports) > 10
     for p in ports:         # each bindable (nothing holds it)
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))

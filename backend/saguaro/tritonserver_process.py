@@ -124,9 +124,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     A port of that range (what binding port 0 gives) is the local end of any outgoing connection
     made before the server binds it: a soak's server once refused to start, its metrics port taken
     between the pick and the bind, and a restarted tritonserver would find its loopback port so."""
-    low = ephemeral_low()
+    low, draw = ephemeral_low(), random.SystemRandom()
     for _ in range(100):
-        port = random.SystemRandom().randrange(low - FREE_PORTS, low) if low > FREE_PORTS + 1024 else 0
+        port = draw.randrange(low - FREE_PORTS, low) if low > FREE_PORTS + 1024 else 0
         with socket.socket() as s:
             try:
                 s.bind((host, port))
