@@ -198,6 +198,10 @@ def test_sampled_decoding_with_switching_round_types_matches(models, engines, se
     if policy == "random":   # the switches the issue names happened, often
         assert switches["after a rejection"] > SAMPLES // 10 and switches["after a cache miss"] > SAMPLES // 100, switches
         assert min(kinds.values()) > SAMPLES // 10, kinds
+        # and SSD rounds that changed Saguaro C while looking in caches the round before built at the other
+        h = dec.history
+        c_switched = sum(b.hits for a, b in zip(h, h[1:]) if a.saguaro_c != b.saguaro_c and a.ssd and b.ssd)
+        assert c_switched > SAMPLES // 100, c_switched
     assert p > 1e-3, f"{policy} round types: the sampled distribution differs from AR sampling (chi-square p = {p:.3g})"
 
 

@@ -503,6 +503,36 @@ def test_outcomes_of_plain_target_steps_bring_the_draft_kv_up_to_date(draft_engi
     d.release_all()
 
 
+def test_each_round_drafts_with_the_saguaro_c_it_was_told(draft_engine):
+    """The round policy chooses C per round (Outcome.next_c): the build during that round and a
+    backup drafted for it draw at that C, each speculation saying which (Speculation.c: the policy
+    measures acceptance per C by it; a hit's is its build's); a round told none keeps the last, a C
+    outside [0, 1] is a drafter failure, and greedy drafting, which C does not change, says 1."""
+    d = _drafter(draft_engine, "neural")
+    spec = _join(d, SamplingParams(temperature=0.8, seed=3))
+    s = d.seqs[0]
+    assert spec.c == 1.0 and {x.c for x in s.cache.values()} == {1.0}
+    (j, c) = next(iter(s.cache))
+    reply = d.step(DraftRound(outcomes=[Outcome(0, j, spec.tokens[:j] + [c], next_c=0.5)]))
+    assert reply.hits == {0: True} and reply.specs[0].c == 1.0     # built the round before, at C = 1
+    spec = reply.specs[0]
+    d.build()
+    assert s.c == 0.5 and {x.c for x in s.cache.values()} == {0.5}
+    missed = next(t for t in range(draft_engine.vocab_size) if (0, t) not in s.cache and t != spec.tokens[0])
+    reply = d.step(DraftRound(outcomes=[Outcome(0, 0, [missed])]))   # told no C: it keeps 0.5
+    assert reply.hits == {0: False} and reply.specs[0].source == "neural" and reply.specs[0].c == 0.5
+    d.build()
+    with pytest.raises(DraftFailure, match="Saguaro C"):
+        d.step(DraftRound(outcomes=[Outcome(0, 0, [missed], next_c=1.5)]))
+    g = _drafter(draft_engine, "neural")
+    spec = _join(g, SamplingParams())
+    (j, c) = next(iter(g.seqs[0].cache))
+    reply = g.step(DraftRound(outcomes=[Outcome(0, j, spec.tokens[:j] + [c], next_c=0.5)]))
+    g.build()
+    assert reply.specs[0].c == 1.0 and {x.c for x in g.seqs[0].cache.values()} == {1.0}
+    g.release_all()
+
+
 def test_each_round_builds_with_the_fan_out_budget_it_was_told(draft_engine):
     """The round policy chooses B per round (Outcome.next_budget): the build during that round has
     that many branches, a round told none keeps the last, and a budget the engine cannot hold is a

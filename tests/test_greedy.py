@@ -432,6 +432,46 @@ def test_the_policys_fan_out_budget_reaches_the_drafter_capped_by_the_requests(p
     assert all(n == min(b, 4) for b, n in built[capped]), built[capped]
 
 
+class CTaker(RoundPolicy):
+    """A stand-in for the policy: SSD at K = 2 with each Saguaro C of `turns` in turn."""
+
+    def __init__(self, turns: list[float]):
+        super().__init__(max_k=2, default_k=2, cs=tuple(turns))
+        self.turns, self.n = turns, 0
+
+    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
+        self.n += 1
+        return Option("ssd", 2, False, "neural", 8, self.turns[self.n % len(self.turns)]), None
+
+
+def test_the_policys_saguaro_c_reaches_the_drafter_unless_the_request_set_its_own(prompts, ar_outputs):
+    """Each round's C is the one the policy chose (Outcome.next_c), for a request that set none; one
+    that set saguaro_c keeps it; the round's stats say which; greedy output stays AR's (C changes
+    no greedy draft)."""
+    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=2, budget=8), draft_process=False)
+    dec.policy = CTaker([0.5, 1.0, 0.25])
+    drafter = dec.draft.drafter
+    try:
+        own = dec.add(prompts[0], PARAMS, saguaro_c=0.9)
+        free = dec.add(prompts[1], PARAMS)
+        outs: dict[int, list[int]] = {own: [], free: []}
+        seen = {own: [], free: []}
+        while dec.active:
+            for e in dec.step():
+                outs[e.seq_id] += e.tokens
+            r = dec.history[-1]
+            for i in seen:
+                s = drafter.seqs.get(i)
+                if s is not None and r.option.startswith("ssd") and r.ssd:
+                    seen[i].append((r.saguaro_c, s.c))
+    finally:
+        dec.close()
+    assert outs == {own: ar_outputs[0], free: ar_outputs[1]}
+    assert {c for c, _ in seen[free]} == {0.5, 1.0, 0.25}
+    assert all(c == drawn for c, drawn in seen[free]), seen[free]
+    assert seen[own] and {drawn for _, drawn in seen[own]} == {0.9}
+
+
 class FastBackup(RoundPolicy):
     """A stand-in for the policy: SSD at K = 3 with the fast backup, every round."""
 

@@ -96,17 +96,20 @@ def test_costs_borrow_the_nearest_batch():
 
 class Machine:
     """Round costs of a 2-core host like this one (ms) for a batch of sequences: acceptance a per
-    draft token (a_fast for the n-gram backup's), cache hit rate p per sequence."""
+    draft token (a_fast for the n-gram backup's), cache hit rate p per sequence; drafted at a Saguaro
+    C below 1, hits c_hit times as many and acceptance c_accept times as high."""
 
     def __init__(self, a: float, p: float = 0.7, draft_step: float = 0.8, a_fast: float = 0.1, seed: int = 0,
-                 wide_speedup: float = 1.5, build_scale: float = 1.0):
+                 wide_speedup: float = 1.5, build_scale: float = 1.0, c_hit: float = 1.0, c_accept: float = 1.0):
         self.a, self.p, self.draft_step, self.a_fast = a, p, draft_step, a_fast
+        self.c_hit, self.c_accept = c_hit, c_accept
         self.build_scale = build_scale     # of the cache build's cost (at fan-out budget 8)
         self.rng = random.Random(seed)
         self.load = 1.0               # slowdown of forwards on every core (another process on the host)
         self.wide_speedup = wide_speedup   # a forward on every core against one on the target's own
         self.held: dict[int, list[bool]] = {}   # plain steps' tokens the draft would have guessed, untold
         self.built = 8                # the fan-out budget of the last build (the caches a round looks in)
+        self.built_c = 1.0            # ... and its C
 
     def verify(self, o: Option, b: int) -> float:
         one_core = (2.4 + 0.35 * o.k) * (1 + 0.15 * (b - 1))
@@ -116,9 +119,12 @@ class Machine:
         """A build of fewer branches costs less, though not in proportion (per-call overheads)."""
         return (0.5 + 0.9 * k) * (1 + 0.2 * (b - 1)) * self.build_scale * (0.5 + budget / 16)
 
-    def hit(self, budget: int) -> float:
+    def hit(self, budget: int, c: float = 1.0) -> float:
         """The hit rate: p at fan-out budget 8, fewer outcomes covered with fewer branches."""
-        return self.p * (1 - 0.25 * (8 - budget) / 4)
+        return min(0.99, self.p * (1 - 0.25 * (8 - budget) / 4) * (self.c_hit if c < 1 else 1.0))
+
+    def accept(self, c: float) -> float:
+        return min(0.99, self.a * (self.c_accept if c < 1 else 1.0))
 
     def jit(self, k: int, b: int) -> float:
         return 0.2 + self.draft_step * k * (1 + 0.1 * (b - 1))
@@ -128,7 +134,7 @@ class Machine:
 
     def expected_rate(self, o: Option, b: int = 1) -> float:
         """tokens/s of an option over many rounds (the model, with the machine's true numbers)."""
-        e, other = expected_tokens(self.a, o.k), 0.3
+        e, other = expected_tokens(self.accept(o.c), o.k), 0.3
         if o.kind == "ar":
             return 1000 * b / (self.verify(o, b) + other)
         if o.lookup:
@@ -136,7 +142,7 @@ class Machine:
         if o.kind == "sd":
             return 1000 * b * e / (self.jit(o.k, b) + self.verify(o, b) + other)
         e_miss = e if o.backup == "neural" else expected_tokens(self.a_fast, o.k)
-        p = self.hit(o.budget)
+        p = self.hit(o.budget, o.c)
         ms = max(self.verify(o, b), self.build(o.k, b, o.budget)) + (1 - p ** b) * self.miss_wait(o, b) + other
         return 1000 * b * (p * e + (1 - p) * e_miss) / ms
 
@@ -153,22 +159,24 @@ class Machine:
 
     def run(self, policy: RoundPolicy, o: Option, b: int = 1) -> None:
         """One round of option o for sequences 0..b-1; tells the policy what it saw."""
-        hits = [o.kind == "ssd" and self.rng.random() < self.hit(self.built) for _ in range(b)]
+        hits = [o.kind == "ssd" and self.rng.random() < self.hit(self.built, self.built_c) for _ in range(b)]
         tokens = 0
         self.shadow(policy, o, b)
         for seq_id, hit in enumerate(hits):
             fast = (o.kind == "ssd" and not hit and o.backup == "fast") or o.lookup
-            a = self.a_fast if fast else self.a
+            c = self.built_c if hit else o.c          # a hit was drafted by the build before, at its C
+            a = self.a_fast if fast else self.accept(c)
             accepted = 0
             while accepted < o.k and self.rng.random() < a:
                 accepted += 1
-            policy.observe_accept(seq_id, accepted, o.k, "fast" if fast else "neural")
+            policy.observe_accept(seq_id, accepted, o.k, "fast" if fast else "neural", c=1.0 if fast else c)
             tokens += accepted + 1
         misses = b - sum(hits) if o.kind == "ssd" else 0
         spec_wait = {"ar": 0.0, "sd": 0.0 if o.lookup else self.jit(o.k, b), "ssd": self.miss_wait(o, b) if misses else 0.0}[o.kind]
         verify = self.verify(o, b)
         build = self.build(o.k, b, o.budget) if o.kind == "ssd" else 0.0
         self.built = o.budget or self.built
+        self.built_c = o.c if o.kind == "ssd" else self.built_c
         build_wait = max(0.0, build - verify)
         policy.observe(RoundCosts(option=o, batch=b, tokens_per_seq=o.k + 1, verify_ms=verify, spec_wait_ms=spec_wait,
                                   build_wait_ms=build_wait, build_ms=build, wall_ms=spec_wait + verify + build_wait + 0.3,
@@ -417,6 +425,41 @@ def test_the_fan_out_budget_falls_out_of_the_model():
         assert achieved(machine, chosen) >= 0.93 * machine.expected_rate(best), chosen
         ranked = max(ssd, key=lambda o: policy.predict(o, [0], 1).tokens_per_s)
         assert ranked.budget == want, (build_scale, ranked)
+
+
+@pytest.mark.parametrize("c_hit,c_accept,want", [(1.8, 0.95, 0.5), (1.05, 0.7, 1.0)])
+def test_saguaro_c_is_lowered_where_the_model_predicts_it_pays(c_hit, c_accept, want):
+    """Sampled sequences: C = 0.5 where it raises hits more than it costs acceptance, C = 1 where
+    it does not; learnt from the hit rates and acceptance that each C's speculations measured (a
+    hit's by the C its build drew with). Greedy sequences never get a lower C: it changes nothing
+    there."""
+    machine = Machine(a=0.75, p=0.4, c_hit=c_hit, c_accept=c_accept)
+    ssd = [o for o in RoundPolicy(max_k=4, default_k=3, cs=(1.0, 0.5)).options if o.kind == "ssd"]
+    assert {o.c for o in ssd} == {1.0, 0.5}
+    best = max(ssd, key=lambda o: machine.expected_rate(o, 4))
+    assert best.c == want, best                     # the machine is set up so that C matters
+    policy = RoundPolicy(max_k=4, default_k=3, cs=(1.0, 0.5))
+    for seq_id in range(4):
+        policy.track(seq_id, greedy=False)
+    policy.options = ssd + [Option("sd", 1, False)]     # and SD, to measure drafting
+    policy.first[:2] = [Option("sd", 1, False)] * 2
+    drive(policy, machine, 1500, b=4)
+    chosen = drive(policy, machine, 600, b=4)
+    rate = lambda o: machine.expected_rate(o, 4)
+    assert rounds_where(chosen, lambda o: o.c == want) >= 0.8, chosen
+    assert 600 / sum(n / rate(o) for o, n in chosen.items()) >= 0.93 * rate(best), chosen
+    ranked = max(ssd, key=lambda o: policy.predict(o, [0, 1, 2, 3], 4).tokens_per_s)
+    assert ranked.c == want, ranked
+    assert policy.accept_c[0.5].trials > 0 and (c_accept < 0.9) == (policy.c_factor(0.5) < 0.9)   # measured, not assumed
+    # the same machine, greedy sequences: no lower C is tried
+    greedy = RoundPolicy(max_k=4, default_k=3, cs=(1.0, 0.5))
+    greedy.options, greedy.first[:2] = list(policy.options), [Option("sd", 1, False)] * 2
+    assert all(o.c == 1.0 for o in drive(greedy, Machine(a=0.75, p=0.4, c_hit=c_hit, c_accept=c_accept), 1500, b=4))
+
+
+def rounds_where(chosen: Counter, match) -> float:
+    """The share of the rounds whose option matches."""
+    return sum(n for o, n in chosen.items() if match(o)) / sum(chosen.values())
 
 
 def test_a_batch_that_ran_only_plain_steps_takes_a_wider_verify_to_cost_that_many_plain_steps():

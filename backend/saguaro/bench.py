@@ -58,6 +58,7 @@ class ModeResult:
     round_mix: dict[str, float] | None = None   # SSD (the policy): share of decode sequence-rounds by type
     k_histogram: dict[int, int] | None = None   # K of the speculating sequence-rounds
     budget_histogram: dict[int, int] | None = None  # fan-out budget B of the pre-drafting ones
+    c_histogram: dict[float, int] | None = None     # ... and their Saguaro C
     options: dict[str, int] | None = None       # the policy's choices, by option
     predicted_tokens_per_s: float | None = None  # the policy's prediction over the rounds it predicted
     measured_tokens_per_s: float | None = None   # ... and what those same rounds measured
@@ -149,7 +150,7 @@ def run_side_by_side(runs: list[Run], ids: list[list[int]], batch: int, label: s
 
 
 def summarize(mode: str, tps: float, outputs, rounds: list[RoundStats], sums: dict, threads: int, k: int,
-              draft_dtype: str | None, budget: int) -> ModeResult:
+              draft_dtype: str | None, budget: int, c: float = 1.0) -> ModeResult:
     r = ModeResult(mode, tps, outputs, threads, k, draft_dtype, rounds=len(rounds),
                    degraded_rounds=sum(x.degraded for x in rounds))
     if not rounds:
@@ -173,22 +174,25 @@ def summarize(mode: str, tps: float, outputs, rounds: list[RoundStats], sums: di
         r.cache_hit_rate = sum(x.hits for x in rounds) / looked_up if looked_up else None
         missed = [x.draft_ms for x in rounds if x.misses]
         r.backup_ms = mean(missed) if missed else None
-        policy_mix(r, decode, budget)
+        policy_mix(r, decode, budget, c)
     return r
 
 
-def policy_mix(r: ModeResult, decode: list[RoundStats], budget: int) -> None:
-    """The policy's mix of round types, K and B over the decode rounds, and its predicted tokens/s
+def policy_mix(r: ModeResult, decode: list[RoundStats], budget: int, c: float = 1.0) -> None:
+    """The policy's mix of round types, K, B and C over the decode rounds, and its predicted tokens/s
     against the measured over the rounds it predicted (not those trying an unmeasured option)."""
     kinds = {kind: sum(getattr(x, kind) for x in decode) for kind in ("ar", "sd", "ssd")}
     total = sum(kinds.values()) or 1
     r.round_mix = {kind: n / total for kind, n in kinds.items()}
     r.k_histogram = dict(sorted(Counter(k for x in decode for k in x.ks if k).items()))
-    budgets: Counter = Counter()     # per pre-drafting sequence round: the policy's B, else the configured one
+    budgets: Counter = Counter()     # per pre-drafting sequence round: the policy's B and C, else the configured ones
+    cs: Counter = Counter()
     for x in decode:
         if x.ssd:
             budgets[x.budget or budget] += x.ssd
+            cs[c if x.saguaro_c is None else x.saguaro_c] += x.ssd
     r.budget_histogram = dict(sorted(budgets.items()))
+    r.c_histogram = dict(sorted(cs.items()))
     r.options = dict(Counter(x.option for x in decode if x.option).most_common())
     predicted = [x for x in decode if x.predicted_ms]
     if predicted:
@@ -389,7 +393,7 @@ def run_cell(args: argparse.Namespace) -> dict:
     for r in runs:
         threads, k, draft_dtype = configs[r.mode]
         results[r.mode] = summarize(r.mode, r.tokens_per_s, r.outputs, list(r.dec.history), r.sums, threads,
-                                    0 if r.mode == "ar" else k, draft_dtype, args.budget)
+                                    0 if r.mode == "ar" else k, draft_dtype, args.budget, c)
     if "hf" in modes:
         threads = results["sd"].threads if "sd" in results else threads_options[-1]
         tps, outs = run_hf(args.target, args.draft, ids, params, args.k, threads)
@@ -438,7 +442,8 @@ def policy_lines(r: ModeResult) -> str:
     hist = lambda h: " ".join(f"{k}:{n}" for k, n in h.items()) or "-"
     options = " ".join(f"{o}:{n}" for o, n in list(r.options.items())[:6])
     lines = [f"ssd policy mix (decode sequence-rounds): {mix}  K histogram {hist(r.k_histogram)}  "
-             f"B histogram {hist(r.budget_histogram)}  top options {options or '-'}"]
+             f"B histogram {hist(r.budget_histogram)}  C histogram {hist({f'{c:g}': n for c, n in (r.c_histogram or {}).items()})}  "
+             f"top options {options or '-'}"]
     if r.predicted_tokens_per_s:
         lines.append(f"ssd policy (docs/design.md, the speedup model on measured costs): predicted "
                      f"{r.predicted_tokens_per_s:.1f} tok/s, measured {r.measured_tokens_per_s:.1f} tok/s over the same "

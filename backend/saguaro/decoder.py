@@ -39,7 +39,7 @@ from saguaro.draft import (CacheKeys, DraftReply, DraftRound, Join, NextCaches, 
 from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure, SaguaroError
 from saguaro.logits import active as processes_logits, process
-from saguaro.policy import Option, Prediction, RoundCosts, RoundPolicy
+from saguaro.policy import LOWER_C, Option, Prediction, RoundCosts, RoundPolicy
 from saguaro.sampling import distribution, greedy, probability, token_log_probs, verify_greedy, verify_sampled
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
@@ -82,6 +82,7 @@ class Sequence:
     request_k: int                   # K of its mode (the request's num_draft_tokens or the configured K)
     pinned: bool                     # the request set K: it gets exactly that, every round
     budget: int                      # fan-out budget of its mode (the request's or the configured B): at most this
+    c: float | None                  # Saguaro C the request set (it gets exactly that); None: the policy's
     slot: int
     generator: torch.Generator | None
     pending: int                     # last committed token: not yet in the target's KV
@@ -142,6 +143,7 @@ class RoundStats:
     ks: list[int] = field(default_factory=list)        # K verified per sequence
     option: str = ""                 # the policy's choice ("" when no sequence was the policy's)
     budget: int = 0                  # its fan-out budget B (0: not pre-drafting, or not the policy's)
+    saguaro_c: float | None = None   # ... and its Saguaro C (None: likewise)
     predicted_ms: float | None = None      # the policy's prediction of this round (None: exploring)
     predicted_tokens: float | None = None  # ... and of its policy sequences' tokens
 
@@ -179,8 +181,10 @@ class Decoder:
         # fan-out budgets the policy chooses from: the configured B, and half of it (a build of fewer
         # branches that a one-core verify hides, for fewer hits)
         budgets = (spec.budget, max(1, spec.budget // 2))
+        # ... and the Saguaro C's: the configured one, and LOWER_C below it (hits for acceptance, sampled)
+        cs = (spec.saguaro_c, min(spec.saguaro_c, LOWER_C))
         self.policy = (RoundPolicy(max_k=min(self.max_draft_len, spec.policy_max_k), default_k=spec.k, backups=backups,
-                                   budgets=budgets) if draft is not None and spec.policy else None)
+                                   budgets=budgets, cs=cs) if draft is not None and spec.policy else None)
 
     # -- requests -------------------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams = SamplingParams(), mode: str = "ssd",
@@ -210,7 +214,7 @@ class Decoder:
         slot = self.target.allocate()
         self.steady = 0
         self.seqs[seq_id] = Sequence(seq_id=seq_id, prompt=list(prompt), tokens=array("I", prompt), params=params, mode=mode,
-                                     request_k=request_spec.k, pinned=k is not None, budget=request_spec.budget,
+                                     request_k=request_spec.k, pinned=k is not None, budget=request_spec.budget, c=saguaro_c,
                                      slot=slot, generator=generator,
                                      pending=prompt[-1], processed=processes_logits(params))
         if self.policy is not None:
@@ -340,7 +344,8 @@ class Decoder:
             emitted=[len(e.tokens) for e in events], prefill_ms=prefill_ms, joined=len(joining), one_core=not all_cores,
             wall_ms=(time.perf_counter() - t_round) * 1e3, gap_ms=gap_ms, spec_wait_ms=spec_wait, ar=kinds.count("ar"),
             sd=kinds.count("sd"), ssd=kinds.count("ssd"), ks=[e.drafted for e in events],
-            option=option.label if option else "", budget=option.budget if option else 0, predicted_ms=predicted.ms if predicted else None,
+            option=option.label if option else "", budget=option.budget if option else 0,
+            saguaro_c=option.c if option is not None and option.kind == "ssd" else None, predicted_ms=predicted.ms if predicted else None,
             predicted_tokens=predicted.tokens if predicted else None)
         self.history.append(stats)
         if option is not None and not joining and not drained and not resumed and not stats.degraded and self.policy.measure:
@@ -421,6 +426,8 @@ class Decoder:
             s = self.seqs[o.seq_id]
             drafts = s.k and not s.lookup   # the drafter drafts, or looks up a pre-drafted speculation
             o.next_k, o.build, o.next_budget = s.k if drafts else 0, s.build, s.round_budget or None
+            if s.seq_id in ids and s.c is None:     # the policy's C (SSD's choice; the configured one else)
+                o.next_c = option.c if option.kind == "ssd" else self.spec.saguaro_c
             if fast_misses and s.seq_id in ids and s.spec is None and s.seq_id in self.caches:
                 o.fast = self._fast(s)    # a miss (its outcome was not pre-drafted): no wait for the drafter
             self.held.setdefault(o.seq_id, []).append(o)
@@ -615,7 +622,7 @@ class Decoder:
         # b. what the policy learns from it (before the tokens join the sequence: the guess is scored on them)
         if self.policy is not None:
             if draft:
-                self.policy.observe_accept(s.seq_id, k, len(draft), s.spec.source)
+                self.policy.observe_accept(s.seq_id, k, len(draft), s.spec.source, c=s.spec.c)
             elif len(s.tokens) % (GUESS_EVERY * GUESS_FAR if self.policy.guess_far else GUESS_EVERY) == 0 and self._policy_seq(s):
                 self._score_guess(s, bonus)
         # c. the tokens committed, up to a stop
@@ -765,7 +772,7 @@ def _merged(held: list[Outcome]) -> list[Outcome]:
     first, steps = held[0], held[1:]
     sampled = all(o.p_plain is not None for o in steps)   # (an n-gram round's accepted tokens have none)
     return [first, Outcome(first.seq_id, 0, [t for o in steps for t in o.emitted], next_k=steps[-1].next_k,
-                           build=steps[-1].build, next_budget=steps[-1].next_budget, fast=steps[-1].fast,
+                           build=steps[-1].build, next_budget=steps[-1].next_budget, next_c=steps[-1].next_c, fast=steps[-1].fast,
                            p_plain=[p for o in steps for p in o.p_plain] if sampled else None)]
 
 

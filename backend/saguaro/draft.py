@@ -30,6 +30,7 @@ class Speculation:
     tokens: list[int]
     q: torch.Tensor | None          # [K, V] the tokens were drawn from; None under greedy
     source: str                      # cache | neural | fast
+    c: float = 1.0                   # Saguaro C its q was reshaped with (1: none, as greedy and fast ones)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Outcome:
     next_k: int | None = None        # the next round's K (0: no speculation); None: the K it joined with
     build: bool | None = None        # pre-draft during the next round; None: as its mode (ssd builds)
     next_budget: int | None = None   # the fan-out budget B of that pre-drafting; None: the one it has
+    next_c: float | None = None      # Saguaro C of its next drafting (the policy's); None: the one it has
     # The decoder missed the cache and verifies its own fast backup (the policy chose it): these
     # tokens are the speculation, whatever the drafter would have looked up or guessed
     fast: list[int] | None = None
@@ -140,6 +142,11 @@ class _Seq:
     fast_guess: list[int] = field(default_factory=list)
     plain: dict[int, float | None] = field(default_factory=dict)   # history index of a plain step's token -> its p (Outcome.p_plain)
 
+    @property
+    def drawn_c(self) -> float:
+        """The C its drafting reshapes q with (_choose): its own under sampling in ssd mode, else none."""
+        return self.c if self.mode == "ssd" and not self.params.greedy else 1.0
+
 
 SHADOW_ROWS = 16            # a catch-up's tokens scored per sequence (shadow acceptance), the latest
 CATCH_UP_LAG = 8            # committed tokens a drafting sequence lags by at least to be caught up apart first (below,
@@ -175,6 +182,8 @@ class Drafter:
             s.builds = s.mode == "ssd" if o.build is None else o.build
             if o.next_budget is not None:
                 s.budget = self._budget(o)
+            if o.next_c is not None:
+                s.c = self._c(o)
             spec = self._commit(s, o)
             if s.k == 0:                   # a plain target step: nothing to draft
                 continue
@@ -236,6 +245,12 @@ class Drafter:
             raise DraftFailure(f"sequence {o.seq_id}: fan-out budget {o.next_budget} is outside [1, "
                                f"{self.engine.max_branches}] (the draft engine's max_branches)")
         return o.next_budget
+
+    @staticmethod
+    def _c(o: Outcome) -> float:
+        if not 0.0 <= o.next_c <= 1.0:
+            raise DraftFailure(f"sequence {o.seq_id}: Saguaro C {o.next_c} is outside [0, 1]")
+        return o.next_c
 
     def _join(self, j: Join) -> None:
         g = torch.Generator()
@@ -312,7 +327,7 @@ class Drafter:
         s.fast_guess = ngram_proposal(s.history, s.k, self.top_next) if s.k else []
         hit = s.cache.get((o.accepted, bonus))
         s.cache, s.spec = {}, None
-        return Speculation(hit.tokens[: s.k], None if hit.q is None else hit.q[: s.k], "cache") if hit else None
+        return Speculation(hit.tokens[: s.k], None if hit.q is None else hit.q[: s.k], "cache", hit.c) if hit else None
 
     def _fast(self, s: _Seq, tokens: list[int] | None = None) -> Speculation:
         return fast_speculation(s.fast_guess if tokens is None else tokens, s.vocab, s.params.greedy)
@@ -380,7 +395,8 @@ class Drafter:
                 if q is not None:
                     qs[i].append(q[0])
                 feed[i] = [tokens[i][-1]]
-        return {i: Speculation(t, torch.stack(q) if q else None, "neural") for i, t, q in zip(seq_ids, tokens, qs)}
+        return {i: Speculation(t, torch.stack(q) if q else None, "neural", s.drawn_c)
+                for i, s, t, q in zip(seq_ids, seqs, tokens, qs)}
 
     def _build_caches(self, seqs: list[_Seq]) -> None:
         """Glue forward over [t*, s_1..s_n] (s: the speculation being verified, n <= K tokens), then K
@@ -436,7 +452,7 @@ class Drafter:
         drafted_l = drafted.tolist()
         for n, (s, j, c) in enumerate(owners):
             q = None if s.params.greedy else qs[n, : s.k, : s.vocab]
-            s.cache[(j, c)] = Speculation(drafted_l[n][: s.k], q, "cache")
+            s.cache[(j, c)] = Speculation(drafted_l[n][: s.k], q, "cache", s.drawn_c)
 
 
 def fast_speculation(tokens: list[int], vocab: int, greedy: bool) -> Speculation:

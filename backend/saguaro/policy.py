@@ -1,12 +1,13 @@
 """The round policy: before every round, the option with the highest predicted tokens per second
-among a plain target step (AR), SD with K and SSD with K, a fan-out budget B and a backup
-(docs/design.md, "The round policy").
+among a plain target step (AR), SD with K and SSD with K, a fan-out budget B, a Saguaro C and a
+backup (docs/design.md, "The round policy").
 
 The prediction is the speedup model ("The speedup model") fed with what this machine and these
 sequences show online: the target's verify time against tokens, batch and cores; the drafter's
 JIT drafting, cache-build (per B) and backup times; acceptance per sequence (decaying, with its sampling
 regime's global rate as its prior; measured by plain steps too, the drafter scoring itself on their tokens), the fast
-backup's acceptance and the cache hit rate per K and B. The backup rule of the
+backup's acceptance, the cache hit rate per K, B and C, and sampled speculations' acceptance per C
+(a lower C raises hits and costs acceptance: it is chosen where that pays). The backup rule of the
 paper (neural for small batches, fast for large) falls out: a miss stalls the round with
 probability 1 - p_hit^batch, which the neural backup pays in time and the fast one in tokens. Options nobody has measured yet are tried first; after
 that one round in EXPLORE goes to a neighbour of the best (K +- 1, the best of each other kind),
@@ -71,6 +72,7 @@ FAR_HOLD = 32             # (at 16, the choices at a hold's end took ~0.4% of T 
 FAR_EXPLORE = 0.125       # (at 0.25, one exploring round in 384: at batch 4 each one first tells the drafter every
                           # deferred prompt, 20-40 ms on the target's own core, ~0.7% of a cell where AR won every round)
 CATCH_UP_FAR = 64
+LOWER_C = 0.5             # the Saguaro C below the configured one that SSD may be drafted with (sampled sequences)
 FOLLOW_CATCH_UPS = 2      # far from paying, a sequence is followed only with this many catch-ups' tokens left
 
 
@@ -82,12 +84,13 @@ class Option:
     backup: str = ""          # ssd: what a cache miss gets, neural | fast; sd: fast when the speculation
                               # is the decoder's own n-gram guess (the drafter takes no part), else ""
     budget: int = 0           # ssd: the fan-out budget B, branches pre-drafted per sequence
+    c: float = 1.0            # ssd: Saguaro C of its drafting (sampled sequences; docs/design.md, "Saguaro sampling")
 
     # (computed once per option: the decoder reads them every round)
     @cached_property
     def label(self) -> str:
         parts = [f"{self.kind}{self.k or ''}", self.backup, "" if self.kind == "ssd" else "wide" if self.wide else "narrow",
-                 f"B{self.budget}" if self.budget else ""]
+                 f"B{self.budget}" if self.budget else "", f"C{self.c:g}" if self.c < 1 else ""]
         return "/".join(p for p in parts if p)
 
     @cached_property
@@ -255,8 +258,11 @@ class HeldChoice:
 
 class RoundPolicy:
     def __init__(self, max_k: int, default_k: int, backups: tuple[str, ...] = ("neural", "fast"),
-                 budgets: tuple[int, ...] = (8,), seed: int = 0):
+                 budgets: tuple[int, ...] = (8,), cs: tuple[float, ...] = (1.0,), seed: int = 0):
         self.ks = ks = range(1, max_k + 1)
+        # Saguaro C's to choose from, the configured one first: an unmeasured lower one is priced at
+        # its hit rate and acceptance (hit_rate, c_factor) and must not win the tie
+        self.cs = cs = tuple(dict.fromkeys(cs))
         # the largest budget (the configured one) first: an unmeasured smaller one is priced as it
         # is (_budget_line, hit_rate) and must not win the tie
         self.budgets = budgets = tuple(sorted(set(budgets), reverse=True))
@@ -264,9 +270,9 @@ class RoundPolicy:
         drafters = ("", "fast") if "fast" in backups else ("",)
         self.options = ([Option("ar", 0, w) for w in (True, False)]
                         + [Option("sd", k, w, d) for k in ks for w in (True, False) for d in drafters]
-                        + [Option("ssd", k, False, b, n) for k in ks for b in backups for n in budgets])
+                        + [Option("ssd", k, False, b, n, c) for k in ks for b in backups for n in budgets for c in cs])
         self.first = [Option("sd", default_k, True), Option("sd", default_k, False),
-                      Option("ssd", default_k, False, backups[0], budgets[0]),
+                      Option("ssd", default_k, False, backups[0], budgets[0], cs[0]),
                       *[Option("sd", default_k, True, "fast")][:len(drafters) - 1],
                       Option("ar", 0, True), Option("ar", 0, False)]   # tried first, in this order
         # by wide; a batch that has run only plain steps takes a verify of n tokens to cost n of them
@@ -288,11 +294,14 @@ class RoundPolicy:
         self.seq_accept_fast: dict[int, Rate] = {}
         self.greedy: dict[int, bool] = {}                   # a sequence's regime (track)
         self.seq_accept: dict[int, Rate] = {}
-        self.hits: dict[tuple[int, int], Rate] = {}        # by (K, fan-out budget)
-        # by fan-out budget, what lookups hit lately: a (K, B)'s prior. One rate for every budget
-        # priced an unchosen larger one at the chosen smaller one's hit rate, and kept it unchosen
-        self.all_hits = {n: Rate(GLOBAL_DECAY) for n in budgets}
+        self.hits: dict[tuple[int, int, float], Rate] = {}  # by (K, fan-out budget, C)
+        # by fan-out budget and C, what lookups hit lately: a (K, B, C)'s prior. One rate for every
+        # budget priced an unchosen larger one at the chosen smaller one's hit rate, and kept it unchosen
+        self.all_hits = {(n, c): Rate(GLOBAL_DECAY) for n in budgets for c in cs}
+        # by C, what sampled sequences' drafted speculations accepted lately: c_factor
+        self.accept_c = {c: Rate(GLOBAL_DECAY) for c in cs}
         self.built = 0                                      # the last round pre-drafted (SSD) with this budget: its caches are in
+        self.built_c = cs[0]                                # ... and this C
         self.measured = False                               # every option has a prediction
         self.shortlist: list[Option] = []                   # the best options of the last full ranking
         self.rerank = False                                 # news of acceptance: the next choice ranks them all
@@ -393,7 +402,9 @@ class RoundPolicy:
         # unless it leaves the drafter out anyway)
         if plain_only and self.explores_drafter:
             self.explore_next, explore = self.explore_next or explore, False
-        allowed = lambda o: (wide_ok or not o.wide) and not (plain_only and o.kind != "ar" and not o.lookup)
+        lower_c = self._lower_c(seq_ids)
+        allowed = lambda o: ((wide_ok or not o.wide) and not (plain_only and o.kind != "ar" and not o.lookup)
+                             and (lower_c or o.kind != "ssd" or o.c == self.cs[0]))
         options = [o for o in self.options if allowed(o)]
         now = self._inputs(seq_ids, batch)
         if not self.measured:
@@ -433,7 +444,7 @@ class RoundPolicy:
         # dev prompts at batch 1) must not slow down noticing that it pays again. It moves slowly:
         # judged when every option is scored.
         if ranked:
-            typical = {**now, "tokens": self._tokens([self.global_acceptance(self._greedy(i)) for i in seq_ids])}
+            typical = {**now, **self._token_inputs(seq_ids, lambda i: self.global_acceptance(self._greedy(i)))}
             # whether the drafter is worth keeping ready: its options against the best without it
             # (a plain step, or SD drafted by the n-gram guess)
             plain = max((r for o, r in zip(options, rates) if o.kind == "ar" or o.lookup), default=0.0)
@@ -552,7 +563,8 @@ class RoundPolicy:
                                  key=rates.__getitem__, default=None)
                for kind in ("ar", "sd", "ssd", "lookup") for wide in (True, False)}
         near = [i for i, o in candidates if i != best and (
-            (o.kind == b.kind and abs(o.k - b.k) + (o.backup != b.backup) + (o.wide != b.wide) + (o.budget != b.budget) == 1)
+            (o.kind == b.kind and abs(o.k - b.k) + (o.backup != b.backup) + (o.wide != b.wide) + (o.budget != b.budget)
+             + (o.c != b.c) == 1)
             or i == top[group(o), o.wide])]
         # the one measured longest ago (ties at random): every neighbour is measured in turn
         return max(near, key=lambda i: (self.rounds - self.last_seen.get(options[i], -1), self.rng.random())) if near else best
@@ -581,12 +593,30 @@ class RoundPolicy:
         """What one round's predictions read, looked up once: the cost lines at this batch size,
         and per K the expected tokens of these sequences, of the fast backup, and the hit rate."""
         ks = self.ks
+        cs = self.cs if self._lower_c(seq_ids) else self.cs[:1]
         return {**self._plain_inputs(len(seq_ids), batch), "jit": self.jit.at(batch),
                 "build": {n: self._build_line(batch, n) for n in self.budgets},
                 "miss": {x: c.at(batch) for x, c in self.miss.items()},
-                "tokens": self._tokens([self.acceptance(i) for i in seq_ids]),
-                "hit": {(k, n): self.hit_rate(k, n) for k in ks for n in self.budgets},
+                **self._token_inputs(seq_ids, self.acceptance, cs),
+                "hit": {(k, n, c): self.hit_rate(k, n, c) for k in ks for n in self.budgets for c in cs},
                 "fast_tokens": self._tokens([self.fast_acceptance(i) for i in seq_ids])}
+
+    def _lower_c(self, seq_ids: list[int]) -> bool:
+        """Whether a C below the configured one is worth scoring: only where a sequence samples
+        (greedy drafting ignores C), and not far from paying (SSD is not explored there; scoring
+        its options at two C's took ~10 us more a choice at batch 4, T = 0.7)."""
+        return len(self.cs) > 1 and not self.far and not all(self._greedy(i) for i in seq_ids)
+
+    def _token_inputs(self, seq_ids: list[int], acceptance, cs: tuple[float, ...] | None = None) -> dict:
+        """Per K, the expected tokens of the sequences at their acceptance (`tokens`, at the
+        configured C), and at each lower C (`tokens_c`): a sampled sequence's acceptance scaled by
+        c_factor, a greedy one's as it is."""
+        a = [acceptance(i) for i in seq_ids]
+        out = {"tokens": self._tokens(a), "tokens_c": {}}
+        for c in (self.cs if cs is None else cs)[1:]:
+            f = self.c_factor(c)
+            out["tokens_c"][c] = self._tokens([x if self._greedy(i) else min(x * f, 0.999) for i, x in zip(seq_ids, a)])
+        return out
 
     def _build_line(self, batch: int, budget: int) -> Line | None:
         """The cache build's cost line for a fan-out budget; one never measured borrows the next
@@ -618,17 +648,24 @@ class RoundPolicy:
         if jit is None:
             return None
         if o.kind == "sd":
-            waits = 1 - now["hit"][o.k, cached] ** now["n"] if cached else 1.0
+            waits = 1 - now["hit"][o.k, cached, self.cs[0]] ** now["n"] if cached else 1.0
             return Prediction(now["tokens"][o.k], waits * jit.predict(o.k) + v + rest)
         # a neural backup drafts K tokens as SD does; the n-gram backup costs next to nothing
         build, miss = now["build"][o.budget], now["miss"][o.backup] or (jit if o.backup == "neural" else None)
         if build is None:
             return None
+        # drafted at its C (a neural backup too): the caches' and the backup's acceptance
+        drafted = now["tokens"] if o.c == self.cs[0] else now["tokens_c"].get(o.c)
+        if drafted is None:
+            return None
         if cached == 0:
-            return Prediction(now["tokens"][o.k], jit.predict(o.k) + max(v, build.predict(o.k)) + rest)
-        p = now["hit"][o.k, cached or o.budget]
-        missed = now["tokens" if o.backup == "neural" else "fast_tokens"][o.k]
-        tokens = p * now["tokens"][o.k] + (1 - p) * missed
+            return Prediction(drafted[o.k], jit.predict(o.k) + max(v, build.predict(o.k)) + rest)
+        # (the hit rate of its C, though after a switch of C the caches looked in were built at the other)
+        p = now["hit"].get((o.k, cached or o.budget, o.c))
+        if p is None:               # (a lower C, asked of greedy sequences alone)
+            return None
+        missed = (drafted if o.backup == "neural" else now["fast_tokens"])[o.k]
+        tokens = p * drafted[o.k] + (1 - p) * missed
         # a hit hides the build behind the verify; any miss in the batch makes the round wait for a backup
         wait = miss.predict(o.k) if miss is not None else 0.0
         return Prediction(tokens, max(v, build.predict(o.k)) + (1 - p ** now["n"]) * wait + rest)
@@ -653,13 +690,25 @@ class RoundPolicy:
         """The n-gram guess's acceptance lately in a sequence's sampling regime."""
         return self.accept_fast[self._greedy(seq_id)].value(0.3)
 
-    def hit_rate(self, k: int, budget: int) -> float:
+    def hit_rate(self, k: int, budget: int, c: float | None = None) -> float:
+        c = self.cs[0] if c is None else c
         overall = 0.5                       # a budget not measured yet: the next larger one's rate
         for n in self.budgets:
             if n >= budget:
-                overall = self.all_hits[n].value(overall, 2.0)
-        rate = self.hits.get((k, budget))
+                overall = self.all_hits[n, self.cs[0]].value(overall, 2.0)
+        if c != self.cs[0]:                 # a lower C not measured yet: the configured one's (it only raises hits)
+            overall = self.all_hits[budget, c].value(overall, 2.0)
+        rate = self.hits.get((k, budget, c))
         return rate.value(overall, 4.0) if rate else overall
+
+    def c_factor(self, c: float) -> float:
+        """Sampled sequences' acceptance at Saguaro C against the configured C's: what speculations
+        drafted at each accepted lately (1 until a lower C is measured; lowering C moves the draft's
+        mass off the tokens it likes best, which costs acceptance where the target likes them too)."""
+        if c == self.cs[0]:
+            return 1.0
+        ref = self.accept_c[self.cs[0]].value(self.global_acceptance(False), 2.0)
+        return min(1.5, max(0.2, self.accept_c[c].value(ref, 2.0) / max(ref, 1e-6)))
 
     # -- learning ---------------------------------------------------------------------------------
     def track(self, seq_id: int, greedy: bool) -> None:
@@ -670,18 +719,26 @@ class RoundPolicy:
         """A sequence's sampling regime (greedy when not tracked)."""
         return self.greedy.get(seq_id, True)
 
-    def observe_accept(self, seq_id: int, accepted: int, drafted: int, source: str, shadow: bool = False) -> None:
+    def observe_accept(self, seq_id: int, accepted: int, drafted: int, source: str, shadow: bool = False,
+                       c: float | None = None) -> None:
         """A verified speculation: `accepted` of its `drafted` tokens (a rejection ends it); shadow:
-        `accepted` of `drafted` single-token guesses scored on plain steps (each its own trial)."""
+        `accepted` of `drafted` single-token guesses scored on plain steps (each its own trial).
+        c: the Saguaro C the draft drew it with (Speculation.c)."""
         if drafted == 0:
             return
         rejected = drafted - accepted if shadow else int(accepted < drafted)
+        trials = accepted + rejected
+        greedy = self._greedy(seq_id)
         if source == "fast":
-            self.accept_fast[self._greedy(seq_id)].observe(accepted, accepted + rejected)
-            self.seq_accept_fast.setdefault(seq_id, Rate()).observe(accepted, accepted + rejected)
+            self.accept_fast[greedy].observe(accepted, trials)
+            self.seq_accept_fast.setdefault(seq_id, Rate()).observe(accepted, trials)
             return
-        self.accept[self._greedy(seq_id)].observe(accepted, accepted + rejected)
-        self.seq_accept.setdefault(seq_id, Rate()).observe(accepted, accepted + rejected)
+        if not greedy and c in self.accept_c:
+            self.accept_c[c].observe(accepted, trials)
+            # a sequence's and the regime's rates are kept at the configured C (what c_factor scales)
+            accepted = min(trials, accepted / self.c_factor(c))
+        self.accept[greedy].observe(accepted, trials)
+        self.seq_accept.setdefault(seq_id, Rate()).observe(accepted, trials)
 
     def observe_shadow(self, seq_id: int, accepted: float, scored: int) -> None:
         """The draft scored on `scored` tokens of plain target steps (Drafter._ingest): `accepted`
@@ -703,7 +760,7 @@ class RoundPolicy:
             # the model counts as J or M, not as the build's)
             exposed = r.verify_ms + r.build_wait_ms if r.build_wait_ms > 0.1 and r.hits and not r.misses else 0.0
             self.build[o.budget].observe(b, o.k, max(r.build_ms, exposed))
-        looked_up = self.built          # the caches this round looked in: the round before's (ran)
+        looked_up, looked_c = self.built, self.built_c   # the caches this round looked in: the round before's (ran)
         self.verify[o.wide].observe(b, r.tokens_per_seq, r.verify_ms)
         # drafting's wait, less a catch-up on plain steps that came first: counted in, every SD
         # round at that K was priced at a switch's cost (J at K = 2 read 6.4-8.8 ms against ~2 at
@@ -713,8 +770,9 @@ class RoundPolicy:
             self.jit.observe(b, o.k, drafting)
         if o.kind == "ssd":
             if r.hits + r.misses:
-                self.hits.setdefault((o.k, looked_up or o.budget), Rate()).observe(r.hits, r.hits + r.misses)
-                self.all_hits[looked_up or o.budget].observe(r.hits, r.hits + r.misses)
+                key = (looked_up, looked_c) if looked_up else (o.budget, o.c)
+                self.hits.setdefault((o.k, *key), Rate()).observe(r.hits, r.hits + r.misses)
+                self.all_hits[key].observe(r.hits, r.hits + r.misses)
             if r.misses:
                 self.miss[r.backup].observe(b, o.k, drafting)
             elif not r.hits:               # no cache to look in (the round before built none): drafted as SD
@@ -731,7 +789,7 @@ class RoundPolicy:
 
     def ran(self, o: Option) -> None:
         """A round of option o ran, measured or not: the next round looks in the caches it built."""
-        self.built = o.budget if o.kind == "ssd" else 0
+        self.built, self.built_c = (o.budget, o.c) if o.kind == "ssd" else (0, self.cs[0])
 
     def forget(self, seq_id: int) -> None:
         self.seq_accept.pop(seq_id, None)
