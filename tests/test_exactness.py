@@ -178,7 +178,7 @@ SWITCH_CASES = [
     # top-k/top-p is covered by ssd-neural-topk-topp, switching by the two above: `pytest -m slow`
     ("switching-topk-topp", SpecConfig(k=K, budget=SMALL, backup="auto"), SamplingParams(temperature=0.9, top_k=5, top_p=0.8), "random",
      pytest.mark.slow),
-    ("policy-t0.7", SpecConfig(k=K, budget=BUDGET, saguaro_c=0.3), SamplingParams(temperature=0.7), "policy"),
+    ("policy-t0.7", SpecConfig(k=K, budget=BUDGET), SamplingParams(temperature=0.7), "policy"),   # (C chosen: 1 or 0.5)
 ]
 
 

@@ -444,7 +444,7 @@ class RoundPolicy:
         # dev prompts at batch 1) must not slow down noticing that it pays again. It moves slowly:
         # judged when every option is scored.
         if ranked:
-            typical = {**now, **self._token_inputs(seq_ids, lambda i: self.global_acceptance(self._greedy(i)))}
+            typical = {**now, **self._token_inputs(seq_ids, lambda i: self.global_acceptance(self._greedy(i)), now["cs"])}
             # whether the drafter is worth keeping ready: its options against the best without it
             # (a plain step, or SD drafted by the n-gram guess)
             plain = max((r for o, r in zip(options, rates) if o.kind == "ar" or o.lookup), default=0.0)
@@ -594,7 +594,7 @@ class RoundPolicy:
         and per K the expected tokens of these sequences, of the fast backup, and the hit rate."""
         ks = self.ks
         cs = self.cs if self._lower_c(seq_ids) else self.cs[:1]
-        return {**self._plain_inputs(len(seq_ids), batch), "jit": self.jit.at(batch),
+        return {**self._plain_inputs(len(seq_ids), batch), "jit": self.jit.at(batch), "cs": cs,
                 "build": {n: self._build_line(batch, n) for n in self.budgets},
                 "miss": {x: c.at(batch) for x, c in self.miss.items()},
                 **self._token_inputs(seq_ids, self.acceptance, cs),
@@ -607,13 +607,13 @@ class RoundPolicy:
         its options at two C's took ~10 us more a choice at batch 4, T = 0.7)."""
         return len(self.cs) > 1 and not self.far and not all(self._greedy(i) for i in seq_ids)
 
-    def _token_inputs(self, seq_ids: list[int], acceptance, cs: tuple[float, ...] | None = None) -> dict:
+    def _token_inputs(self, seq_ids: list[int], acceptance, cs: tuple[float, ...]) -> dict:
         """Per K, the expected tokens of the sequences at their acceptance (`tokens`, at the
-        configured C), and at each lower C (`tokens_c`): a sampled sequence's acceptance scaled by
-        c_factor, a greedy one's as it is."""
+        configured C), and at each lower C of cs (`tokens_c`): a sampled sequence's acceptance
+        scaled by c_factor, a greedy one's as it is."""
         a = [acceptance(i) for i in seq_ids]
         out = {"tokens": self._tokens(a), "tokens_c": {}}
-        for c in (self.cs if cs is None else cs)[1:]:
+        for c in cs[1:]:
             f = self.c_factor(c)
             out["tokens_c"][c] = self._tokens([x if self._greedy(i) else min(x * f, 0.999) for i, x in zip(seq_ids, a)])
         return out
