@@ -393,83 +393,64 @@ def test_far_from_paying_the_drafter_follows_one_sequence(prompts, ar_outputs):
         dec.close()
 
 
-class BudgetTaker(RoundPolicy):
-    """A stand-in for the policy: SSD at K = 2 every round, with the fan-out budgets it is given in turn."""
+class SSDTurns(RoundPolicy):
+    """A stand-in for the policy: SSD at K = 2 every round, with each (fan-out budget, Saguaro C) it
+    is given in turn."""
 
-    def __init__(self, budgets: list[int]):
-        super().__init__(max_k=2, default_k=2, budgets=tuple(set(budgets)))
-        self.turns, self.n = budgets, 0
+    def __init__(self, turns: list[tuple[int, float]]):
+        super().__init__(max_k=2, default_k=2, budgets=tuple({b for b, _ in turns}), cs=tuple(dict.fromkeys(c for _, c in turns)))
+        self.turns, self.n = turns, 0
 
     def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
         self.n += 1
-        return Option("ssd", 2, False, "neural", self.turns[self.n % len(self.turns)]), None
+        budget, c = self.turns[self.n % len(self.turns)]
+        return Option("ssd", 2, False, "neural", budget, c), None
+
+
+def ssd_turns(prompts, turns: list[tuple[int, float]], own: dict, seen) -> tuple[list[list[int]], list[list]]:
+    """Two requests, the first with its own overrides (`own`: add's keywords), decoded under
+    SSDTurns: their outputs, and per request what seen(the round's stats, the drafter's sequence)
+    returned after each SSD round."""
+    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=2, budget=8), draft_process=False)
+    dec.policy = SSDTurns(turns)
+    drafter = dec.draft.drafter
+    try:
+        ids = [dec.add(prompts[0], PARAMS, **own), dec.add(prompts[1], PARAMS)]
+        outs, saw = {i: [] for i in ids}, {i: [] for i in ids}
+        while dec.active:
+            for e in dec.step():
+                outs[e.seq_id] += e.tokens
+            r = dec.history[-1]
+            for i in ids:
+                s = drafter.seqs.get(i)
+                if s is not None and s.cache and r.option.startswith("ssd"):
+                    saw[i].append(seen(r, s))
+    finally:
+        dec.close()
+    return [outs[i] for i in ids], [saw[i] for i in ids]
 
 
 def test_the_policys_fan_out_budget_reaches_the_drafter_capped_by_the_requests(prompts, ar_outputs):
     """Each round's B is the one the policy chose, at most the request's own budget: the drafter
     builds that many branches, the round's stats say which, and greedy output stays AR's."""
-    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=2, budget=8), draft_process=False)
-    dec.policy = BudgetTaker([2, 8, 5])
-    drafter = dec.draft.drafter
-    try:
-        capped = dec.add(prompts[0], PARAMS, budget=4)
-        free = dec.add(prompts[1], PARAMS)
-        outs: dict[int, list[int]] = {capped: [], free: []}
-        built = {capped: [], free: []}
-        while dec.active:
-            for e in dec.step():
-                outs[e.seq_id] += e.tokens
-            r = dec.history[-1]
-            for i in built:
-                s = drafter.seqs.get(i)
-                if s is not None and s.cache and r.option.startswith("ssd"):
-                    built[i].append((r.budget, sum(s.fanout)))
-    finally:
-        dec.close()
-    assert outs == {capped: ar_outputs[0], free: ar_outputs[1]}
-    assert {b for b, _ in built[free]} == {2, 8, 5}
-    assert all(n == b for b, n in built[free]), built[free]
-    assert all(n == min(b, 4) for b, n in built[capped]), built[capped]
-
-
-class CTaker(RoundPolicy):
-    """A stand-in for the policy: SSD at K = 2 with each Saguaro C of `turns` in turn."""
-
-    def __init__(self, turns: list[float]):
-        super().__init__(max_k=2, default_k=2, cs=tuple(turns))
-        self.turns, self.n = turns, 0
-
-    def choose(self, seq_ids, batch, wide_ok, drafter_busy=False, cold=False, plain_only=False):
-        self.n += 1
-        return Option("ssd", 2, False, "neural", 8, self.turns[self.n % len(self.turns)]), None
+    outs, (capped, free) = ssd_turns(prompts, [(2, 1.0), (8, 1.0), (5, 1.0)], {"budget": 4},
+                                     lambda r, s: (r.budget, sum(s.fanout)))
+    assert outs == ar_outputs[:2]
+    assert {b for b, _ in free} == {2, 8, 5}
+    assert all(n == b for b, n in free), free
+    assert all(n == min(b, 4) for b, n in capped), capped
 
 
 def test_the_policys_saguaro_c_reaches_the_drafter_unless_the_request_set_its_own(prompts, ar_outputs):
     """Each round's C is the one the policy chose (Outcome.next_c), for a request that set none; one
     that set saguaro_c keeps it; the round's stats say which; greedy output stays AR's (C changes
     no greedy draft)."""
-    dec = build_decoder(TARGET, DRAFT, SpecConfig(k=2, budget=8), draft_process=False)
-    dec.policy = CTaker([0.5, 1.0, 0.25])
-    drafter = dec.draft.drafter
-    try:
-        own = dec.add(prompts[0], PARAMS, saguaro_c=0.9)
-        free = dec.add(prompts[1], PARAMS)
-        outs: dict[int, list[int]] = {own: [], free: []}
-        seen = {own: [], free: []}
-        while dec.active:
-            for e in dec.step():
-                outs[e.seq_id] += e.tokens
-            r = dec.history[-1]
-            for i in seen:
-                s = drafter.seqs.get(i)
-                if s is not None and r.option.startswith("ssd") and r.ssd:
-                    seen[i].append((r.saguaro_c, s.c))
-    finally:
-        dec.close()
-    assert outs == {own: ar_outputs[0], free: ar_outputs[1]}
-    assert {c for c, _ in seen[free]} == {0.5, 1.0, 0.25}
-    assert all(c == drawn for c, drawn in seen[free]), seen[free]
-    assert seen[own] and {drawn for _, drawn in seen[own]} == {0.9}
+    outs, (own, free) = ssd_turns(prompts, [(8, 0.5), (8, 1.0), (8, 0.25)], {"saguaro_c": 0.9},
+                                  lambda r, s: (r.saguaro_c, s.c))
+    assert outs == ar_outputs[:2]
+    assert {c for c, _ in free} == {0.5, 1.0, 0.25}
+    assert all(c == drawn for c, drawn in free), free
+    assert own and {drawn for _, drawn in own} == {0.9}
 
 
 class FastBackup(RoundPolicy):
