@@ -223,3 +223,29 @@ def test_wrong_q_fails_the_same_test(models, engines, monkeypatch):
     p = chi_square_p(counts, exact_distribution(target_hf, params))
     print(f"\nwrong q (sampled from the reshaped q, verified with the plain one): p={p:.3g}")
     assert p < 1e-6, f"the chi-square test did not catch a wrong q: p = {p:.3g}"
+
+
+def test_plain_steps_drawn_together_are_the_draws_each_would_make(engines):
+    """A round's sampled plain steps are drawn together (Decoder._draw_plain: one distribution and
+    one inverse CDF per sampling setting) with each row's uniform from its own generator: the same
+    tokens and p(token) as each sequence's own draw (_accept), whose distribution the chi-square
+    cases above test; a speculating, processed, log-prob or greedy sequence is left to _accept."""
+    dec = make_decoder(engines, SpecConfig(k=K, budget=BUDGET))
+    settings = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3), SamplingParams(temperature=0.9, top_k=3),
+                SamplingParams(temperature=0.9, top_p=0.6), SamplingParams(temperature=0.7, return_log_probs=True),
+                SamplingParams(temperature=0.7, repetition_penalty=1.3), SamplingParams()]
+    seqs = [dec.seqs[dec.add(PROMPT, p.with_(seed=i, max_tokens=N_TOKENS), mode="ar")] for i, p in enumerate(settings * 3)]
+    try:
+        for trial in range(50):
+            outputs = [torch.randn(1, V) * 3 for _ in seqs]
+            states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
+            drawn = dec._draw_plain(seqs, outputs)
+            assert {s.seq_id for s in seqs if not s.params.greedy and not s.processed and not s.params.return_log_probs} == set(drawn)
+            for s, out, state in zip(seqs, outputs, states):
+                if s.seq_id in drawn:
+                    s.generator.set_state(state)
+                    k, token, p = dec._accept(s, dec._scaled(s, out, []), [], False)
+                    assert (k, token) == (0, drawn[s.seq_id][0]) and p == [pytest.approx(drawn[s.seq_id][1])]
+    finally:
+        for s in seqs:
+            dec.abort(s.seq_id)

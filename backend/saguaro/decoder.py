@@ -40,7 +40,7 @@ from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure, SaguaroError
 from saguaro.logits import active as processes_logits, process
 from saguaro.policy import LOWER_C, Option, Prediction, RoundCosts, RoundPolicy
-from saguaro.sampling import distribution, greedy, probability, token_log_probs, verify_greedy, verify_sampled
+from saguaro.sampling import distribution, greedy, probability, sample_rows, token_log_probs, verify_greedy, verify_sampled
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
 JOIN_READ = 2                        # rounds an answer left unread waits at least before it is read, until reads are timed
@@ -329,7 +329,8 @@ class Decoder:
             self.caches, build_wait = (caches.keys if caches else {}), build_wait + w
             built_ms = caches.build_ms if caches else 0.0
         t0 = time.perf_counter()
-        events = [self._verify(s, out, start, ids_only) for s, out, start in zip(seqs, outputs, starts)]
+        drawn = {} if ids_only else self._draw_plain(seqs, outputs)
+        events = [self._verify(s, out, start, ids_only, drawn.get(s.seq_id)) for s, out, start in zip(seqs, outputs, starts)]
         self.last_verify_ms = verify_ms + (time.perf_counter() - t0) * 1e3
         self._flush_leaves()
         # 4. the round recorded, and measured for the policy
@@ -610,14 +611,16 @@ class Decoder:
             pass
         self.draft_slots = 0
 
-    def _verify(self, s: Sequence, out: torch.Tensor, start: int, ids_only: bool) -> Event:
+    def _verify(self, s: Sequence, out: torch.Tensor, start: int, ids_only: bool,
+                drawn: tuple[int, float] | None = None) -> Event:
         """A sequence's part of step 3. out: the target's logits over [pending, speculation], or
-        their argmax ids (ids_only)."""
+        their argmax ids (ids_only); drawn: its plain step's token and p(token), drawn with others
+        (_draw_plain)."""
         draft = self._spec_tokens(s)   # empty if the drafter failed after the forward: an AR step
         kind = "ar" if not draft else "ssd" if s.build else "sd"
-        x = None if ids_only else self._scaled(s, out, draft)
+        x = None if ids_only or drawn else self._scaled(s, out, draft)
         # a. what the target accepts of the speculation, and the token it adds
-        k, bonus, p_plain = self._accept(s, out if ids_only else x, draft, ids_only)
+        k, bonus, p_plain = (0, drawn[0], [drawn[1]]) if drawn else self._accept(s, out if ids_only else x, draft, ids_only)
         log_probs = token_log_probs(x, draft[:k] + [bonus]) if s.params.return_log_probs else None
         # b. what the policy learns from it (before the tokens join the sequence: the guess is scored on them)
         if self.policy is not None:
@@ -637,6 +640,26 @@ class Decoder:
         if s.finish_reason is not None:
             self._finish(s)
         return event
+
+    def _draw_plain(self, seqs: list[Sequence], outputs: list[torch.Tensor]) -> dict[int, tuple[int, float]]:
+        """Sampled plain steps (no speculation, no processing, no log-probs) drawn together, one
+        distribution and one inverse CDF per sampling setting for all their rows: seq_id -> (token,
+        p(token)). Each row draws its one uniform from its own generator, as `_accept` would, so the
+        tokens are the same; at batch 4 per-sequence sampling took ~450 us a round, together ~150."""
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            p = s.params
+            if not (p.greedy or s.processed or p.return_log_probs or self._spec_tokens(s)):
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        drawn = {}
+        for members in groups.values():
+            params = seqs[members[0]].params
+            x = torch.cat([outputs[i][:, : self.vocab] for i in members]).float() / params.temperature
+            p = distribution(x, params)
+            tokens = sample_rows(p, [(seqs[i].generator, 1) for i in members]).tolist()
+            for row, (i, token) in enumerate(zip(members, tokens)):
+                drawn[seqs[i].seq_id] = (token, probability(p[row:row + 1], token))
+        return drawn
 
     @staticmethod
     def _accept(s: Sequence, out: torch.Tensor, draft: list[int], ids_only: bool) -> tuple[int, int, list[float] | None]:
