@@ -40,7 +40,8 @@ from saguaro.engines.base import Engine
 from saguaro.errors import DraftFailure, SaguaroError
 from saguaro.logits import active as processes_logits, process
 from saguaro.policy import LOWER_C, Option, Prediction, RoundCosts, RoundPolicy
-from saguaro.sampling import distribution, greedy, probability, sample_rows, token_log_probs, verify_greedy, verify_sampled
+from saguaro.sampling import (distribution, greedy, probability, probs, sample_rows, token_log_probs, verify_greedy,
+                              verify_sampled)
 
 MAX_GAP_MS = 50.0                    # a longer pause between rounds is idleness, not per-round work
 JOIN_READ = 2                        # rounds an answer left unread waits at least before it is read, until reads are timed
@@ -653,9 +654,7 @@ class Decoder:
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         drawn = {}
         for members in groups.values():
-            params = seqs[members[0]].params
-            x = torch.cat([outputs[i][:, : self.vocab] for i in members]).float() / params.temperature
-            p = distribution(x, params)
+            p = probs(torch.cat([outputs[i][:, : self.vocab] for i in members]), seqs[members[0]].params)
             tokens = sample_rows(p, [(seqs[i].generator, 1) for i in members]).tolist()
             for row, (i, token) in enumerate(zip(members, tokens)):
                 drawn[seqs[i].seq_id] = (token, probability(p[row:row + 1], token))

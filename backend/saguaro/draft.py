@@ -355,9 +355,7 @@ class Drafter:
         logits = logits[..., : s.vocab]
         if s.params.greedy:
             return greedy(logits), None
-        q = probs(logits, s.params)
-        if s.mode == "ssd":
-            q = saguaro(q, fanout, s.c)
+        q = saguaro(probs(logits, s.params), fanout, s.drawn_c)
         return sample_rows(q, [(x.generator, n) for x, n in zip(seqs, counts)]), q
 
     def _draw(self, items: list[tuple[_Seq, torch.Tensor]], depth: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -690,8 +690,7 @@ class RoundPolicy:
         """The n-gram guess's acceptance lately in a sequence's sampling regime."""
         return self.accept_fast[self._greedy(seq_id)].value(0.3)
 
-    def hit_rate(self, k: int, budget: int, c: float | None = None) -> float:
-        c = self.cs[0] if c is None else c
+    def hit_rate(self, k: int, budget: int, c: float) -> float:
         overall = 0.5                       # a budget not measured yet: the next larger one's rate
         for n in self.budgets:
             if n >= budget:
