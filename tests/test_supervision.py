@@ -1,7 +1,7 @@
 """Processes dying under load, on a real tritonserver: a killed engine stub is found and reloaded
 (its model reports not ready meanwhile), requests in flight end with a retryable error or, when
-only the draft died, finish exactly on the target alone; service and speculation come back with
-no manual step; `saguaro.serve` starts a killed tritonserver again and stops within 5 s on SIGTERM."""
+only the draft died, finish exactly on the target alone; a killed `ssd` stub ends the requests the
+relays hold for it with a retryable error; service and speculation come back with no manual step; `saguaro.serve` starts a killed tritonserver again and stops within 5 s on SIGTERM."""
 from __future__ import annotations
 
 import os
@@ -14,12 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
 
 import conftest
 from conftest import SERVING_MODELS
 from saguaro.supervisor import stub_processes
 from saguaro.tritonserver_process import TritonServer, free_port
-from test_serving import PROMPTS, metrics, stream, wait_slots_free
+from test_serving import PROMPTS, grpc_inputs, metrics, stream, wait_slots_free
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from soak import server_pid, wait_ready  # noqa: E402
@@ -48,11 +49,11 @@ def kill_stub(server, model: str) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def streams_in_background(server, n: int, max_tokens: int) -> tuple[list[dict], list[threading.Thread]]:
+def streams_in_background(server, n: int, max_tokens: int, model: str = "ssd") -> tuple[list[dict], list[threading.Thread]]:
     results: list[dict] = [{} for _ in range(n)]
 
     def run(i):
-        results[i] = stream(server, "ssd", {"text_input": PROMPTS[i], "max_tokens": max_tokens, "stream": True},
+        results[i] = stream(server, model, {"text_input": PROMPTS[i], "max_tokens": max_tokens, "stream": True},
                             timeout_s=RECOVERY_S)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
@@ -127,6 +128,36 @@ def test_killed_draft_degrades_exactly_and_speculation_comes_back(server, refere
             break
         assert time.monotonic() - t0 < RECOVERY_S, "speculation did not come back"
         time.sleep(0.5)
+    wait_slots_free(server)
+
+
+def test_killed_ssd_ends_the_relayed_requests_retryably_and_comes_back(server, reference):
+    # Triton 2.51 ends none of a dead stub's requests: the relays notice the stub died
+    results, threads = streams_in_background(server, 2, 250, model="ensemble")
+    unary: dict = {}
+
+    def infer_sync():
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        inputs = grpc_inputs({"text_input": PROMPTS[2], "max_tokens": 250}, batched=True)
+        try:
+            client.infer("ensemble_sync", inputs, client_timeout=RECOVERY_S)
+            unary["error"] = None
+        except Exception as e:
+            unary["error"] = str(e)
+    threads.append(threading.Thread(target=infer_sync))
+    threads[-1].start()
+    decoding(server, 3)
+    kill_stub(server, "ssd")
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(RECOVERY_S)
+    assert all(not t.is_alive() for t in threads), "a request in flight was left hanging"
+    assert time.monotonic() - t0 < 5, "the relays took more than 5 s to notice"
+    for error in [r["error"] for r in results] + [unary["error"]]:
+        assert error is not None and "retry" in error and "'ssd'" in error, error
+    serve_again(server, reference, t0)
+    out = stream(server, "ensemble", {"text_input": PROMPTS[3], "max_tokens": 24, "stream": True})
+    assert out["error"] is None and out["text"] == reference(PROMPTS[3], 24)
     wait_slots_free(server)
 
 

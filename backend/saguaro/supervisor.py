@@ -42,6 +42,15 @@ def stub_processes(server_pid: int) -> dict[int, str | None]:
     return stubs
 
 
+def stub_alive(pid: int) -> bool:
+    """Whether a stub process is running: neither gone nor a zombie (stub_processes)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 class StubSupervisor:
     """A thread that checks the stubs every poll_s and reloads the model of each one that died."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import queue
 import re
 import threading
@@ -22,6 +23,7 @@ from saguaro.ipc import SocketServer, WireClient, connect, listen
 from saguaro.private_dir import runtime_dir, same_secret, server_secret
 from saguaro.messages import decode, encode
 from saguaro.request_loop import ServeLimits
+from saguaro.supervisor import stub_alive, stub_processes
 
 
 def model_params(args: Mapping[str, str]) -> dict[str, str]:
@@ -125,6 +127,42 @@ class KeptCalls:
             self.calls.append((now, replies))
             while now - self.calls[0][0] > self.KEEP_S:
                 self.calls.popleft()
+
+
+class StubWatch:
+    """The stub process of the model a relay calls (`ssd`), and whether the model restarted under
+    a call. Triton 2.51 ends none of the requests a dead stub held: a BLS call to it never gets
+    another response, and the relay's client waited forever. A relay notes the stub's pid when it
+    calls and checks it while it waits (one /proc read); the supervisor reloads the model meanwhile
+    (docs/design.md, "Supervision")."""
+
+    def __init__(self, model: str, ready: Callable[[], bool]):
+        self.model, self.ready = model, ready
+        self.pid: int | None = None
+        self.seen, self.lock = False, threading.Lock()
+
+    def current(self) -> int | None:
+        """The model's live stub (None: none is running), looked for among the server's children
+        (~5 ms) only when the one known is gone."""
+        with self.lock:
+            if self.pid is None or not stub_alive(self.pid):
+                self.pid = next((pid for pid, m in stub_processes(os.getppid()).items() if m == self.model), None)
+                self.seen = self.seen or self.pid is not None
+            return self.pid
+
+    @staticmethod
+    def died(pid: int | None) -> bool:
+        return pid is not None and not stub_alive(pid)
+
+    def down(self, pid: int | None) -> bool:
+        """Whether the model was restarting under a call sent while `pid` was its stub (None: none
+        was running): that stub died, or none was running though one had been, or the model is not
+        ready. Asked when a call fails, to tell a restart from the model's own errors."""
+        return self.died(pid) or (pid is None and self.seen) or not self.ready()
+
+    def error(self) -> Unavailable:
+        return Unavailable(f"the {self.model!r} model restarted under this request (its process died); "
+                           "retry the request")
 
 
 class Outbox:

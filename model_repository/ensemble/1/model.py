@@ -7,18 +7,22 @@ a cancelled stream kept decoding and held its slot).
 Every relayed request carries a relay id and the server's secret; a thread here checks the requests
 in flight every cancel_poll_ms (and whenever a response passes) and, for a cancelled one, sends
 `ssd` a cancel for each of its relay ids, which ends those sequences and frees their KV slots
-before the next round.
+before the next round. The same thread notices when the `ssd` stub a relay called has died
+(Triton 2.51 ends none of a dead stub's requests) and ends those clients' streams with a retryable
+error.
 """
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from saguaro.private_dir import runtime_dir, server_secret
 from saguaro.request_loop import nvidia_outputs, nvidia_rows
-from saguaro.triton_models import RELAYED_OUTPUTS, KeptCalls, error_response, inputs_of, model_params, outputs_of, response
+from saguaro.triton_models import (RELAYED_OUTPUTS, KeptCalls, StubWatch, error_response, inputs_of, model_params,
+                                   outputs_of, response)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -66,6 +70,16 @@ class ClientStream:
             self.sender.send(response, flags=FINAL)
 
 
+@dataclass
+class Relayed:
+    """A row in flight: the client's request and stream, the relay ids of its request's rows, and
+    the `ssd` stub that was running when it was relayed."""
+    request: object
+    stream: ClientStream
+    siblings: list[int]
+    ssd_pid: int | None
+
+
 class TritonPythonModel:
     def initialize(self, args):
         params = model_params(args)
@@ -75,7 +89,8 @@ class TritonPythonModel:
         self.kept = KeptCalls()
         self.poll_s = float(params.get("cancel_poll_ms", "100")) / 1e3
         self.max_sequences = int(params.get("max_num_return_sequences", "8"))
-        self.in_flight: dict[int, object] = {}      # relay id -> the client's request
+        self.ssd = StubWatch("ssd", ready=lambda: pb_utils.is_model_ready("ssd"))
+        self.in_flight: dict[int, Relayed] = {}     # relay id -> its row
         self.cancelled: set[int] = set()
         self.lock, self.stopped = threading.Lock(), threading.Event()
         threading.Thread(target=self._watch, name="saguaro-relay-cancel", daemon=True).start()
@@ -88,18 +103,19 @@ class TritonPythonModel:
                 request.get_response_sender().send(error_response(pb_utils, e), flags=FINAL)
                 continue
             ids = [secrets.randbits(63) for _ in rows]
-            with self.lock:
-                self.in_flight.update((relay_id, request) for relay_id in ids)
             stream = ClientStream(request.get_response_sender(), len(rows), lambda ids=ids: self._forget(ids))
+            relayed = Relayed(request, stream, ids, self.ssd.current())
+            with self.lock:
+                self.in_flight.update((relay_id, relayed) for relay_id in ids)
             wanted = set(request.requested_output_names())
             for row, relay_id in zip(rows, ids):
-                threading.Thread(target=self._relay, args=(request, row, relay_id, stream, ids, wanted), daemon=True).start()
+                threading.Thread(target=self._relay, args=(row, relay_id, relayed, wanted), daemon=True).start()
         return None
 
-    def _relay(self, request, row, relay_id: int, stream: ClientStream, siblings: list[int], wanted: set[str]) -> None:
+    def _relay(self, row, relay_id: int, relayed: Relayed, wanted: set[str]) -> None:
         """One row's request to `ssd`, its responses (the outputs the client asked for) onto the
         client's stream."""
-        ended, replies = False, ()
+        ended, replies, stream = False, (), relayed.stream
         try:
             inputs = [pb_utils.Tensor(name, value) for name, value in row.inputs.items()]
             inputs += [pb_utils.Tensor("relay_id", np.array([relay_id], dtype=np.uint64)), self._auth()]
@@ -111,7 +127,7 @@ class TritonPythonModel:
                 error = _error_of(reply)
                 if error is not None:
                     ended = True
-                    self._fail(stream, error, siblings)
+                    self._fail(relayed, error)
                 elif reply.output_tensors() and relay_id not in self.cancelled:
                     out = response(pb_utils, nvidia_outputs(outputs_of(reply), row), wanted)
                     # the totals come with `ssd`'s last response of the row
@@ -120,13 +136,13 @@ class TritonPythonModel:
                         stream.end_row(out)
                     else:
                         stream.send(out)
-                        self._check(relay_id, request)
+                        self._check(relay_id, relayed.request)
             if not ended:
                 stream.end_row(None)
         except Exception as e:      # the client may be gone: nothing to tell it
             if not ended:
                 try:
-                    self._fail(stream, error_response(pb_utils, e), siblings)
+                    self._fail(relayed, error_response(pb_utils, e))
                 except Exception:
                     pass
         finally:
@@ -138,10 +154,15 @@ class TritonPythonModel:
     def _auth(self):
         return pb_utils.Tensor("auth", self.secret)
 
-    def _fail(self, stream: ClientStream, error_response_, siblings: list[int]) -> None:
-        """An error ends the client's request: its other rows are cancelled in `ssd`."""
-        if stream.fail(error_response_):
-            for relay_id in siblings:
+    def _fail(self, relayed: Relayed, error_response_) -> None:
+        """An error ends the client's request: its other rows are cancelled in `ssd`. Where the
+        `ssd` model was restarting under the request, the error is that (retryable: Triton's own
+        is "Stub process ... is not healthy" or "Model 'ssd' is not ready"), and the new `ssd`
+        holds nothing to cancel."""
+        if self.ssd.down(relayed.ssd_pid):
+            relayed.stream.fail(error_response(pb_utils, self.ssd.error()))
+        elif relayed.stream.fail(error_response_):
+            for relay_id in relayed.siblings:
                 self._cancel(relay_id)
 
     def _forget(self, ids: list[int]) -> None:
@@ -156,8 +177,12 @@ class TritonPythonModel:
         while not self.stopped.wait(self.poll_s):
             with self.lock:
                 pending = [(i, r) for i, r in self.in_flight.items() if i not in self.cancelled]
-            for relay_id, request in pending:
-                self._check(relay_id, request)
+            dead = {pid for pid in {r.ssd_pid for _, r in pending} if self.ssd.died(pid)}
+            for relay_id, relayed in pending:
+                if relayed.ssd_pid in dead:
+                    self._fail(relayed, None)
+                else:
+                    self._check(relay_id, relayed.request)
 
     def _check(self, relay_id: int, request) -> None:
         with self.lock:                 # see _forget
