@@ -262,3 +262,21 @@ def test_engine_config_errors():
         TorchEngine(EngineConfig(checkpoint=str(DEMO_DRAFT), dtype="float8", max_slots=1))
     with pytest.raises(SaguaroError, match="config.json"):
         TorchEngine(EngineConfig(checkpoint="/nonexistent/model", max_slots=1))
+
+
+def test_model_parameters_name_the_config_the_key_and_the_fix(tmp_path):
+    from saguaro.triton_models import Params, engine_config, serve_limits, spec_config
+    p = Params("ssd", {"max_tokens": "12x", "saguaro_c": " 0.5 ", "cpu_core": "", "allow_fault_injection": "yes",
+                       "fanout_budget": "100", "max_input_len": "64"})
+    with pytest.raises(SaguaroError, match=r"ssd/config.pbtxt: parameter max_tokens='12x' must be an integer"):
+        serve_limits(p, Params("draft", {}))
+    with pytest.raises(SaguaroError, match=r"ssd/config.pbtxt: parameter 'tokenizer_dir' is missing; add \{ key: \"tokenizer_dir\""):
+        p.text("tokenizer_dir")
+    with pytest.raises(SaguaroError, match="allow_fault_injection='yes' must be true or false"):
+        p.flag("allow_fault_injection")
+    assert p.number("saguaro_c") == 0.5 and p.optional_integer("cpu_core") is None and p.integer("max_slots", 16) == 16
+    with pytest.raises(SaguaroError, match=r"fanout_budget \(B\)=100: must be in \[1, 64\] \(raise the draft's max_branches"):
+        spec_config(p).validate(8, 64)
+    target = Params("target", {"checkpoint": str(DEMO_TARGET), "gpu_device_ids": "0,x"})
+    with pytest.raises(SaguaroError, match=r"target/config.pbtxt: parameter gpu_device_ids='0,x' must be integers"):
+        engine_config(target, {"model_repository": str(tmp_path / "target")})

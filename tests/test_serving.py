@@ -239,6 +239,22 @@ def test_cancelled_stream_frees_its_slots_in_both_engines_at_once(serving, model
     assert m["saguaro_active_sequences"] == 0
 
 
+def test_a_unary_request_the_client_gave_up_on_frees_its_slots(serving):
+    # ensemble_sync waits on `ssd` for every row: a client's deadline cancels them there
+    before = metrics(serving).get("saguaro_accepted_length_sum", 0.0)
+    inputs = []
+    for name, arr, dt in (("text_input", np.array([[p.encode()] for p in PROMPTS[:4]], dtype=object), "BYTES"),
+                          ("max_tokens", np.full((4, 1), 256, dtype=np.int32), "INT32")):
+        t = grpcclient.InferInput(name, list(arr.shape), dt)
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    with pytest.raises(Exception, match="Deadline"):
+        grpcclient.InferenceServerClient(serving.grpc_url).infer("ensemble_sync", inputs, client_timeout=0.3)
+    m = wait_slots_free(serving, timeout_s=2)
+    assert m["saguaro_kv_slots_in_use{engine=\"target\"}"] == 0 and m["saguaro_active_sequences"] == 0
+    assert m["saguaro_accepted_length_sum"] - before < 700      # of the 1024 tokens nobody reads
+
+
 def test_draft_failure_degrades_to_exact_target_only_output(serving, reference):
     before = metrics(serving).get("saguaro_degraded_rounds_total", 0.0)
     # K pinned: the drafter is told the prompt at once (a policy far from paying defers it)

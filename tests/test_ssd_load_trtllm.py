@@ -85,7 +85,7 @@ def test_engine_models_get_their_placement_from_the_filled_configs(tmp_path, pb_
     """What `target` and `draft` read from their filled configs reaches the executor: each engine
     on its own GPU, KV fraction 0.9, ranks' device ids."""
     from saguaro.engines import trtllm_engine as T
-    from saguaro.triton_models import engine_config
+    from saguaro.triton_models import engine_config, sibling_params
     monkeypatch.setattr(T, "_runtime", F.runtime)
     engines = {role: F.engine_dir(tmp_path / "engines" / role / "engine", src)
                for role, src in (("target", DEMO_TARGET), ("draft", DEMO_DRAFT))}
@@ -93,8 +93,7 @@ def test_engine_models_get_their_placement_from_the_filled_configs(tmp_path, pb_
     for role, gpu in (("target", 0), ("draft", 1)):
         text = (repo / role / "config.pbtxt").read_text()
         assert f"instance_group [ {{ kind: KIND_GPU count: 1 gpus: [ {gpu} ] }} ]" in text
-        params = dict(re.findall(r'key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', text))
-        cfg = engine_config(params, {"model_repository": str(repo / role), "model_instance_kind": "GPU",
+        cfg = engine_config(sibling_params({"model_repository": str(repo / role)}, role), {"model_repository": str(repo / role), "model_instance_kind": "GPU",
                                      "model_instance_device_id": str(gpu)})
         assert (cfg.engine, cfg.device_ids, cfg.kv_cache_free_gpu_memory_fraction) == ("trtllm", (gpu,), 0.9)
         executor = T.TrtllmEngine.from_config(cfg, branches=role == "draft")._executor.config

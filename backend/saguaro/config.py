@@ -62,7 +62,7 @@ class SpecConfig:
     fanout: str = "geometric"        # geometric (docs/design.md, "Fan-out") | uniform
     accept_rate: float | None = None  # a; None: fitted online from observed rounds
     power: float | None = None       # r in 1 - p_hit(F) = F^-r; None: fitted online
-    saguaro_c: float = 1.0           # C in (0, 1]; 1.0 = plain draft sampling (docs/design.md, "Saguaro sampling")
+    saguaro_c: float = 1.0           # C in [0, 1]; 1.0 = plain draft sampling (docs/design.md, "Saguaro sampling")
     backup: str = "auto"             # auto (b* rule) | neural | fast
     draft_timeout_s: float = 10.0    # after this the request falls back to target-only decoding
     policy: bool = True              # ssd requests that do not pin K: each round the fastest of AR, SD
@@ -71,9 +71,11 @@ class SpecConfig:
 
     def validate(self, max_draft_len: int, max_branches: int) -> "SpecConfig":
         if not 1 <= self.k <= max_draft_len:
-            raise SaguaroError(f"num_draft_tokens (K)={self.k}: must be in [1, {max_draft_len}] (raise max_draft_len to allow more)")
+            raise SaguaroError(f"num_draft_tokens (K)={self.k}: must be in [1, {max_draft_len}] "
+                               "(raise max_draft_len, in the target's and the draft's configs, to allow more)")
         if not 1 <= self.budget <= max_branches:
-            raise SaguaroError(f"fan-out budget={self.budget}: must be in [1, {max_branches}] (raise max_branches to allow more)")
+            raise SaguaroError(f"fanout_budget (B)={self.budget}: must be in [1, {max_branches}] "
+                               "(raise the draft's max_branches to allow more)")
         if self.fanout not in FANOUTS:
             raise SaguaroError(f"fanout={self.fanout!r}: use one of {FANOUTS}")
         if self.backup not in BACKUPS:

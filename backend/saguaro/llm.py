@@ -1,4 +1,5 @@
-"""Assemble a Decoder from configs: the one entry point the benchmark, tests and Triton models use."""
+"""Assemble a Decoder from configs: the one entry point the benchmark and tests use
+(the `ssd` Triton model builds its Decoder over the engine models' sockets)."""
 from __future__ import annotations
 
 from dataclasses import replace

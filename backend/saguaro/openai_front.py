@@ -31,7 +31,7 @@ default applies (greedy when temperature is unset), except max_tokens (DEFAULT_M
 unset, as there) and top_p: a temperature above 0 without top_p or top_k comes with top_p 1.0,
 OpenAI's default, since NVIDIA's ensemble samples only when one of them is set. `stop` is cut on the text here, so the text ends before the stop string
 (OpenAI's meaning); it also goes to the ensemble as stop_words, which ends the request early. `n`
-runs n independent requests; with a `seed`, choice i samples with seed + i (without one, from a
+runs n independent requests; with a `seed`, a prompt's choice j samples with seed + j (without one, from a
 random base). vLLM's `ignore_eos` is min_tokens = max_tokens. Extensions in the request:
 num_draft_tokens, decoding_mode, fanout_budget, top_k, repetition_penalty, min_tokens; in the
 response, `speculation` (the ensemble's totals: rounds, accepted and drafted tokens, cache hits,

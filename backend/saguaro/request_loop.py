@@ -359,7 +359,7 @@ class Channel:
     def __init__(self, request: Request, tokenizer, stream_interval_s: float = 0.0):
         """stream_interval_s: the least time between two streamed pieces (the first goes at once);
         tokens that come sooner ride with the next piece. Every response costs the server a
-        trip through the ensemble and postprocessing on the cores that decode."""
+        trip through Triton (and the relay) on the cores that decode."""
         self.request, self.tokenizer = request, tokenizer
         self.window = StreamWindow(tokenizer)
         self.generated: list[int] = []

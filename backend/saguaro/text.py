@@ -6,7 +6,8 @@ held back while the decoded tail ends with U+FFFD. Each step decodes only a shor
 ids (the "prefix offset / read offset" technique of vLLM and TGI), so a step costs O(window), not
 O(length).
 
-How streamed ids travel through the Triton ensemble (preprocessing -> ssd -> postprocessing):
+How streamed ids travel to a client that turns them into text with `postprocessing` (one that sends
+`ssd` ids; `ensemble` and `ssd` given text_input stream text, decoded in `ssd` the same way):
 `postprocessing` is stateless (an ensemble step carries no per-request state), so the `ssd` model
 keeps one `StreamWindow` per request and sends, with every streamed response,
     output_ids  INT32 [-1]  = window ids: context ids already shown, then the ids to show now

@@ -16,7 +16,7 @@ from typing import Any, Callable, Collection, Iterator, Mapping
 
 import numpy as np
 
-from saguaro.config import EngineConfig
+from saguaro.config import EngineConfig, SpecConfig
 from saguaro.decoder import Decoder, RoundStats
 from saguaro.errors import PeerUnavailable, SaguaroError, Unavailable
 from saguaro.ipc import SocketServer, WireClient, connect, listen
@@ -26,16 +26,62 @@ from saguaro.request_loop import ServeLimits
 from saguaro.supervisor import stub_alive, stub_processes
 
 
-def model_params(args: Mapping[str, str]) -> dict[str, str]:
-    """The model's config.pbtxt `parameters` as {key: string_value}, from initialize()'s args."""
+class Params:
+    """A model's config.pbtxt `parameters`, read as typed values: the one place the Triton models
+    turn them into settings and typed configs (engine_config, spec_config, serve_limits). A value
+    that is missing where there is no default, or does not parse, is a SaguaroError naming the
+    model's config.pbtxt, the key, the value and what it must be; ranges are the typed configs'
+    validate(). An empty value counts as left out."""
+
+    def __init__(self, model: str, values: Mapping[str, str]):
+        self.model, self.values = model, {k: v.strip() for k, v in values.items()}
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.values.get(key) or default
+        if value is None:
+            raise SaguaroError(f"{self.model}/config.pbtxt: parameter {key!r} is missing; add "
+                               f'{{ key: "{key}" value: {{ string_value: "..." }} }} to its parameters')
+        return value
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        return self._parsed(key, default, int, "an integer")
+
+    def number(self, key: str, default: float | None = None) -> float:
+        return self._parsed(key, default, float, "a number")
+
+    def optional_integer(self, key: str) -> int | None:
+        return self.integer(key) if self.values.get(key) else None
+
+    def optional_number(self, key: str) -> float | None:
+        return self.number(key) if self.values.get(key) else None
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = self.values.get(key, "").lower()
+        if value not in ("", "true", "false"):
+            raise SaguaroError(f"{self.model}/config.pbtxt: parameter {key}={self.values[key]!r} must be true or false")
+        return default if not value else value == "true"
+
+    def _parsed(self, key: str, default, parse: Callable, what: str):
+        if not self.values.get(key) and default is not None:
+            return default
+        value = self.text(key)
+        try:
+            return parse(value)
+        except ValueError:
+            raise SaguaroError(f"{self.model}/config.pbtxt: parameter {key}={value!r} must be {what}") from None
+
+
+def model_params(args: Mapping[str, str]) -> Params:
+    """The model's config.pbtxt `parameters`, from initialize()'s args."""
     config: dict[str, Any] = json.loads(args["model_config"])
-    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    return Params(config.get("name") or args.get("model_name", "model"),
+                  {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()})
 
 
-def sibling_params(args: Mapping[str, str], model: str) -> dict[str, str]:
+def sibling_params(args: Mapping[str, str], model: str) -> Params:
     """Another model's config.pbtxt parameters (the ssd model reads its engines' checkpoints)."""
     text = (Path(args["model_repository"]).resolve().parent / model / "config.pbtxt").read_text(encoding="utf-8")
-    return dict(re.findall(r'key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', text))
+    return Params(model, dict(re.findall(r'key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', text)))
 
 
 def resolve_repo_path(value: str, args: Mapping[str, str]) -> Path:
@@ -51,33 +97,49 @@ def resolve_repo_path(value: str, args: Mapping[str, str]) -> Path:
     return (path if path.is_absolute() else repo / path).resolve()
 
 
-def engine_config(params: Mapping[str, str], args: Mapping[str, str], draft_core: int | None = None) -> EngineConfig:
+def engine_config(params: Params, args: Mapping[str, str], draft_core: int | None = None) -> EngineConfig:
     """An engine model's EngineConfig: KIND_GPU instances run on their GPU, KIND_CPU on the CPU
     (the target's forwards on its `threads` off draft_core, the core the draft is pinned to)."""
     gpu = args.get("model_instance_kind") == "GPU"
+    device_ids = params.text("gpu_device_ids", "")
+    try:
+        ids = tuple(int(x) for x in device_ids.split(",") if x.strip())
+    except ValueError:
+        raise SaguaroError(f"{params.model}/config.pbtxt: parameter gpu_device_ids={device_ids!r} must be "
+                           "integers separated by commas (e.g. \"0,1\")") from None
     return EngineConfig(
-        checkpoint=str(resolve_repo_path(params["checkpoint"], args)), engine=params.get("engine", "torch"),
-        device=f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu", dtype=params.get("dtype", "auto"),
-        max_slots=int(params.get("max_slots", 16)), max_seq_len=int(params.get("max_seq_len", 1024)),
-        max_draft_len=int(params.get("max_draft_len", 8)), max_branches=int(params.get("max_branches", 64)),
-        threads=int(params.get("threads", 1)), prefill_threads=int(params.get("prefill_threads", 0) or 0),
-        draft_core=None if gpu else draft_core,
-        device_ids=tuple(int(x) for x in params.get("gpu_device_ids", "").split(",") if x.strip()),
-        kv_cache_free_gpu_memory_fraction=float(params.get("kv_cache_free_gpu_memory_fraction", "") or 0.4)).validate()
+        checkpoint=str(resolve_repo_path(params.text("checkpoint"), args)), engine=params.text("engine", "torch"),
+        device=f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu", dtype=params.text("dtype", "auto"),
+        max_slots=params.integer("max_slots", 16), max_seq_len=params.integer("max_seq_len", 1024),
+        max_draft_len=params.integer("max_draft_len", 8), max_branches=params.integer("max_branches", 64),
+        threads=params.integer("threads", 1), prefill_threads=params.integer("prefill_threads", 0),
+        draft_core=None if gpu else draft_core, device_ids=ids,
+        kv_cache_free_gpu_memory_fraction=params.number("kv_cache_free_gpu_memory_fraction", 0.4)).validate()
 
 
-def serve_limits(params: Mapping[str, str], draft_params: Mapping[str, str]) -> ServeLimits:
+def spec_config(params: Params) -> SpecConfig:
+    """How the `ssd` model speculates by default (each request may pin K, the budget and C): its
+    num_draft_tokens, fanout_budget, saguaro_c and draft_timeout_s; or, for the `draft` model, how it
+    drafts (fanout, backup, accept_rate, power). What one model leaves out is SpecConfig's default."""
+    d = SpecConfig()
+    return SpecConfig(
+        k=params.integer("num_draft_tokens", d.k), budget=params.integer("fanout_budget", d.budget),
+        saguaro_c=params.number("saguaro_c", d.saguaro_c), draft_timeout_s=params.number("draft_timeout_s", d.draft_timeout_s),
+        fanout=params.text("fanout", d.fanout), backup=params.text("backup", d.backup),
+        accept_rate=params.optional_number("accept_rate"), power=params.optional_number("power"))
+
+
+def serve_limits(params: Params, draft_params: Params) -> ServeLimits:
     """`ssd`'s limits on requests and defaults for what they leave out, from its parameters (the
     fan-out budget's limit from the draft's max_branches)."""
-    return ServeLimits(max_input_len=int(params["max_input_len"]), max_tokens=int(params["max_tokens"]),
-                       max_budget=int(draft_params.get("max_branches", 64)),
-                       exclude_input_in_output=params.get("exclude_input_in_output", "false").strip().lower() == "true")
+    return ServeLimits(max_input_len=params.integer("max_input_len"), max_tokens=params.integer("max_tokens"),
+                       max_budget=draft_params.integer("max_branches", 64),
+                       exclude_input_in_output=params.flag("exclude_input_in_output"))
 
 
-def cpu_core(params: Mapping[str, str]) -> int | None:
+def cpu_core(params: Params) -> int | None:
     """`cpu_core` pins an engine's process to one core (target and draft on different ones)."""
-    value = params.get("cpu_core", "")
-    return int(value) if value.strip() else None
+    return params.optional_integer("cpu_core")
 
 
 # What `ensemble` and `ensemble_sync` ask of `ssd` for each row they relay: NVIDIA's outputs
@@ -127,6 +189,35 @@ class KeptCalls:
             self.calls.append((now, replies))
             while now - self.calls[0][0] > self.KEEP_S:
                 self.calls.popleft()
+
+
+def relayed_error(pb_utils: Any, reply) -> Any:
+    """An error reply of `ssd` to a relay as the client's error response, or None. To a relayed
+    request `ssd` sends its errors as data (relay_error: a BLS caller loses error responses that
+    follow streamed ones in Triton 2.51)."""
+    if reply.has_error():
+        return pb_utils.InferenceResponse(error=reply.error())
+    error = pb_utils.get_output_tensor_by_name(reply, "relay_error")
+    if error is None:
+        return None
+    code, message = (x.decode() for x in error.as_numpy().reshape(-1))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))
+
+
+def relay_tag(pb_utils: Any, relay_id: int, secret: np.ndarray) -> list:
+    """The inputs that make a request to `ssd` a relayed one, which a relay can cancel."""
+    return [pb_utils.Tensor("relay_id", np.array([relay_id], dtype=np.uint64)), pb_utils.Tensor("auth", secret)]
+
+
+def cancel_relayed(pb_utils: Any, relay_id: int, secret: np.ndarray, kept: KeptCalls) -> None:
+    """Tells `ssd` a relay's client cancelled: the sequence ends and frees its slots before the next round."""
+    cancel = pb_utils.InferenceRequest(
+        model_name="ssd", requested_output_names=[],
+        inputs=[pb_utils.Tensor("cancel_relay_id", np.array([relay_id], dtype=np.uint64)), pb_utils.Tensor("auth", secret)])
+    replies = cancel.exec(decoupled=True)
+    for _ in replies:
+        pass
+    kept.keep(replies)
 
 
 class StubWatch:

@@ -4,13 +4,12 @@ saguaro/draft.py). A round's answers stream back: the speculations at once, then
 once built, while `ssd` runs the target."""
 import triton_python_backend_utils as pb_utils
 
-from saguaro.config import SpecConfig
 from saguaro.draft import Drafter
 from saguaro.engines import create_engine, pin_to_core
 from saguaro.private_dir import runtime_dir, server_secret
 from saguaro.remote import DraftServer
 from saguaro.triton_models import (bls_message, cpu_core, engine_config, error_response, message_response, model_params,
-                                 serve_socket)
+                                 serve_socket, spec_config)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -20,11 +19,8 @@ class TritonPythonModel:
         params = model_params(args)
         pin_to_core(cpu_core(params))
         self.secret = server_secret(runtime_dir())
-        optional = lambda key: float(params[key]) if params.get(key, "").strip() else None
         cfg = engine_config(params, args)
-        spec = SpecConfig(fanout=params.get("fanout", "geometric"), backup=params.get("backup", "auto"),
-                          accept_rate=optional("accept_rate"), power=optional("power"))
-        spec.validate(cfg.max_draft_len, cfg.max_branches)
+        spec = spec_config(params).validate(cfg.max_draft_len, cfg.max_branches)
         self.server = DraftServer(Drafter(create_engine(cfg, branches=True), spec))
         self.listener = serve_socket(args["model_name"], self.server.handle)
 

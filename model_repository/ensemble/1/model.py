@@ -21,8 +21,8 @@ import triton_python_backend_utils as pb_utils
 
 from saguaro.private_dir import runtime_dir, server_secret
 from saguaro.request_loop import nvidia_outputs, nvidia_rows
-from saguaro.triton_models import (RELAYED_OUTPUTS, KeptCalls, StubWatch, error_response, inputs_of, model_params,
-                                   outputs_of, response)
+from saguaro.triton_models import (RELAYED_OUTPUTS, KeptCalls, StubWatch, cancel_relayed, error_response, inputs_of,
+                                   model_params, outputs_of, relay_tag, relayed_error, response)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -87,8 +87,8 @@ class TritonPythonModel:
         # the first time a call sends it, with the GIL released (PbTensor::SaveToSharedMemory, r24.10)
         self.secret = np.array([server_secret(runtime_dir())], dtype=np.object_)
         self.kept = KeptCalls()
-        self.poll_s = float(params.get("cancel_poll_ms", "100")) / 1e3
-        self.max_sequences = int(params.get("max_num_return_sequences", "8"))
+        self.poll_s = params.number("cancel_poll_ms", 100) / 1e3
+        self.max_sequences = params.integer("max_num_return_sequences", 8)
         self.ssd = StubWatch("ssd", ready=lambda: pb_utils.is_model_ready("ssd"))
         self.in_flight: dict[int, Relayed] = {}     # relay id -> its row
         self.cancelled: set[int] = set()
@@ -118,13 +118,13 @@ class TritonPythonModel:
         ended, replies, stream = False, (), relayed.stream
         try:
             inputs = [pb_utils.Tensor(name, value) for name, value in row.inputs.items()]
-            inputs += [pb_utils.Tensor("relay_id", np.array([relay_id], dtype=np.uint64)), self._auth()]
+            inputs += relay_tag(pb_utils, relay_id, self.secret)
             call = pb_utils.InferenceRequest(model_name="ssd", inputs=inputs, requested_output_names=RELAYED_OUTPUTS)
             replies = call.exec(decoupled=True)
             for reply in replies:
                 if ended:
                     continue                    # drain `ssd`'s end of the call
-                error = _error_of(reply)
+                error = relayed_error(pb_utils, reply)
                 if error is not None:
                     ended = True
                     self._fail(relayed, error)
@@ -150,9 +150,6 @@ class TritonPythonModel:
             with self.lock:
                 self.in_flight.pop(relay_id, None)
                 self.cancelled.discard(relay_id)
-
-    def _auth(self):
-        return pb_utils.Tensor("auth", self.secret)
 
     def _fail(self, relayed: Relayed, error_response_) -> None:
         """An error ends the client's request: its other rows are cancelled in `ssd`. Where the
@@ -192,13 +189,7 @@ class TritonPythonModel:
         self._cancel(relay_id)
 
     def _cancel(self, relay_id: int) -> None:
-        cancel = pb_utils.InferenceRequest(
-            model_name="ssd", requested_output_names=[],
-            inputs=[pb_utils.Tensor("cancel_relay_id", np.array([relay_id], dtype=np.uint64)), self._auth()])
-        replies = cancel.exec(decoupled=True)
-        for _ in replies:
-            pass
-        self.kept.keep(replies)
+        cancel_relayed(pb_utils, relay_id, self.secret, self.kept)
 
     def finalize(self):
         """Waits (a little) for the relays in flight: `ssd`, unloading beside us, ends them, and
@@ -207,16 +198,3 @@ class TritonPythonModel:
         deadline = time.monotonic() + 2.5
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
-
-
-def _error_of(reply):
-    """An error reply of `ssd` as the client's error response, or None. After streamed responses
-    `ssd` sends its error as data (relay_error: a BLS caller loses error responses that follow
-    streamed ones in Triton 2.51)."""
-    if reply.has_error():
-        return pb_utils.InferenceResponse(error=reply.error())
-    error = pb_utils.get_output_tensor_by_name(reply, "relay_error")
-    if error is None:
-        return None
-    code, message = (x.decode() for x in error.as_numpy().reshape(-1))
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))

@@ -26,7 +26,7 @@ from saguaro.triton_models import error_response, model_params, resolve_repo_pat
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.tokenizer = load_tokenizer(resolve_repo_path(model_params(args)["tokenizer_dir"], args))
+        self.tokenizer = load_tokenizer(resolve_repo_path(model_params(args).text("tokenizer_dir"), args))
 
     def execute(self, requests):
         responses = []

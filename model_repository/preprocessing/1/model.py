@@ -13,9 +13,9 @@ from saguaro.triton_models import error_response, model_params, resolve_repo_pat
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.tokenizer = load_tokenizer(resolve_repo_path(model_params(args)["tokenizer_dir"], args))
+        self.tokenizer = load_tokenizer(resolve_repo_path(model_params(args).text("tokenizer_dir"), args))
         # prompts longer than `ssd` could take are refused before they are tokenized
-        self.max_bytes = int(sibling_params(args, "ssd")["max_input_len"]) * BYTES_PER_TOKEN
+        self.max_bytes = sibling_params(args, "ssd").integer("max_input_len") * BYTES_PER_TOKEN
 
     def execute(self, requests):
         responses = []

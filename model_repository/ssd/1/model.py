@@ -8,7 +8,6 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from saguaro.config import SpecConfig
 from saguaro.decoder import Decoder
 from saguaro.errors import PeerUnavailable, SaguaroError
 from saguaro.messages import ResetDraft
@@ -18,8 +17,8 @@ from saguaro.remote import RemoteDraft, RemoteEngine
 from saguaro.request_loop import Channel, ServingLoop, parse_request
 from saguaro.text import load_tokenizer
 from saguaro.triton_models import (Metrics, Outbox, bls_call, carries_secret, error_code, error_message, error_response, inputs_of,
-                                 model_params, resolve_repo_path,
-                                 response, serve_limits, sibling_params, socket_call)
+                                 model_params, resolve_repo_path, response, serve_limits, sibling_params, socket_call,
+                                 spec_config)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -70,28 +69,30 @@ class TritonPythonModel:
         torch.set_num_threads(1)
         p = model_params(args)
         target, draft = sibling_params(args, "target"), sibling_params(args, "draft")
-        max_draft_len = min(int(target.get("max_draft_len", 8)), int(draft.get("max_draft_len", 8)))
+        max_draft_len = min(target.integer("max_draft_len", 8), draft.integer("max_draft_len", 8))
+        spec = spec_config(p).validate(max_draft_len, draft.integer("max_branches", 64))
         # Startup errors name the fix: a mismatched pair never gets to serve.
-        validate_pair(resolve_repo_path(target["checkpoint"], args), resolve_repo_path(draft["checkpoint"], args),
-                      num_draft_tokens=int(p["num_draft_tokens"]), max_draft_len=max_draft_len)
-        self.tokenizer = load_tokenizer(resolve_repo_path(p["tokenizer_dir"], args))
+        validate_pair(resolve_repo_path(target.text("checkpoint"), args), resolve_repo_path(draft.text("checkpoint"), args),
+                      num_draft_tokens=spec.k, max_draft_len=max_draft_len)
+        self.tokenizer = load_tokenizer(resolve_repo_path(p.text("tokenizer_dir"), args))
         self.limits = serve_limits(p, draft)
-        self.allow_faults = p.get("allow_fault_injection", "false").lower() == "true"
-        self.stream_interval_s = float(p.get("stream_interval_ms", "0")) / 1e3
-        spec = SpecConfig(k=int(p["num_draft_tokens"]), budget=int(p["fanout_budget"]),
-                          saguaro_c=float(p["saguaro_c"]), draft_timeout_s=float(p["draft_timeout_s"]))
+        self.allow_faults = p.flag("allow_fault_injection")
+        self.stream_interval_s = p.number("stream_interval_ms", 20) / 1e3
         self.metrics = Metrics(pb_utils)
         self.outbox = Outbox()
-        self.shutdown_grace_s = float(p.get("shutdown_grace_s", "1"))
+        self.shutdown_grace_s = p.number("shutdown_grace_s", 1)
         self.secret = server_secret(runtime_dir())
         self.relay_cancels: dict[int, float] = {}   # relay ids `ensemble` cancelled -> when; taken by their channels
         # How rounds reach the engine models: their authenticated Unix sockets (default; a lost
         # connection is re-made in the background) or BLS with the server's secret.
-        if p.get("transport", "socket") == "bls":
-            self.target_call = bls_call(pb_utils, "target", decoupled=False)
+        transport = p.text("transport", "socket")
+        if transport not in ("socket", "bls"):
+            raise SaguaroError(f"ssd/config.pbtxt: parameter transport={transport!r} must be socket or bls")
+        if transport == "bls":
+            self.target_call = bls_call(pb_utils, "target", decoupled=False, timeout_s=p.number("target_timeout_s", 60))
             self.draft_call = bls_call(pb_utils, "draft", decoupled=True, timeout_s=spec.draft_timeout_s)
         else:
-            self.target_call = socket_call("target", float(p.get("target_timeout_s", "60")))
+            self.target_call = socket_call("target", p.number("target_timeout_s", 60))
             self.draft_call = socket_call("draft", spec.draft_timeout_s, hello=ResetDraft())
 
         draft_info = []
@@ -114,7 +115,7 @@ class TritonPythonModel:
                 draft = RemoteDraft(self.draft_call, info=draft_info[0])
             return Decoder(target, draft, spec)
 
-        self.loop = ServingLoop(make_decoder, self.metrics.update, max_queue=int(p.get("max_queued_requests", "64")))
+        self.loop = ServingLoop(make_decoder, self.metrics.update, max_queue=p.integer("max_queued_requests", 64))
 
     def execute(self, requests):
         for r in requests:
