@@ -280,3 +280,24 @@ def test_model_parameters_name_the_config_the_key_and_the_fix(tmp_path):
     target = Params("target", {"checkpoint": str(DEMO_TARGET), "gpu_device_ids": "0,x"})
     with pytest.raises(SaguaroError, match=r"target/config.pbtxt: parameter gpu_device_ids='0,x' must be integers"):
         engine_config(target, {"model_repository": str(tmp_path / "target")})
+
+
+@pytest.mark.parametrize("mode", ["sd", "ssd"])
+def test_the_last_rounds_verify_no_position_past_max_seq_len(fresh, mode):
+    # a request at the limit (prompt + max_tokens = max_seq_len): TensorRT-LLM's KV holds exactly
+    # max_seq_len positions, and a round verifying K tokens with fewer left ran past it
+    target, widest = fresh.target, []
+    for name in ("forward", "forward_greedy"):
+        real = getattr(target, name)
+
+        def checked(slots, tokens, *a, _real=real, **kw):
+            widest.append(max(target.length(s) + len(t) for s, t in zip(slots, tokens)))
+            return _real(slots, tokens, *a, **kw)
+        setattr(target, name, checked)
+    prompt = (PROMPT * 12)[: MAX_SEQ - 40]
+    params = SamplingParams(max_tokens=40)
+    expected = fresh.generate([prompt], params, mode="ar")[0]
+    widest.clear()
+    assert fresh.generate([prompt], params, mode=mode, k=6)[0] == expected
+    assert max(widest) <= MAX_SEQ
+    assert_no_leak(fresh)

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 import saguaro.decoder
+import saguaro.logits
+import saguaro.sampling
 from saguaro.config import DEMO_DRAFT, DEMO_TARGET, DEV_PROMPTS, EngineConfig, SamplingParams, SpecConfig
 from saguaro.decoder import Decoder
 from saguaro.draft import Drafter, LocalDraft
@@ -111,10 +113,10 @@ def test_log_probs_are_over_the_whole_vocabulary_before_top_k():
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(repetition_penalty=0.0), r"repetition_penalty=0.0: must be a finite number > 0"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty=0.0: must be a number > 0 that float32 holds"),
     (dict(repetition_penalty=float("nan")), r"repetition_penalty=nan"),
-    (dict(presence_penalty=float("inf")), r"presence_penalty=inf: must be a finite number"),
-    (dict(frequency_penalty=float("nan")), r"frequency_penalty=nan: must be a finite number"),
+    (dict(presence_penalty=float("inf")), r"presence_penalty=inf: must be a number float32 holds"),
+    (dict(frequency_penalty=float("nan")), r"frequency_penalty=nan: must be a number float32 holds"),
     (dict(min_tokens=-1), r"min_tokens=-1: must be >= 0"),
     (dict(bad_words=((1,), ())), r"bad_words\[1\] is empty"),
     (dict(bad_words=((1, -5),)), r"bad_words\[0\]=\[1, -5\]: token ids must be integers >= 0"),
@@ -317,3 +319,25 @@ def test_probability_reads_the_same_float_as_torch_indexing() -> None:
         assert probability(p, token) == float(p[0, token])
     strided = torch.randn(4096, 3, generator=g).softmax(0).t()     # a view, not contiguous
     assert probability(strided, 5) == float(strided[0, 5])
+
+
+@pytest.mark.parametrize("penalty", [{"repetition_penalty": 1e-45}, {"frequency_penalty": -3e38},
+                                     {"presence_penalty": -3.4e38}, {"repetition_penalty": 3e38, "frequency_penalty": 3e38}])
+def test_an_extreme_penalty_gives_huge_logits_never_inf_or_nan(penalty):
+    # inf logits made NaN probabilities: a garbage draw, and a NaN p(x) the drafter refused, which
+    # turned speculation off for every request in flight
+    p = SamplingParams(temperature=0.7, **penalty).validate()
+    torch.manual_seed(0)
+    rows = torch.randn(3, 50) * 10
+    x = saguaro.logits.process(rows, p, prompt=[1, 2, 3], output=[4, 4], draft=[5, 6])
+    assert torch.isfinite(x).all()
+    q = saguaro.sampling.distribution(x, p)
+    assert torch.isfinite(q).all() and torch.allclose(q.sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("field,value", [("repetition_penalty", 1e-50), ("repetition_penalty", 1e39),
+                                         ("presence_penalty", 1e39), ("frequency_penalty", -1e39),
+                                         ("frequency_penalty", math.nan)])
+def test_a_penalty_float32_cannot_hold_is_refused_naming_it(field, value):
+    with pytest.raises(SaguaroError, match=f"{field}=.*float32"):
+        SamplingParams(temperature=0.7, **{field: value}).validate()

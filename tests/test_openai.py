@@ -6,6 +6,7 @@ where aiperf is not installed)."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import socket
@@ -169,6 +170,13 @@ def test_errors_come_back_as_openai_exceptions_with_our_message(client, front):
         list(client.completions.create(model="ensemble", prompt=PROMPT, max_tokens=100_000, stream=True))
     with pytest.raises(openai.BadRequestError, match=r"presence_penalty=3: must be in \[-2, 2\]"):
         client.completions.create(model="ensemble", prompt=PROMPT, presence_penalty=3)
+    # beyond the ensemble's INT32 and FP32 inputs (they wrapped: max_tokens 2**32 + 3 gave 3 tokens)
+    for field, value, match in (("max_tokens", 2 ** 32 + 3, "max_tokens=4294967299: must be an integer of at least 1 and at most 2147483647"),
+                                ("top_k", 2 ** 32 + 1, r"top_k=4294967297: must be an integer in \[-2147483648, 2147483647\]"),
+                                ("repetition_penalty", 10 ** 400, "repetition_penalty=.*: must be a number float32 holds")):
+        status, raw = post(f"http://127.0.0.1:{front.port}/v1/completions",
+                           f'{{"model": "ensemble", "prompt": "x", "{field}": {value}}}'.encode())
+        assert status == 400 and re.search(match, json.loads(raw)["error"]["message"]), raw
     with pytest.raises(openai.BadRequestError, match="logprobs: not supported"):
         client.chat.completions.create(model="ensemble", messages=[{"role": "user", "content": "x"}], logprobs=True)
     with pytest.raises(openai.NotFoundError, match="does not exist"):

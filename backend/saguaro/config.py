@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -131,12 +132,13 @@ class SamplingParams:
         """The fields saguaro.logits applies; TensorRT-LLM's own checks (repetition_penalty > 0,
         min_tokens >= 0: cpp/tensorrt_llm/executor/samplingConfig.cpp @ 3585984b32cded5cc002d3087d3da4b0fd9fb8a5)
         plus finiteness."""
-        if not 0.0 < self.repetition_penalty < math.inf:
-            raise SaguaroError(f"repetition_penalty={self.repetition_penalty}: must be a finite number > 0 "
+        # (as float32, the precision they are applied in)
+        if not 0.0 < _float32(self.repetition_penalty) < math.inf:
+            raise SaguaroError(f"repetition_penalty={self.repetition_penalty}: must be a number > 0 that float32 holds "
                                f"(1 = off; above 1 discourages tokens already in the prompt or output)")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise SaguaroError(f"{name}={getattr(self, name)}: must be a finite number (0 = off)")
+            if not math.isfinite(_float32(getattr(self, name))):
+                raise SaguaroError(f"{name}={getattr(self, name)}: must be a number float32 holds (0 = off)")
         if self.min_tokens < 0:
             raise SaguaroError(f"min_tokens={self.min_tokens}: must be >= 0 (0 = off)")
         for i, word in enumerate(self.bad_words):
@@ -147,3 +149,8 @@ class SamplingParams:
 
     def with_(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
+
+
+def _float32(x: float) -> float:
+    """x rounded to float32 (inf where it overflows, 0 where it underflows)."""
+    return float(struct.unpack("f", struct.pack("f", x))[0]) if abs(x) <= 3.4028234663852886e38 else math.copysign(math.inf, x)

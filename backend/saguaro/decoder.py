@@ -503,7 +503,10 @@ class Decoder:
                 self.target.forward([s.slot], [s.prompt[:-1]], logits=False)
 
     def _spec_tokens(self, s: Sequence) -> list[int]:
-        return s.spec.tokens[: s.k] if s.spec is not None and s.k else []
+        """The speculation a round verifies: K drafted tokens, but no more than the sequence may
+        still emit: more would only be cut, and would run past max_seq_len on an engine whose KV
+        holds exactly that many positions (TensorRT-LLM's)."""
+        return s.spec.tokens[: min(s.k, self._left(s))] if s.spec is not None and s.k else []
 
     def _fast(self, s: Sequence) -> list[int]:
         """The decoder's own n-gram speculation, as the drafter would have guessed it (its top-1

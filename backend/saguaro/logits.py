@@ -32,7 +32,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from saguaro.config import SamplingParams
+from saguaro.config import MIN_TEMPERATURE, SamplingParams
+
+# The largest penalized logit: still finite once divided by the smallest temperature, and its
+# softmax's differences finite too. Without it a repetition penalty of 1e-45 or a frequency penalty
+# of -3e38 made logits inf, probabilities NaN, a garbage draw, and a NaN p(x) that the drafter
+# refused, which turned speculation off for every request in flight.
+LOGIT_BOUND = float(np.finfo(np.float32).max) * MIN_TEMPERATURE / 4
 
 MIN_LENGTH_MASK = float(np.finfo(np.float32).min)   # TensorRT-LLM's MASK_VAL for end_id: -FLT_MAX
 
@@ -77,13 +83,14 @@ def _penalize(x: np.ndarray, p: SamplingParams, context: list[int], draft: list[
         ids, counts = ids[keep], counts[:, keep]
     v = x[:, ids]
     penalized = v
-    if p.repetition_penalty != 1.0:
-        r = np.float32(p.repetition_penalty)
-        penalized = np.where(v < 0, v * r, v / r)
-    if p.presence_penalty != 0.0:
-        penalized = penalized - np.float32(p.presence_penalty)
-    if p.frequency_penalty != 0.0:
-        penalized = penalized - np.float32(p.frequency_penalty) * counts
+    with np.errstate(over="ignore"):        # each step bounded: an extreme penalty gives a huge
+        if p.repetition_penalty != 1.0:     # logit, never inf or NaN (LOGIT_BOUND)
+            r = np.float32(p.repetition_penalty)
+            penalized = np.clip(np.where(v < 0, v * r, v / r), -LOGIT_BOUND, LOGIT_BOUND)
+        if p.presence_penalty != 0.0:
+            penalized = np.clip(penalized - np.float32(p.presence_penalty), -LOGIT_BOUND, LOGIT_BOUND)
+        if p.frequency_penalty != 0.0:
+            penalized = np.clip(penalized - np.float32(p.frequency_penalty) * counts, -LOGIT_BOUND, LOGIT_BOUND)
     x[:, ids] = np.where(counts > 0, penalized, v)
 
 

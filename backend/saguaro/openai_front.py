@@ -90,6 +90,8 @@ FIELDS: dict[str, tuple[tuple, tuple[float, float] | None, tuple[str, ...]]] = {
     "decoding_mode": (STRING, None, ("decoding_mode",)),
 }
 SEED_INPUTS = ("seed", "random_seed")
+# The ensemble's inputs are INT32 and FP32: a value beyond them would wrap or become inf there.
+INT32_MAX, FLOAT32_MAX = 2 ** 31 - 1, 3.4028234663852886e38
 # Fields this front cannot honour, with the values that ask for nothing (the defaults).
 UNSUPPORTED: dict[str, tuple] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
@@ -176,18 +178,21 @@ def check_field(body: dict, name: str) -> Any:
         return None
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise ApiError(400, f"{name}={value!r}: must be {'a string' if kinds is STRING else 'an integer' if kinds is INTEGER else 'a number'}", name)
+    if kinds is INTEGER and not -INT32_MAX - 1 <= value <= INT32_MAX:
+        raise ApiError(400, f"{name}={value!r}: must be an integer in [{-INT32_MAX - 1}, {INT32_MAX}]", name)
+    if kinds is NUMBER and not -FLOAT32_MAX <= value <= FLOAT32_MAX:     # (a float, or an int of any size)
+        raise ApiError(400, f"{name}={value!r}: must be a number float32 holds (at most {FLOAT32_MAX:.4g} in size)", name)
     if bounds is not None and not bounds[0] <= value <= bounds[1]:
         raise ApiError(400, f"{name}={value!r}: must be in [{bounds[0]}, {bounds[1]}]", name)
     return value
 
 
-def check_integer(body: dict, name: str, low: int, high: int | None = None) -> int | None:
+def check_integer(body: dict, name: str, low: int, high: int = INT32_MAX) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        raise ApiError(400, f"{name}={value!r}: must be an integer of at least {low}"
-                            + (f" and at most {high}" if high is not None else ""), name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(400, f"{name}={value!r}: must be an integer of at least {low} and at most {high}", name)
     return value
 
 
