@@ -207,7 +207,8 @@ def repository_parameters(opts: BuildOptions, target: Path, draft: Path, tokeniz
         "target": {**engine, "checkpoint": str(target), **gpu["target"]},
         "draft": {**engine, "checkpoint": str(draft), "max_branches": str(opts.max_branches), **gpu["draft"]},
         "ssd": {"num_draft_tokens": str(opts.num_draft_tokens), "max_input_len": str(max_input_len),
-                "tokenizer_dir": str(tokenizer_dir)},
+                "tokenizer_dir": str(tokenizer_dir),
+                "fanout_budget": str(min(8, opts.max_branches))},   # the template's 8, within the draft's branches
         "preprocessing": {"tokenizer_dir": str(tokenizer_dir)},
         "postprocessing": {"tokenizer_dir": str(tokenizer_dir)},
     }

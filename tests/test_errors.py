@@ -275,6 +275,9 @@ def test_model_parameters_name_the_config_the_key_and_the_fix(tmp_path):
     with pytest.raises(SaguaroError, match="allow_fault_injection='yes' must be true or false"):
         p.flag("allow_fault_injection")
     assert p.number("saguaro_c") == 0.5 and p.optional_integer("cpu_core") is None and p.integer("max_slots", 16) == 16
+    for value in ("nan", "1e400"):      # (a poll interval of nan made the relay's watcher spin)
+        with pytest.raises(SaguaroError, match=f"ensemble/config.pbtxt: parameter cancel_poll_ms='{value}' must be a finite number"):
+            Params("ensemble", {"cancel_poll_ms": value}).number("cancel_poll_ms", 100)
     with pytest.raises(SaguaroError, match=r"fanout_budget \(B\)=100: must be in \[1, 64\] \(raise the draft's max_branches"):
         spec_config(p).validate(8, 64)
     target = Params("target", {"checkpoint": str(DEMO_TARGET), "gpu_device_ids": "0,x"})

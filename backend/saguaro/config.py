@@ -71,22 +71,27 @@ class SpecConfig:
     policy_max_k: int = 6            # largest K the policy tries (and the engines' max_draft_len)
 
     def validate(self, max_draft_len: int, max_branches: int) -> "SpecConfig":
+        self.validate_drafting()
         if not 1 <= self.k <= max_draft_len:
             raise SaguaroError(f"num_draft_tokens (K)={self.k}: must be in [1, {max_draft_len}] "
                                "(raise max_draft_len, in the target's and the draft's configs, to allow more)")
         if not 1 <= self.budget <= max_branches:
             raise SaguaroError(f"fanout_budget (B)={self.budget}: must be in [1, {max_branches}] "
                                "(raise the draft's max_branches to allow more)")
+        if not 0.0 <= self.saguaro_c <= 1.0:
+            raise SaguaroError(f"saguaro_c={self.saguaro_c}: must be in [0, 1] (1 disables Saguaro sampling)")
+        if self.policy_max_k < 1:
+            raise SaguaroError(f"policy_max_k={self.policy_max_k}: must be >= 1 (the largest K the round policy tries)")
+        return self
+
+    def validate_drafting(self) -> "SpecConfig":
+        """The fields the draft model reads from its own config (K and B are `ssd`'s)."""
         if self.fanout not in FANOUTS:
             raise SaguaroError(f"fanout={self.fanout!r}: use one of {FANOUTS}")
         if self.backup not in BACKUPS:
             raise SaguaroError(f"backup={self.backup!r}: use one of {BACKUPS}")
-        if not 0.0 <= self.saguaro_c <= 1.0:
-            raise SaguaroError(f"saguaro_c={self.saguaro_c}: must be in [0, 1] (1 disables Saguaro sampling)")
         if self.accept_rate is not None and not 0.0 < self.accept_rate < 1.0:
             raise SaguaroError(f"accept_rate={self.accept_rate}: must be in (0, 1), or None to fit it online")
-        if self.policy_max_k < 1:
-            raise SaguaroError(f"policy_max_k={self.policy_max_k}: must be >= 1 (the largest K the round policy tries)")
         if self.power is not None and self.power <= 0:
             raise SaguaroError(f"power={self.power}: must be > 0, or None to fit it online")
         return self

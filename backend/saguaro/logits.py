@@ -34,8 +34,8 @@ import torch
 
 from saguaro.config import MIN_TEMPERATURE, SamplingParams
 
-# The largest penalized logit: still finite once divided by the smallest temperature, and its
-# softmax's differences finite too. Without it a repetition penalty of 1e-45 or a frequency penalty
+# The largest penalized logit (the logits are scaled by the temperature before): its softmax's
+# differences stay finite, with room to spare for a further division by the smallest temperature. Without it a repetition penalty of 1e-45 or a frequency penalty
 # of -3e38 made logits inf, probabilities NaN, a garbage draw, and a NaN p(x) that the drafter
 # refused, which turned speculation off for every request in flight.
 LOGIT_BOUND = float(np.finfo(np.float32).max) * MIN_TEMPERATURE / 4

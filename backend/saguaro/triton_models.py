@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import queue
 import re
@@ -47,7 +48,7 @@ class Params:
         return self._parsed(key, default, int, "an integer")
 
     def number(self, key: str, default: float | None = None) -> float:
-        return self._parsed(key, default, float, "a number")
+        return self._parsed(key, default, float, "a finite number")
 
     def optional_integer(self, key: str) -> int | None:
         return self.integer(key) if self.values.get(key) else None
@@ -66,9 +67,12 @@ class Params:
             return default
         value = self.text(key)
         try:
-            return parse(value)
+            parsed = parse(value)
         except ValueError:
-            raise SaguaroError(f"{self.model}/config.pbtxt: parameter {key}={value!r} must be {what}") from None
+            parsed = math.nan
+        if not math.isfinite(parsed):
+            raise SaguaroError(f"{self.model}/config.pbtxt: parameter {key}={value!r} must be {what}")
+        return parsed
 
 
 def model_params(args: Mapping[str, str]) -> Params:
@@ -251,9 +255,12 @@ class StubWatch:
         ready. Asked when a call fails, to tell a restart from the model's own errors."""
         return self.died(pid) or (pid is None and self.seen) or not self.ready()
 
-    def error(self) -> Unavailable:
-        return Unavailable(f"the {self.model!r} model restarted under this request (its process died); "
-                           "retry the request")
+    def error(self, pid: int | None) -> Unavailable:
+        """The client's error for a call sent while `pid` was the stub, which is down."""
+        if self.died(pid):
+            return Unavailable(f"the {self.model!r} model restarted under this request (its process died); "
+                               "retry the request")
+        return Unavailable(f"the {self.model!r} model is not ready (restarting or unloading); retry the request")
 
 
 class Outbox:

@@ -20,7 +20,7 @@ class TritonPythonModel:
         pin_to_core(cpu_core(params))
         self.secret = server_secret(runtime_dir())
         cfg = engine_config(params, args)
-        spec = spec_config(params).validate(cfg.max_draft_len, cfg.max_branches)
+        spec = spec_config(params).validate_drafting()     # (K and B are `ssd`'s, checked there)
         self.server = DraftServer(Drafter(create_engine(cfg, branches=True), spec))
         self.listener = serve_socket(args["model_name"], self.server.handle)
 

@@ -14,6 +14,7 @@ error.
 import secrets
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,8 +157,12 @@ class TritonPythonModel:
         `ssd` model was restarting under the request, the error is that (retryable: Triton's own
         is "Stub process ... is not healthy" or "Model 'ssd' is not ready"), and the new `ssd`
         holds nothing to cancel."""
-        if self.ssd.down(relayed.ssd_pid):
-            relayed.stream.fail(error_response(pb_utils, self.ssd.error()))
+        try:
+            down = self.ssd.down(relayed.ssd_pid)
+        except Exception:               # (the readiness call failed: the error as it came)
+            down = False
+        if down or error_response_ is None:
+            relayed.stream.fail(error_response(pb_utils, self.ssd.error(relayed.ssd_pid)))
         elif relayed.stream.fail(error_response_):
             for relay_id in relayed.siblings:
                 self._cancel(relay_id)
@@ -173,13 +178,19 @@ class TritonPythonModel:
     def _watch(self) -> None:
         while not self.stopped.wait(self.poll_s):
             with self.lock:
-                pending = [(i, r) for i, r in self.in_flight.items() if i not in self.cancelled]
+                pending = list(self.in_flight.items())
+            for _, relayed in pending:
+                if relayed.ssd_pid is None and self.ssd.seen:   # relayed while no `ssd` stub ran
+                    relayed.ssd_pid = self.ssd.current()
             dead = {pid for pid in {r.ssd_pid for _, r in pending} if self.ssd.died(pid)}
             for relay_id, relayed in pending:
-                if relayed.ssd_pid in dead:
-                    self._fail(relayed, None)
-                else:
-                    self._check(relay_id, relayed.request)
+                try:                            # (a client gone: nothing to tell it; the watch goes on)
+                    if relayed.ssd_pid in dead:
+                        self._fail(relayed, None)
+                    elif relay_id not in self.cancelled:
+                        self._check(relay_id, relayed.request)
+                except Exception:
+                    traceback.print_exc()
 
     def _check(self, relay_id: int, request) -> None:
         with self.lock:                 # see _forget

@@ -65,14 +65,16 @@ class TritonPythonModel:
             threading.Thread(target=run, args=(i,), name="saguaro-relay", daemon=True).start()
         for _ in rows:
             while not done.acquire(timeout=POLL_S):
+                if pid is None and self.ssd.seen:                   # relayed while no `ssd` stub ran
+                    pid = self.ssd.current()
                 if self.ssd.died(pid):
-                    raise self.ssd.error()
+                    raise self.ssd.error(pid)
                 if request.is_cancelled():
                     for relay_id in ids:
                         cancel_relayed(pb_utils, relay_id, self.secret, self.kept)
                     raise Cancelled
         if any(not isinstance(a, dict) for a in answers) and self.ssd.down(pid):
-            raise self.ssd.error()      # (Triton's own: "Stub process ... is not healthy", "... not ready")
+            raise self.ssd.error(pid)      # (Triton's own: "Stub process ... is not healthy", "... not ready")
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer
