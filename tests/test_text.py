@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from saguaro.errors import SaguaroError
-from saguaro.text import (CONTEXT_IDS, REPLACEMENT, IncrementalDetokenizer, StreamWindow, decode_text_input,
+from saguaro.text import (CONTEXT_IDS, REPLACEMENT, StreamWindow, decode_text_input,
                           encode_prompt, load_tokenizer, window_text)
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "demo-code-target"
@@ -21,12 +21,14 @@ def tok():
 
 
 def stream(tok, ids, chunks):
-    """Feeds ids in chunks of the given sizes; returns the pieces."""
-    detok, pieces, i = IncrementalDetokenizer(tok), [], 0
+    """Feeds ids in chunks of the given sizes to a StreamWindow; returns the pieces, each window
+    decoded as postprocessing decodes it."""
+    window, pieces, i = StreamWindow(tok), [], 0
+    text = lambda sent: "" if sent is None else window_text(tok, sent[0], sent[1])
     for n in chunks:
-        pieces.append(detok.add(ids[i:i + n]))
+        pieces.append(text(window.push(ids[i:i + n])))
         i += n
-    pieces.append(detok.finish())
+    pieces.append(text(window.finish()))
     assert i == len(ids)
     return pieces
 

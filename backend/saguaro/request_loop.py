@@ -543,9 +543,9 @@ class ServingLoop:
             try:
                 if self.decoder is None:
                     self.decoder = self.make_decoder()
-                if req.inject_draft_fault and self.decoder.draft is not None:
-                    self.decoder.draft.inject_fault = True
                 seq_id = self.decoder.add(req.prompt, req.params, req.mode, req.k, req.budget, req.saguaro_c)
+                if req.inject_draft_fault and self.decoder.draft is not None:   # (once admitted: a refused
+                    self.decoder.draft.inject_fault = True                      # request arms nothing)
                 self.channels[seq_id] = ch
                 ch.on_admitted()
             except Exception as e:

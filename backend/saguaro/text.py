@@ -121,25 +121,3 @@ class StreamWindow:
 
     def finish(self) -> Optional[tuple[list[int], int]]:
         return self._take(final=True)
-
-
-class IncrementalDetokenizer:
-    """Text pieces for ids fed one or a few at a time; the pieces concatenate to decode(all ids).
-
-    `add(ids)` returns the new complete text ("" while a character is incomplete); `finish()` returns
-    what is still held back. It is a StreamWindow whose windows are decoded on the spot.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
-        self._window = StreamWindow(tokenizer, skip_special_tokens)
-
-    def _text(self, sent: Optional[tuple[list[int], int]]) -> str:
-        if sent is None:
-            return ""
-        return window_text(self._window.tokenizer, sent[0], sent[1], self._window.skip_special_tokens)
-
-    def add(self, ids: Iterable[int]) -> str:
-        return self._text(self._window.push(ids))
-
-    def finish(self) -> str:
-        return self._text(self._window.finish())
