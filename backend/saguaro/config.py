@@ -15,6 +15,7 @@ DEMO_DRAFT = PROJECT_ROOT / "models" / "demo-code-draft"
 DEV_PROMPTS = PROJECT_ROOT / "prompts" / "dev.jsonl"
 
 MODES = ("ar", "sd", "ssd")
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32
 MIN_TEMPERATURE = 1e-3               # smallest temperature > 0 a request may ask for
 BACKUPS = ("auto", "neural", "fast")
 FANOUTS = ("geometric", "uniform")
@@ -158,4 +159,4 @@ class SamplingParams:
 
 def _float32(x: float) -> float:
     """x rounded to float32 (inf where it overflows, 0 where it underflows)."""
-    return float(struct.unpack("f", struct.pack("f", x))[0]) if abs(x) <= 3.4028234663852886e38 else math.copysign(math.inf, x)
+    return float(struct.unpack("f", struct.pack("f", x))[0]) if abs(x) <= FLOAT32_MAX else math.copysign(math.inf, x)

@@ -32,13 +32,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from saguaro.config import MIN_TEMPERATURE, SamplingParams
+from saguaro.config import FLOAT32_MAX, MIN_TEMPERATURE, SamplingParams
 
 # The largest penalized logit (the logits are scaled by the temperature before): its softmax's
-# differences stay finite, with room to spare for a further division by the smallest temperature. Without it a repetition penalty of 1e-45 or a frequency penalty
-# of -3e38 made logits inf, probabilities NaN, a garbage draw, and a NaN p(x) that the drafter
-# refused, which turned speculation off for every request in flight.
-LOGIT_BOUND = float(np.finfo(np.float32).max) * MIN_TEMPERATURE / 4
+# differences stay finite, with room to spare for a further division by the smallest temperature.
+# Without it a repetition penalty of 1e-45 or a frequency penalty of -3e38 made logits inf,
+# probabilities NaN, a garbage draw, and a NaN p(x) that the drafter refused, which turned
+# speculation off for every request in flight.
+LOGIT_BOUND = FLOAT32_MAX * MIN_TEMPERATURE / 4
 
 MIN_LENGTH_MASK = float(np.finfo(np.float32).min)   # TensorRT-LLM's MASK_VAL for end_id: -FLT_MAX
 

@@ -61,6 +61,7 @@ from aiohttp import ClientError, web
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from saguaro.config import FLOAT32_MAX
 from saguaro.errors import SaguaroError
 from saguaro.http_front import BackgroundApp, check_json
 from saguaro.text import load_tokenizer
@@ -91,7 +92,7 @@ FIELDS: dict[str, tuple[tuple, tuple[float, float] | None, tuple[str, ...]]] = {
 }
 SEED_INPUTS = ("seed", "random_seed")
 # The ensemble's inputs are INT32 and FP32: a value beyond them would wrap or become inf there.
-INT32_MAX, FLOAT32_MAX = 2 ** 31 - 1, 3.4028234663852886e38
+INT32_MAX = 2 ** 31 - 1
 # Fields this front cannot honour, with the values that ask for nothing (the defaults).
 UNSUPPORTED: dict[str, tuple] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),

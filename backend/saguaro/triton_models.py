@@ -56,10 +56,24 @@ class Params:
     def optional_number(self, key: str) -> float | None:
         return self.number(key) if self.values.get(key) else None
 
+    def integers(self, key: str) -> tuple[int, ...]:
+        """Comma-separated integers ("0,1"); left out: none."""
+        value = self.values.get(key, "")
+        try:
+            return tuple(int(x) for x in value.split(",") if x.strip())
+        except ValueError:
+            raise self._bad(key, value, 'integers separated by commas (e.g. "0,1")') from None
+
+    def choice(self, key: str, options: tuple[str, ...], default: str) -> str:
+        value = self.text(key, default)
+        if value not in options:
+            raise self._bad(key, value, " or ".join(options))
+        return value
+
     def flag(self, key: str, default: bool = False) -> bool:
         value = self.values.get(key, "").lower()
         if value not in ("", "true", "false"):
-            raise SaguaroError(f"{self.model}/config.pbtxt: parameter {key}={self.values[key]!r} must be true or false")
+            raise self._bad(key, self.values[key], "true or false")
         return default if not value else value == "true"
 
     def _parsed(self, key: str, default, parse: Callable, what: str):
@@ -71,8 +85,11 @@ class Params:
         except ValueError:
             parsed = math.nan
         if not math.isfinite(parsed):
-            raise SaguaroError(f"{self.model}/config.pbtxt: parameter {key}={value!r} must be {what}")
+            raise self._bad(key, value, what)
         return parsed
+
+    def _bad(self, key: str, value: str, what: str) -> SaguaroError:
+        return SaguaroError(f"{self.model}/config.pbtxt: parameter {key}={value!r} must be {what}")
 
 
 def model_params(args: Mapping[str, str]) -> Params:
@@ -105,19 +122,13 @@ def engine_config(params: Params, args: Mapping[str, str], draft_core: int | Non
     """An engine model's EngineConfig: KIND_GPU instances run on their GPU, KIND_CPU on the CPU
     (the target's forwards on its `threads` off draft_core, the core the draft is pinned to)."""
     gpu = args.get("model_instance_kind") == "GPU"
-    device_ids = params.text("gpu_device_ids", "")
-    try:
-        ids = tuple(int(x) for x in device_ids.split(",") if x.strip())
-    except ValueError:
-        raise SaguaroError(f"{params.model}/config.pbtxt: parameter gpu_device_ids={device_ids!r} must be "
-                           "integers separated by commas (e.g. \"0,1\")") from None
     return EngineConfig(
         checkpoint=str(resolve_repo_path(params.text("checkpoint"), args)), engine=params.text("engine", "torch"),
         device=f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu", dtype=params.text("dtype", "auto"),
         max_slots=params.integer("max_slots", 16), max_seq_len=params.integer("max_seq_len", 1024),
         max_draft_len=params.integer("max_draft_len", 8), max_branches=params.integer("max_branches", 64),
         threads=params.integer("threads", 1), prefill_threads=params.integer("prefill_threads", 0),
-        draft_core=None if gpu else draft_core, device_ids=ids,
+        draft_core=None if gpu else draft_core, device_ids=params.integers("gpu_device_ids"),
         kv_cache_free_gpu_memory_fraction=params.number("kv_cache_free_gpu_memory_fraction", 0.4)).validate()
 
 
@@ -249,11 +260,16 @@ class StubWatch:
     def died(pid: int | None) -> bool:
         return pid is not None and not stub_alive(pid)
 
-    def down(self, pid: int | None) -> bool:
-        """Whether the model was restarting under a call sent while `pid` was its stub (None: none
-        was running): that stub died, or none was running though one had been, or the model is not
-        ready. Asked when a call fails, to tell a restart from the model's own errors."""
-        return self.died(pid) or (pid is None and self.seen) or not self.ready()
+    def restarted(self, pid: int | None) -> Unavailable | None:
+        """The client's error where the model was restarting under a failed call sent while `pid`
+        was its stub (None: none was running): that stub died, or none was running though one had
+        been, or the model is not ready. None: the error is the model's own (or readiness could not
+        be asked), to pass on as it came."""
+        try:
+            down = self.died(pid) or (pid is None and self.seen) or not self.ready()
+        except Exception:
+            down = False
+        return self.error(pid) if down else None
 
     def error(self, pid: int | None) -> Unavailable:
         """The client's error for a call sent while `pid` was the stub, which is down."""

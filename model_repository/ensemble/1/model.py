@@ -152,17 +152,14 @@ class TritonPythonModel:
                 self.in_flight.pop(relay_id, None)
                 self.cancelled.discard(relay_id)
 
-    def _fail(self, relayed: Relayed, error_response_) -> None:
+    def _fail(self, relayed: Relayed, error_response_=None) -> None:
         """An error ends the client's request: its other rows are cancelled in `ssd`. Where the
         `ssd` model was restarting under the request, the error is that (retryable: Triton's own
         is "Stub process ... is not healthy" or "Model 'ssd' is not ready"), and the new `ssd`
         holds nothing to cancel."""
-        try:
-            down = self.ssd.down(relayed.ssd_pid)
-        except Exception:               # (the readiness call failed: the error as it came)
-            down = False
-        if down or error_response_ is None:
-            relayed.stream.fail(error_response(pb_utils, self.ssd.error(relayed.ssd_pid)))
+        restart = self.ssd.restarted(relayed.ssd_pid)
+        if restart is not None:
+            relayed.stream.fail(error_response(pb_utils, restart))
         elif relayed.stream.fail(error_response_):
             for relay_id in relayed.siblings:
                 self._cancel(relay_id)
@@ -186,7 +183,7 @@ class TritonPythonModel:
             for relay_id, relayed in pending:
                 try:                            # (a client gone: nothing to tell it; the watch goes on)
                     if relayed.ssd_pid in dead:
-                        self._fail(relayed, None)
+                        self._fail(relayed)     # (restarted: the stub died)
                     elif relay_id not in self.cancelled:
                         self._check(relay_id, relayed.request)
                 except Exception:

@@ -73,8 +73,9 @@ class TritonPythonModel:
                     for relay_id in ids:
                         cancel_relayed(pb_utils, relay_id, self.secret, self.kept)
                     raise Cancelled
-        if any(not isinstance(a, dict) for a in answers) and self.ssd.down(pid):
-            raise self.ssd.error(pid)      # (Triton's own: "Stub process ... is not healthy", "... not ready")
+        restart = self.ssd.restarted(pid) if any(not isinstance(a, dict) for a in answers) else None
+        if restart is not None:     # (Triton's own errors: "Stub process ... is not healthy", "... not ready")
+            raise restart
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer

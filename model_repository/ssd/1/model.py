@@ -85,10 +85,7 @@ class TritonPythonModel:
         self.relay_cancels: dict[int, float] = {}   # relay ids `ensemble` cancelled -> when; taken by their channels
         # How rounds reach the engine models: their authenticated Unix sockets (default; a lost
         # connection is re-made in the background) or BLS with the server's secret.
-        transport = p.text("transport", "socket")
-        if transport not in ("socket", "bls"):
-            raise SaguaroError(f"ssd/config.pbtxt: parameter transport={transport!r} must be socket or bls")
-        if transport == "bls":
+        if p.choice("transport", ("socket", "bls"), "socket") == "bls":
             self.target_call = bls_call(pb_utils, "target", decoupled=False, timeout_s=p.number("target_timeout_s", 60))
             self.draft_call = bls_call(pb_utils, "draft", decoupled=True, timeout_s=spec.draft_timeout_s)
         else:
