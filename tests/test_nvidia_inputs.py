@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import queue
-import subprocess
 import sys
 import urllib.request
 from functools import partial
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))  # the repo root holds clients/
 from clients.common import GenerateRequest, check_ready  # noqa: E402
 from clients.grpc_stream import stream_generate  # noqa: E402
 from clients.perf.make_input_data import NVIDIA_FIELDS, write_input_data  # noqa: E402
-from clients.perf.sweep import PERF_ANALYZER, parse_export  # noqa: E402
+from clients.perf.sweep import PERF_ANALYZER, parse_export, run_perf_analyzer  # noqa: E402
 
 PROMPT = "def fibonacci(n):\n"
 PROMPTS = ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n", "import os\n\ndef list_files(path):\n"]
@@ -325,11 +324,11 @@ def test_perf_analyzer_with_nvidia_input_data_has_no_errors(serving, tmp_path):
     failures = lambda: sum(float(line.split()[-1]) for line in urllib.request.urlopen(serving.metrics_url).read().decode()
                            .splitlines() if line.startswith("nv_inference_request_failure") and 'model="ensemble"' in line)
     before = failures()
-    export = tmp_path / "export.json"
-    run = subprocess.run([str(PERF_ANALYZER), "-m", "ensemble", "-u", serving.grpc_url, "-i", "grpc", "--async",
-                          "--streaming", "--concurrency-range", "2", "--request-count", "4", "--input-data", str(data),
-                          "--profile-export-file", str(export)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    export, log = tmp_path / "export.json", tmp_path / "perf_analyzer.log"
+    returncode, _ = run_perf_analyzer([str(PERF_ANALYZER), "-m", "ensemble", "-u", serving.grpc_url, "-i", "grpc", "--async",
+                                       "--streaming", "--concurrency-range", "2", "--request-count", "4", "--input-data",
+                                       str(data), "--profile-export-file", str(export)], export, log, timeout_s=300)
+    assert returncode == 0, log.read_text()[-3000:]
     (experiment,) = parse_export(export)
     assert len(experiment["requests"]) >= 4
     assert all(r["responses"] > 0 and r["generated_tokens"] == 16 for r in experiment["requests"])

@@ -22,7 +22,7 @@ from clients.common import (  # noqa: E402
 from clients.perf.make_input_data import build_input_data, thread_order  # noqa: E402
 from clients.perf.sweep import (  # noqa: E402
     ClientError, Row, _run_order, _whole_json, advantage_line, held_seconds, metric_deltas, parse_csv, parse_export, parse_mode_ks, parse_prometheus,
-    paired_interval, percentile, rows_from_dir, speculative_rates, spread_line, write_input_data, write_report,
+    paired_interval, percentile, rows_from_dir, run_perf_analyzer, speculative_rates, spread_line, write_input_data, write_report,
 )
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "perf_sample"
@@ -234,3 +234,30 @@ def test_an_export_cut_off_mid_file_is_not_taken_as_whole(tmp_path: Path) -> Non
     cut = tmp_path / "cut.json"
     cut.write_text(text[: len(text) // 2])
     assert _whole_json(export) and not _whole_json(cut) and not _whole_json(tmp_path / "missing.json")
+
+
+def test_a_run_whose_export_is_not_whole_runs_again(tmp_path: Path) -> None:
+    """run_perf_analyzer's retry, driven by a script in perf_analyzer's place (the retry is ours to
+    test; the real perf_analyzer runs in test_nvidia_inputs.py and test_clients.py): an exit 0 with
+    an empty, then a cut-off export is run again; a whole one ends it; a failing exit is not retried."""
+    export, log, calls = tmp_path / "export.json", tmp_path / "pa.log", tmp_path / "calls"
+    whole = (SAMPLE / "ar_c1.json").read_text()
+    script = tmp_path / "pa.sh"
+    script.write_text(f"""#!/bin/sh
+echo run >> {calls}
+n=$(wc -l < {calls})
+[ "$n" = 1 ] && : > {export}
+[ "$n" = 2 ] && head -c 100 {SAMPLE / "ar_c1.json"} > {export}
+[ "$n" -ge 3 ] && cp {SAMPLE / "ar_c1.json"} {export}
+exit 0
+""")
+    script.chmod(0o755)
+    assert run_perf_analyzer([str(script)], export, log, timeout_s=30) == (0, {})
+    assert calls.read_text().count("run") == 3 and export.read_text() == whole
+    calls.unlink()
+    assert run_perf_analyzer([str(script)], export, log, timeout_s=30, attempts=2)[0] == 0
+    assert calls.read_text().count("run") == 2 and not _whole_json(export)     # attempts spent: the caller sees it
+    script.write_text("#!/bin/sh\necho failed\nexit 3\n")
+    calls.unlink()
+    assert run_perf_analyzer([str(script)], export, log, timeout_s=30)[0] == 3
+    assert "failed" in log.read_text()

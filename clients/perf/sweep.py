@@ -256,24 +256,44 @@ def run_point(a: argparse.Namespace, mode: str, concurrency: int, input_path: Pa
     else:
         count = a.request_count or n_prompts * concurrency
         cmd += ["--request-count", str(count)]
-    before = scrape_metrics(a.metrics_url)
     log = stem.with_suffix(".log")
-    for attempt in range(3):     # perf_analyzer 2.51 now and then exits 0 with an empty or cut-off export
-        export_path.unlink(missing_ok=True)
+    returncode, deltas = run_perf_analyzer(cmd, export_path, log, a.timeout_s, a.metrics_url)
+    if returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise ClientError(f"perf_analyzer failed (exit {returncode}) for {mode} c={concurrency}:\n{tail}")
+    stem.with_suffix(".metrics.json").write_text(json.dumps(deltas, indent=1))
+    return csv_path, export_path, deltas
+
+
+def run_perf_analyzer(cmd: list[str], export_path: Path, log: Path, timeout_s: float,
+                      metrics_url: str | None = None, attempts: int = 3) -> tuple[int, dict[str, float]]:
+    """Run perf_analyzer `cmd` (which writes --profile-export-file `export_path`), its output into
+    `log`: its exit status, and the server metrics' change over the run (metric_deltas; empty
+    without `metrics_url`).
+
+    perf_analyzer 2.51 records an output that a response lacks with bytes that are not that output's
+    (measured: floats such as 4.06e31 and -2.0e-43 where no value was sent). Our responses, like
+    TensorRT-LLM's backend, leave out the outputs that do not apply (cum_log_probs unless
+    return_log_probs, the totals before the final response). When such bytes read as a float NaN
+    or infinity, rapidjson's Writer refuses the value and stops, and its 64 KiB buffer is never
+    flushed (perf_analyzer's profile_data_exporter.cc, OutputToFile): the export is empty or cut at
+    a 64 KiB boundary while perf_analyzer exits 0. About one small run in fifteen here. Such a run
+    is run again, up to `attempts` times; the metrics are those of the run that counts."""
+    returncode, deltas = -1, {}
+    for attempt in range(attempts):
+        export_path.unlink(missing_ok=True)   # perf_analyzer refuses to overwrite an export
+        before = scrape_metrics(metrics_url)
         with log.open("w") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout_s)
-        if proc.returncode != 0 or _whole_json(export_path):
+            returncode = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        deltas = metric_deltas(before, scrape_metrics(metrics_url)) if metrics_url else {}
+        if returncode != 0 or _whole_json(export_path):
             break
-        print(f"  {mode} c={concurrency}: perf_analyzer wrote an empty or cut-off profile export "
-              f"({export_path.stat().st_size} bytes); running the point again", file=sys.stderr, flush=True)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise ClientError(f"perf_analyzer failed (exit {proc.returncode}) for {mode} c={concurrency}:\n{tail}")
-    deltas = metric_deltas(before, scrape_metrics(a.metrics_url))
-    stem.with_suffix(".metrics.json").write_text(json.dumps(deltas, indent=1))
-    return csv_path, export_path, deltas
+        size = export_path.stat().st_size if export_path.exists() else 0
+        print(f"  perf_analyzer exited 0 with an empty or cut-off profile export ({size} bytes, "
+              f"{export_path.name}); running it again", file=sys.stderr, flush=True)
+    return returncode, deltas
 
 
 def _whole_json(path: Path) -> bool:
