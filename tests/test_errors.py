@@ -285,22 +285,40 @@ def test_model_parameters_name_the_config_the_key_and_the_fix(tmp_path):
         engine_config(target, {"model_repository": str(tmp_path / "target")})
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
 @pytest.mark.parametrize("mode", ["sd", "ssd"])
-def test_the_last_rounds_verify_no_position_past_max_seq_len(fresh, mode):
+def test_the_last_rounds_verify_and_draft_no_position_past_max_seq_len(fresh, mode, temperature):
     # a request at the limit (prompt + max_tokens = max_seq_len): TensorRT-LLM's KV holds exactly
-    # max_seq_len positions, and a round verifying K tokens with fewer left ran past it
-    target, widest = fresh.target, []
-    for name in ("forward", "forward_greedy"):
-        real = getattr(target, name)
+    # max_seq_len positions. A round verifying K tokens with fewer left ran past it on the target,
+    # and the drafter drafted K (and pre-drafted K past the longest outcome) whatever was left:
+    # 101 and 107 positions at max_seq_len 96
+    widest = {"target": [], "draft": [], "branch": []}
 
-        def checked(slots, tokens, *a, _real=real, **kw):
-            widest.append(max(target.length(s) + len(t) for s, t in zip(slots, tokens)))
-            return _real(slots, tokens, *a, **kw)
-        setattr(target, name, checked)
+    def watch(engine, name, into):
+        real = getattr(engine, name)
+
+        def checked(slots, tokens, *a, **kw):
+            widest[into].append(max(engine.length(s) + len(t) for s, t in zip(slots, tokens)))
+            return real(slots, tokens, *a, **kw)
+        setattr(engine, name, checked)
+    for name in ("forward", "forward_greedy"):
+        watch(fresh.target, name, "target")
+    draft = draft_engine(fresh)
+    watch(draft, "forward", "draft")
+    real_branch = draft.branch_step
+
+    def branch_step(parents, visible, tokens, depth):
+        # a branch at this depth holds its parent's positions up to `visible`, its own token and `depth` drafted after it
+        widest["branch"].append(int(visible.max()) + 1 + depth)
+        return real_branch(parents, visible, tokens, depth)
+    draft.branch_step = branch_step
     prompt = (PROMPT * 12)[: MAX_SEQ - 40]
-    params = SamplingParams(max_tokens=40)
+    params = SamplingParams(max_tokens=40, temperature=temperature, seed=5)
     expected = fresh.generate([prompt], params, mode="ar")[0]
-    widest.clear()
-    assert fresh.generate([prompt], params, mode=mode, k=6)[0] == expected
-    assert max(widest) <= MAX_SEQ
+    for positions in widest.values():
+        positions.clear()
+    out = fresh.generate([prompt], params, mode=mode, k=6)[0]
+    assert out == expected if temperature == 0 else len(out) == 40
+    assert max(widest["target"]) <= MAX_SEQ and max(widest["draft"]) <= MAX_SEQ
+    assert mode == "sd" or 0 < max(widest["branch"]) <= MAX_SEQ
     assert_no_leak(fresh)

@@ -335,6 +335,33 @@ def test_greedy_speculative_through_trtllm_equals_ar(tmp_path, fake_runtime, pro
     assert accepted > 0, "the draft's speculations were verified through the adapter"
 
 
+@pytest.mark.parametrize("mode", ["ssd", "sd"])
+def test_a_request_as_long_as_max_seq_len_drafts_within_the_draft_engine(tmp_path, fake_runtime, prompts, mode):
+    """prompt + max_tokens = the engines' limit (max_seq_len 61, trtllm-build's max_input_len 60 as
+    build_engines builds it; TensorRT-LLM refuses a longer prompt, llmRequest.h validate()): the
+    drafter drafted K tokens, and pre-drafted K past the longest outcome, whatever the request had
+    left, so its last rounds failed in the draft engine (served, every request in flight then lost speculation)."""
+    params = SamplingParams(max_tokens=20)
+    ar = build_decoder(EngineConfig(checkpoint=str(DEMO_TARGET)), draft=None)
+    try:
+        want = ar.generate([prompts[0][:40]], params, "ar")[0]
+    finally:
+        ar.close()
+    target = F.engine_dir(tmp_path / "t", DEMO_TARGET, tokens_per_block=TPB, max_seq_len=61)
+    draft = F.engine_dir(tmp_path / "d", DEMO_DRAFT, tokens_per_block=TPB, max_seq_len=61)
+    dec = build_decoder(EngineConfig(checkpoint=str(target), engine="trtllm", max_slots=4),
+                        EngineConfig(checkpoint=str(draft), engine="trtllm", max_slots=4, max_branches=8),
+                        SpecConfig(k=4, budget=6, policy=False), draft_process=False)
+    assert dec.target.max_seq_len == 60 == len(prompts[0][:40]) + params.max_tokens
+    degraded, real = [], dec._degrade
+    dec._degrade = lambda: (degraded.append(True), real())
+    try:
+        got = dec.generate([prompts[0][:40]], params, mode)[0]
+    finally:
+        dec.close()
+    assert got == want and not degraded
+
+
 # ---------------------------------------------------------------- a real GPU
 
 @pytest.mark.gpu

@@ -161,7 +161,8 @@ class FakeExecutor:
             self.requests.append(r)
             ids.append(rid)
             self.results[rid] = self._serve(r)
-            finished.append(r.input_token_ids + list(self.results[rid].output_token_ids[0]))
+            if getattr(self.results[rid], "error", None) is None:     # a refused request stores no blocks
+                finished.append(r.input_token_ids + list(self.results[rid].output_token_ids[0]))
         for seq in finished:        # completed: their full blocks become reusable
             self.stored.update(tuple(seq[:k]) for k in range(self.tpb, len(seq) + 1, self.tpb))
         return ids

@@ -135,12 +135,20 @@ class _Seq:
     c: float
     generator: torch.Generator
     vocab: int                       # proposals and q's cover ids [0, vocab): the shared vocabulary
+    end: int                         # the longest its history may grow: prompt + max_tokens, or the draft engine's max_seq_len
     builds: bool = False             # pre-drafts while this round is verified
     spec: Speculation | None = None  # being verified now
     cache: dict[tuple[int, int], Speculation] = field(default_factory=dict)
     fanout: list[int] = field(default_factory=list)
     fast_guess: list[int] = field(default_factory=list)
     plain: dict[int, float | None] = field(default_factory=dict)   # history index of a plain step's token -> its p (Outcome.p_plain)
+
+    @property
+    def room(self) -> int:
+        """Tokens it may still emit: what any speculation of it is cut to. Drafting more would only
+        be cut by the decoder, and would write past the positions the draft engine holds (TensorRT-LLM's
+        KV holds max_seq_len, docs/design.md, "Limits on input")."""
+        return self.end - len(self.history)
 
     @property
     def drawn_c(self) -> float:
@@ -211,7 +219,8 @@ class Drafter:
             specs.update(self._draft(jit))
             self.jit_ms = _ema(self.jit_ms, (time.perf_counter() - t) * 1e3)
         for seq_id, spec in specs.items():
-            self.seqs[seq_id].spec = spec
+            s = self.seqs[seq_id]
+            s.spec = specs[seq_id] = _cut(spec, s.room)
         self.to_build = [i for i in specs if self.seqs[i].builds]
         if hits:
             self.hit_rate = _ema(self.hit_rate, sum(hits.values()) / len(hits), 0.05)
@@ -226,7 +235,17 @@ class Drafter:
             return {}
         t = time.perf_counter()
         seqs = {i: self.seqs[i] for i in self.to_build}
-        self._build_caches(list(seqs.values()))
+        # Every branch of a build is drafted as deep as its deepest K. A sequence whose branches would
+        # pass the positions the draft engine holds there builds apart, as deep as they allow (or not
+        # at all): near the end of a request as long as max_seq_len
+        deepest = max(s.k for s in seqs.values())
+        groups: dict[int, list[_Seq]] = {}
+        for s in seqs.values():
+            allowed = self.engine.max_seq_len - len(s.history) - len(s.spec.tokens)
+            groups.setdefault(min(deepest, allowed), []).append(s)
+        for depth, group in groups.items():
+            if depth > 0:
+                self._build_caches(group, depth)
         self.to_build = []
         self.last_build_ms = (time.perf_counter() - t) * 1e3
         self.build_ms = _ema(self.build_ms, self.last_build_ms)
@@ -257,7 +276,8 @@ class Drafter:
         # the draft's randomness is independent of the target's; a seed makes both reproducible
         g.manual_seed((j.params.seed * 1_000_003 + 17) % 2**63 if j.params.seed is not None else torch.seed())
         vocab = min(j.vocab, self.engine.vocab_size) if j.vocab > 0 else self.engine.vocab_size
-        s = _Seq(self.engine.allocate(), list(j.prompt), j.params, j.mode, j.k, j.budget, j.saguaro_c, g, vocab)
+        end = min(len(j.prompt) + j.params.max_tokens, self.engine.max_seq_len)
+        s = _Seq(self.engine.allocate(), list(j.prompt), j.params, j.mode, j.k, j.budget, j.saguaro_c, g, vocab, end)
         self.seqs[j.seq_id] = s
         if len(j.prompt) > 1:
             self.engine.forward([s.slot], [j.prompt[:-1]], logits=False)
@@ -385,8 +405,9 @@ class Drafter:
         feed = [s.history[self.engine.length(s.slot):] for s in seqs]
         tokens: list[list[int]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        for depth in range(max(s.k for s in seqs)):
-            live = [i for i, s in enumerate(seqs) if depth < s.k]
+        ks = [min(s.k, s.room) for s in seqs]
+        for depth in range(max(ks)):
+            live = [i for i, k in enumerate(ks) if depth < k]
             logits = self.engine.forward([seqs[i].slot for i in live], [feed[i] for i in live])
             for i, (tok, q) in zip(live, self._draw([(seqs[i], lg[-1:]) for i, lg in zip(live, logits)], depth)):
                 tokens[i].append(int(tok[0]))
@@ -396,10 +417,10 @@ class Drafter:
         return {i: Speculation(t, torch.stack(q) if q else None, "neural", s.drawn_c)
                 for i, s, t, q in zip(seq_ids, seqs, tokens, qs)}
 
-    def _build_caches(self, seqs: list[_Seq]) -> None:
+    def _build_caches(self, seqs: list[_Seq], max_depth: int) -> None:
         """Glue forward over [t*, s_1..s_n] (s: the speculation being verified, n <= K tokens), then K
         batched tree-attention steps over every branch (j, c): c a likely bonus token after j
-        accepted draft tokens (docs/design.md, "The round")."""
+        accepted draft tokens (docs/design.md, "The round"); at most `max_depth` steps."""
         eng = self.engine
         for s in seqs:   # drop what JIT drafting left past the committed tokens: the glue redoes it
             eng.truncate(s.slot, len(s.history) - 1)
@@ -433,7 +454,7 @@ class Drafter:
         rows_of: dict[int, list[int]] = {}
         for n, (s, _, _) in enumerate(owners):
             rows_of.setdefault(id(s), []).append(n)
-        k_max = max(s.k for s in seqs)
+        k_max = min(max_depth, max(s.k for s in seqs))
         drafted = torch.zeros(len(parents), k_max, dtype=torch.long)
         sampled = any(not s.params.greedy for s in seqs)
         vocab = max(s.vocab for s in seqs)
@@ -451,6 +472,13 @@ class Drafter:
         for n, (s, j, c) in enumerate(owners):
             q = None if s.params.greedy else qs[n, : s.k, : s.vocab]
             s.cache[(j, c)] = Speculation(drafted_l[n][: s.k], q, "cache", s.drawn_c)
+
+
+def _cut(spec: Speculation, room: int) -> Speculation:
+    """A speculation no longer than a sequence's room (_Seq.room)."""
+    if len(spec.tokens) <= room:
+        return spec
+    return Speculation(spec.tokens[:room], None if spec.q is None else spec.q[:room], spec.source, spec.c)
 
 
 def fast_speculation(tokens: list[int], vocab: int, greedy: bool) -> Speculation:
