@@ -91,6 +91,8 @@ def test_upstream_errors_keep_their_status_and_name_the_field():
     assert upstream_error(503, "every KV slot is in use and the queue is full; retry later").status == 503
     assert upstream_error(None, "the target engine was lost mid-request; retry the request").status == 503
     assert upstream_error(404, "Request for unknown model: 'ensemble' is not found").status == 503
+    assert upstream_error(400, "the 'ssd' model is not ready (restarting or unloading); retry the request").status == 503
+    assert upstream_error(400, "max_tokens: must be at least 1").status == 400
 
 
 # -- against the ensemble ------------------------------------------------------------------------------

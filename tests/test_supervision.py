@@ -4,12 +4,14 @@ only the draft died, finish exactly on the target alone; a killed `ssd` stub end
 relays hold for it with a retryable error; service and speculation come back with no manual step; `saguaro.serve` starts a killed tritonserver again and stops within 5 s on SIGTERM."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +20,9 @@ import tritonclient.grpc as grpcclient
 
 import conftest
 from conftest import SERVING_MODELS
+from saguaro.config import DEMO_TARGET
+from saguaro.http_front import HttpFront
+from saguaro.openai_front import OpenAIFront, scalar
 from saguaro.supervisor import stub_processes
 from saguaro.tritonserver_process import TritonServer, free_port
 from test_serving import PROMPTS, grpc_inputs, metrics, stream, wait_slots_free
@@ -159,6 +164,69 @@ def test_killed_ssd_ends_the_relayed_requests_retryably_and_comes_back(server, r
     out = stream(server, "ensemble", {"text_input": PROMPTS[3], "max_tokens": 24, "stream": True})
     assert out["error"] is None and out["text"] == reference(PROMPTS[3], 24)
     wait_slots_free(server)
+
+
+def http_stream(url: str, body: dict, timeout_s: float = RECOVERY_S) -> dict:
+    """A streamed HTTP request (generate_stream, or an OpenAI completion with stream): its status, the
+    `data:` payloads it got (parsed, but [DONE]) and the body of a refusal."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            events = [json.loads(line[5:]) for line in r if line.startswith(b"data:") and line[5:].strip() != b"[DONE]"]
+            return {"status": r.status, "events": events}
+    except urllib.error.HTTPError as e:
+        return {"status": e.code, "body": e.read().decode()}
+    except OSError as e:
+        return {"status": None, "body": str(e)}
+
+
+def test_a_killed_relay_stub_ends_the_http_and_openai_requests_it_held(server, reference):
+    # Triton 2.51 never answers again a request whose model's stub died: when the `ensemble` stub
+    # dies (no relay of ours is left to notice), the HTTP front and the OpenAI front end what they hold
+    fronts = [HttpFront("127.0.0.1", free_port(), server.http_url, stub_deaths=server.stub_deaths).start(),
+              OpenAIFront("127.0.0.1", free_port(), server.http_url, DEMO_TARGET, stub_deaths=server.stub_deaths).start()]
+    http, openai = (f"http://127.0.0.1:{f.port}" for f in fronts)
+    calls = [(f"{http}/v2/models/ensemble/generate_stream", {"text_input": PROMPTS[0], "max_tokens": 250, "stream": True}),
+             (f"{openai}/v1/completions", {"model": "ensemble", "prompt": PROMPTS[1], "max_tokens": 250, "stream": True}),
+             (f"{openai}/v1/completions", {"model": "ensemble", "prompt": PROMPTS[2], "max_tokens": 250})]
+    results: list[dict] = [{} for _ in calls]
+
+    def run(i):
+        results[i] = http_stream(*calls[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    try:
+        for t in threads:
+            t.start()
+        decoding(server, 3)
+        kill_stub(server, "ensemble")
+        t0 = time.monotonic()
+        for t in threads:
+            t.join(RECOVERY_S)
+        assert all(not t.is_alive() for t in threads), "a request in flight was left hanging"
+        assert time.monotonic() - t0 < 5, "the fronts took more than 5 s to notice"
+        streamed_http, streamed_openai, whole = results
+        for r in (streamed_http, streamed_openai):      # streams under way: an error event ends each
+            assert r["status"] == 200 and r["events"], r
+            error = r["events"][-1]["error"]
+            assert "'ensemble' model restarted" in (error if isinstance(error, str) else error["message"]), r
+        assert whole["status"] == 503 and "'ensemble' model restarted" in whole["body"], whole
+        # the supervisor reloads it, and `ssd`, which answered its calls (Triton 2.51 gives such a
+        # model no more requests); meanwhile gRPC clients read Triton's "unknown model", ours a 503
+        while not all(ready(server, m) for m in ("ensemble", "ssd")):
+            assert time.monotonic() - t0 < RECOVERY_S
+            time.sleep(0.2)
+        again = http_stream(f"{openai}/v1/completions", {"model": "ensemble", "prompt": PROMPTS[3], "max_tokens": 16,
+                                                          "stream": True})
+        assert again["status"] == 200, again
+        assert "".join(e["choices"][0]["text"] for e in again["events"] if e.get("choices")) == reference(PROMPTS[3], 16)
+        again = http_stream(f"{http}/v2/models/ensemble/generate_stream", {"text_input": PROMPTS[3], "max_tokens": 16,
+                                                                         "stream": True})
+        assert again["status"] == 200, again
+        assert "".join(scalar(e["text_output"]) for e in again["events"]) == reference(PROMPTS[3], 16)
+        wait_slots_free(server, 60)
+    finally:
+        for f in fronts:
+            f.stop()
 
 
 def test_serve_restarts_a_killed_tritonserver_and_stops_within_5_s(tmp_path, reference):

@@ -7,19 +7,52 @@ in Triton's {"error": "..."} shape: a body over max_body_bytes (413), JSON that 
 nests deeper than MAX_DEPTH (400). Everything else passes through unchanged, the response streamed
 back as it comes (generate_stream's server-sent events included). Triton listens on a loopback
 port only the front uses.
+
+A request to a model whose stub process dies under it is never answered again by Triton 2.51: the
+front ends it (503, or an `error` event in a stream already under way) as soon as the supervisor
+finds the death (`StubDeaths`, within its poll of 0.5 s), rather than leaving the client waiting.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
+from typing import Awaitable, Callable, TypeVar
 
 from aiohttp import ClientSession, ClientTimeout, web
+
+from saguaro.supervisor import StubDeaths, restarted_message
 
 MAX_DEPTH = 64                   # JSON nesting a request may have (Triton's own requests use 4-5)
 MAX_BODY_BYTES = 4 << 20         # tritonserver 2.51 dies (SIGSEGV) on a 10 MB generate body; prompts are far smaller
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
               "proxy-authenticate", "host", "content-length"}
+
+
+DEATH_POLL_S = 0.1               # how often a request waiting on Triton looks for its model's death
+MODEL_PATH = re.compile(r"/v2/models/([^/]+)/")
+T = TypeVar("T")
+
+
+class ModelRestarted(Exception):
+    """The stub of the model a request waits on died (restarted_message)."""
+
+
+async def unless_died(awaitable: Awaitable[T], died: Callable[[], bool]) -> T:
+    """What `awaitable` gives, unless died() turns true first (looked at every DEATH_POLL_S while
+    it waits): then ModelRestarted, and the awaitable is cancelled."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DEATH_POLL_S)
+            if done:
+                return task.result()
+            if died():
+                raise ModelRestarted()
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def check_json(body: bytes, header_length: str | None) -> str | None:
@@ -56,8 +89,10 @@ class BackgroundApp:
     cancel_on_disconnect = False      # cancel a request's handler when its client goes away
     auto_decompress = False           # decode compressed upstream bodies (a proxy passes them on as they are)
 
-    def __init__(self, host: str, port: int, upstream: str, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, host: str, port: int, upstream: str, max_body_bytes: int = MAX_BODY_BYTES,
+                 stub_deaths: StubDeaths | None = None):
         self.host, self.port, self.upstream, self.max_body_bytes = host, port, upstream, max_body_bytes
+        self.stub_deaths = stub_deaths if stub_deaths is not None else StubDeaths()   # the upstream's supervisor's
         self.loop = asyncio.new_event_loop()
         self.runner: web.AppRunner | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, name=self.thread_name, daemon=True)
@@ -111,19 +146,27 @@ class HttpFront(BackgroundApp):
         if problem:
             return _error(400, problem)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        model = MODEL_PATH.match(request.path)
+        died = self.stub_deaths.watch(model.group(1)) if model else (lambda: False)
         try:
-            upstream = await self.session.request(request.method, f"http://{self.upstream}{request.rel_url}",
-                                                  data=body or None, headers=headers)
+            upstream = await unless_died(self.session.request(
+                request.method, f"http://{self.upstream}{request.rel_url}", data=body or None, headers=headers), died)
         except OSError:
             return _error(503, "the server is restarting; retry")
+        except ModelRestarted:
+            return _error(503, restarted_message(model.group(1)))
         async with upstream:
             out = web.StreamResponse(status=upstream.status, headers={
                 k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
             if upstream.content_length is not None:
                 out.content_length = upstream.content_length
             await out.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await out.write(chunk)
+            try:
+                while chunk := await unless_died(upstream.content.readany(), died):
+                    await out.write(chunk)
+            except ModelRestarted:
+                if upstream.content_type == "text/event-stream":     # generate_stream: as Triton sends an error
+                    await out.write(b"data: " + json.dumps({"error": restarted_message(model.group(1))}).encode() + b"\n\n")
             await out.write_eof()
             return out
 

@@ -63,7 +63,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from saguaro.config import FLOAT32_MAX
 from saguaro.errors import SaguaroError
-from saguaro.http_front import BackgroundApp, check_json
+from saguaro.http_front import BackgroundApp, ModelRestarted, check_json, unless_died
+from saguaro.supervisor import StubDeaths, restarted_message
 from saguaro.text import load_tokenizer
 
 MODEL = "ensemble"
@@ -443,7 +444,8 @@ def scalar(value: Any) -> Any:
 
 
 def upstream_error(status: int | None, message: str) -> ApiError:
-    """The ensemble's error as an OpenAI error. Triton's status stands (400 bad input, 503 retry);
+    """The ensemble's error as an OpenAI error. Triton's status stands (400 bad input, 503 retry),
+    but an error that says to retry is 503 whatever the status;
     a model Triton does not know (404) is our ensemble not loaded yet: 503. An error inside a stream
     (status 200 already sent) is 503 when it says to retry (every retryable error of ours does), 500
     otherwise. The field the message starts with becomes `param`, named as OpenAI names it."""
@@ -453,13 +455,15 @@ def upstream_error(status: int | None, message: str) -> ApiError:
     param = named and ENSEMBLE_TO_OPENAI.get(named.group(1), named.group(1) if named.group(1) in FIELDS else None)
     if status is None or status == 200:
         status = 503 if "retry" in message.lower() else 500
+    elif status == 400 and "retry" in message.lower():   # Triton 2.51's generate_stream answered a model's
+        status = 503                                     # UNAVAILABLE with 400 (a relay's "not ready; retry")
     return ApiError(status, message, param, "service_unavailable" if status == 503 else None)
 
 
-async def sse_data(content) -> AsyncIterator[bytes]:
-    """The `data:` payloads of a server-sent event stream."""
+async def sse_data(content, died: Callable[[], bool]) -> AsyncIterator[bytes]:
+    """The `data:` payloads of a server-sent event stream (ModelRestarted once died())."""
     buffer = b""
-    async for chunk in content.iter_any():
+    while chunk := await unless_died(content.readany(), died):
         *lines, buffer = (buffer + chunk).split(b"\n")
         for line in lines:
             if line.startswith(b"data:"):
@@ -489,8 +493,9 @@ class OpenAIFront(BackgroundApp):
     cancel_on_disconnect = True      # a client that goes away closes its upstream requests
     auto_decompress = True
 
-    def __init__(self, host: str, port: int, upstream: str, tokenizer_dir: Path, model: str = MODEL):
-        super().__init__(host, port, upstream)
+    def __init__(self, host: str, port: int, upstream: str, tokenizer_dir: Path, model: str = MODEL,
+                 stub_deaths: StubDeaths | None = None):
+        super().__init__(host, port, upstream, stub_deaths=stub_deaths)
         self.model, self.tokenizer = model, load_tokenizer(tokenizer_dir)
         self.chat_template = ChatTemplate(Path(tokenizer_dir))
         self.created = int(time.time())
@@ -632,15 +637,18 @@ class OpenAIFront(BackgroundApp):
     async def _generate(self, body: dict) -> AsyncIterator[dict]:
         """The ensemble's responses to one streamed request (generate_stream's events)."""
         url = f"http://{self.upstream}/v2/models/{self.model}/generate_stream"
+        died = self.stub_deaths.watch(self.model)
         try:
-            async with self.session.post(url, json=body) as r:
+            async with await unless_died(self.session.post(url, json=body), died) as r:
                 if r.status != 200:
                     raise upstream_error(r.status, error_message(await r.text()))
-                async for data in sse_data(r.content):
+                async for data in sse_data(r.content, died):
                     event = json.loads(data)
                     if "error" in event:
                         raise upstream_error(None, str(event["error"]))
                     yield event
+        except ModelRestarted:
+            raise busy(restarted_message(self.model)) from None
         except (OSError, ClientError):
             self._inputs = None             # a restarted server may serve another ensemble
             raise busy("the server is restarting; retry") from None

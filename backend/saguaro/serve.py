@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from saguaro.errors import SaguaroError
 from saguaro.http_front import HttpFront
 from saguaro.openai_front import OpenAIFront, repository_tokenizer_dir
+from saguaro.supervisor import StubDeaths
 from saguaro.tritonserver_process import DEFAULT_MODEL_REPOSITORY, TritonServer, free_port, port_in_use
 
 
@@ -59,6 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # HTTP clients reach Triton through the front (it turns away bodies Triton would crash on or
     # answer 500 to); Triton's own HTTP port is on loopback, one port for every restart.
     upstream_port = free_port("127.0.0.1")
+    stub_deaths = StubDeaths()      # found by each server's supervisor; the fronts end requests a dead stub held
     try:
         for flag, port in (("--http-port", args.http_port), ("--openai-port", args.openai_port)):
             if port and port_in_use(args.host, port):
@@ -68,16 +70,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.openai_port:
             try:
                 openai_front = OpenAIFront(args.host, args.openai_port, f"127.0.0.1:{upstream_port}",
-                                           repository_tokenizer_dir(args.model_repository)).start()
+                                           repository_tokenizer_dir(args.model_repository), stub_deaths=stub_deaths).start()
             except SaguaroError as e:
                 print(f"saguaro: {e}", file=sys.stderr)
                 return 2
-        front = HttpFront(args.host, args.http_port, f"127.0.0.1:{upstream_port}").start()
+        front = HttpFront(args.host, args.http_port, f"127.0.0.1:{upstream_port}", stub_deaths=stub_deaths).start()
         while True:
             server = TritonServer(args.model_repository, host=args.host, http_host="127.0.0.1",
                                   http_port=upstream_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                                   log_verbose=args.log_verbose, log_path=args.log_file, echo=True,
-                                  binary=args.tritonserver)
+                                  binary=args.tritonserver, stub_deaths=stub_deaths)
             try:
                 server.start(timeout_s=args.timeout)
             except SaguaroError as e:

@@ -51,14 +51,42 @@ def stub_alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
+# The models each model calls through BLS. A model that was answering calls of a stub that died takes
+# no more requests in Triton 2.51 (measured: after the `ensemble` stub died under a stream, requests
+# straight to `ssd` timed out until `ssd` was reloaded), so the supervisor reloads it with its caller.
+BLS_CALLEES = {"ensemble": ("ssd",), "ensemble_sync": ("ssd",)}
+
+
+def restarted_message(model: str) -> str:
+    """A request's error when the stub of `model` died under it."""
+    return f"the {model!r} model restarted under this request (its process died); retry the request"
+
+
+class StubDeaths:
+    """How many times each model's stub died, as supervisors find it. saguaro.serve shares one
+    between every tritonserver it starts and its HTTP fronts: Triton 2.51 never answers a request
+    again whose model's stub died, and a front ends such a request with restarted_message."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def died(self, model: str) -> None:
+        self.counts[model] = self.counts.get(model, 0) + 1
+
+    def watch(self, model: str) -> Callable[[], bool]:
+        """A check that turns true once a stub of `model` dies after now."""
+        start = self.counts.get(model, 0)
+        return lambda: self.counts.get(model, 0) != start
+
+
 class StubSupervisor:
     """A thread that checks the stubs every poll_s and reloads the model of each one that died."""
 
     def __init__(self, http_url: str, server_pid: int, poll_s: float = 0.5,
-                 log: Callable[[str], None] = lambda line: None):
+                 log: Callable[[str], None] = lambda line: None, deaths: StubDeaths | None = None):
         self.http_url, self.server_pid, self.poll_s, self.log = http_url, server_pid, poll_s, log
+        self.deaths = deaths if deaths is not None else StubDeaths()
         self.known: dict[int, str] = {}   # live stub pid -> model
-        self.restarts: dict[str, int] = {}
         self.retry: set[str] = set()      # reloads that failed, tried again at the next check
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="saguaro-supervisor", daemon=True)
@@ -87,15 +115,19 @@ class StubSupervisor:
         # Died: a zombie. A stub that Triton ends itself (unload, reload) is reaped and vanishes.
         dead = {model for pid, model in self.known.items() if pid in stubs and stubs[pid] is None}
         self.known = {pid: model for pid, model in stubs.items() if model is not None}
+        for model in dead:
+            self.deaths.died(model)
         retry, self.retry = self.retry, set()
         if not dead and not retry:
             return []
-        todo = sorted((dead & self._loaded_models()) | retry)
+        callers = {callee: model for model in sorted(dead) for callee in BLS_CALLEES.get(model, ())}
+        todo = sorted(((dead | set(callers)) & self._loaded_models()) | retry)
         for model in todo:
             if self.stopped.is_set():
                 break
-            self.restarts[model] = self.restarts.get(model, 0) + 1
-            self.log(f"supervisor: the stub process of model {model!r} died; reloading it")
+            why = ("died" if model in dead else f"answered calls of {callers[model]!r}, whose stub died"
+                   if model in callers else "was not reloaded at the last check")
+            self.log(f"supervisor: the stub process of model {model!r} {why}; reloading it")
             t0 = time.monotonic()
             try:
                 self._post(f"/v2/repository/models/{model}/unload")

@@ -24,7 +24,7 @@ from saguaro.ipc import SocketServer, WireClient, connect, listen
 from saguaro.private_dir import runtime_dir, same_secret, server_secret
 from saguaro.messages import decode, encode
 from saguaro.request_loop import ServeLimits
-from saguaro.supervisor import stub_alive, stub_processes
+from saguaro.supervisor import restarted_message, stub_alive, stub_processes
 
 
 class Params:
@@ -274,8 +274,7 @@ class StubWatch:
     def error(self, pid: int | None) -> Unavailable:
         """The client's error for a call sent while `pid` was the stub, which is down."""
         if self.died(pid):
-            return Unavailable(f"the {self.model!r} model restarted under this request (its process died); "
-                               "retry the request")
+            return Unavailable(restarted_message(self.model))
         return Unavailable(f"the {self.model!r} model is not ready (restarting or unloading); retry the request")
 
 

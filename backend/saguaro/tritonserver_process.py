@@ -37,7 +37,7 @@ from typing import Mapping, Optional, Sequence
 
 from saguaro.errors import SaguaroError
 from saguaro.private_dir import remove_runtime_dir, server_folder
-from saguaro.supervisor import StubSupervisor, post
+from saguaro.supervisor import StubDeaths, StubSupervisor, post
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]                     # backend/ (holds saguaro/)
 DEFAULT_MODEL_REPOSITORY = PACKAGE_ROOT.parent / "model_repository"
@@ -184,7 +184,8 @@ class TritonServer:
                  http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  models: Optional[Sequence[str]] = None, log_verbose: int = 0, log_path: Optional[Path] = None,
                  echo: bool = False, extra_args: Sequence[str] = (), supervise: bool = True,
-                 binary: Optional[Path] = None, exit_timeout_s: int = 2, http_host: Optional[str] = None) -> None:
+                 binary: Optional[Path] = None, exit_timeout_s: int = 2, http_host: Optional[str] = None,
+                 stub_deaths: Optional[StubDeaths] = None) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.host = host
         self.http_host = host if http_host is None else http_host   # saguaro.serve: loopback, behind its HTTP front
@@ -195,6 +196,7 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.supervise, self.binary, self.exit_timeout_s = supervise, binary, exit_timeout_s
         self.supervisor: Optional[StubSupervisor] = None
+        self.stub_deaths = stub_deaths if stub_deaths is not None else StubDeaths()   # what the supervisor finds
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self._log: collections.deque[str] = collections.deque(maxlen=400)
         self._reader: Optional[threading.Thread] = None
@@ -256,7 +258,7 @@ class TritonServer:
             raise
         if self.supervise:
             log = (lambda line: print(f"saguaro: {line}", file=sys.stderr, flush=True)) if self.echo else self._log.append
-            self.supervisor = StubSupervisor(self.http_url, self.proc.pid, log=log).start()
+            self.supervisor = StubSupervisor(self.http_url, self.proc.pid, log=log, deaths=self.stub_deaths).start()
         return self
 
     def _read_log(self) -> None:
