@@ -11,9 +11,9 @@ import torch
 
 from saguaro.config import DEMO_DRAFT, DEMO_TARGET, EngineConfig, SamplingParams, SpecConfig
 from saguaro.decoder import JOIN_READ, Decoder
-from saguaro.draft import Drafter, LocalDraft
+from saguaro.draft import Drafter, LocalDraft, PendingRound
 from saguaro.engines.torch_engine import TorchEngine
-from saguaro.errors import SaguaroError
+from saguaro.errors import DraftFailure, SaguaroError
 from saguaro.llm import build_decoder
 from saguaro.pair import validate_pair
 from tiny_models import save_random_model
@@ -321,4 +321,38 @@ def test_the_last_rounds_verify_and_draft_no_position_past_max_seq_len(fresh, mo
     assert out == expected if temperature == 0 else len(out) == 40
     assert max(widest["target"]) <= MAX_SEQ and max(widest["draft"]) <= MAX_SEQ
     assert mode == "sd" or 0 < max(widest["branch"]) <= MAX_SEQ
+    assert_no_leak(fresh)
+
+
+def test_a_drafter_that_fails_after_the_forward_leaves_sampled_sequences_on_the_target(fresh):
+    # every sequence verified a pre-drafted hit, so the drafter's answer is read after the target
+    # forward; it fails, speculation is dropped (_degrade), and each sequence's step is a plain one
+    # from the first of the rows the forward computed. The plain steps drawn together (_draw_plain)
+    # took every row: two sampled sequences failed the round for everyone (shapes 2 and 8)
+    real_start, fail = fresh.draft.start, []
+
+    def start(rnd):
+        if fail:
+            fail.clear()
+
+            def answers():
+                raise DraftFailure("the drafter died during the forward")
+                yield
+            return PendingRound(answers())
+        return real_start(rnd)
+    fresh.draft.start = start
+    params = SamplingParams(max_tokens=40, temperature=1.0, top_k=50)
+    ids = [fresh.add(PROMPT, params.with_(seed=seed), mode="ssd", k=3) for seed in (1, 2)]
+    tokens, degraded, armed = {i: [] for i in ids}, set(), False
+    while fresh.active:
+        seqs = list(fresh.seqs.values())
+        if not armed and len(seqs) == 2 and all(s.spec is not None and not s.first_round for s in seqs):
+            fail.append(True)               # this round verifies pre-drafted speculations
+            armed = True
+        for e in fresh.step():
+            tokens[e.seq_id] += e.tokens
+            if e.stats.degraded:
+                degraded.add(e.seq_id)
+    assert armed and degraded == set(ids)
+    assert all(len(t) == 40 for t in tokens.values())
     assert_no_leak(fresh)

@@ -657,7 +657,9 @@ class Decoder:
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         drawn = {}
         for members in groups.values():
-            p = probs(torch.cat([outputs[i][:, : self.vocab] for i in members]), seqs[members[0]].params)
+            # a plain step's row is the first: a forward that verified a speculation the drafter's
+            # failure then dropped (_degrade) has more
+            p = probs(torch.cat([outputs[i][:1, : self.vocab] for i in members]), seqs[members[0]].params)
             tokens = sample_rows(p, [(seqs[i].generator, 1) for i in members]).tolist()
             for row, (i, token) in enumerate(zip(members, tokens)):
                 drawn[seqs[i].seq_id] = (token, probability(p[row:row + 1], token))
