@@ -395,7 +395,7 @@ class Channel:
     def _piece(self, window: tuple[list[int], int] | None, prefix_text: str = "") -> dict[str, np.ndarray]:
         ids, prefix = window if window else ([], 0)
         if self.request.text_out:
-            text = prefix_text + window_text(self.tokenizer, ids, prefix)
+            text = prefix_text + window_text(self.tokenizer, ids, prefix, check_ids=False)
             return {"text_output": np.array([text.encode()], dtype=np.object_)}
         return {"output_ids": np.array(ids, dtype=np.int32), "prefix_len": np.array([prefix], dtype=np.int32)}
 
@@ -569,10 +569,20 @@ class ServingLoop:
             ch = self.channels.get(e.seq_id)
             if ch is None:
                 continue
-            ch.on_event(e)
-            if e.finish_reason is not None:
-                ch.on_finish(e.stats)
-                del self.channels[e.seq_id]
+            try:
+                ch.on_event(e)
+                if e.finish_reason is not None:
+                    ch.on_finish(e.stats)
+                    del self.channels[e.seq_id]
+            except Exception as exc:    # building one request's response: that request's error alone
+                traceback.print_exc()
+                self._fail_one(e.seq_id, exc)
+
+    def _fail_one(self, seq_id: int, exc: BaseException) -> None:
+        ch = self.channels.pop(seq_id)
+        ch.error(exc)
+        self.decoder.abort(seq_id)
+        self.on_change(self.decoder, None)
 
     def _fail_everything(self, exc: BaseException) -> None:
         """_fail_all, the requests not yet taken from the inbox included."""

@@ -64,17 +64,20 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 def window_text(tokenizer: Tokenizer, window_ids: Sequence[int], prefix_len: int,
-                skip_special_tokens: bool = True) -> str:
+                skip_special_tokens: bool = True, check_ids: bool = True) -> str:
     """Text the ids after the first `prefix_len` ids of the window add to the text of those first ids.
 
     Decoding both from the same start keeps decoder quirks at the window start (a stripped leading
-    space, a partial character) identical on both sides, so the difference is exact.
+    space, a partial character) identical on both sides, so the difference is exact. Ids a client
+    sent are checked (`check_ids`); an id the model generated that the tokenizer lacks (a vocabulary
+    padded past the tokenizer's, as Qwen2.5's 151936 rows for 151665 ids) decodes to nothing, as
+    the tokenizer's decode() has it.
     """
     if not 0 <= prefix_len <= len(window_ids):
         raise SaguaroError(f"prefix_len: {prefix_len} outside 0..{len(window_ids)} (the window length)")
     ids = list(window_ids)
     vocab = tokenizer.get_vocab_size()
-    if ids and not 0 <= min(ids) <= max(ids) < vocab:  # decode() would silently drop unknown ids
+    if check_ids and ids and not 0 <= min(ids) <= max(ids) < vocab:  # decode() would silently drop unknown ids
         raise SaguaroError(f"output_ids: ids must lie in 0..{vocab - 1} (the tokenizer's vocabulary)")
     prefix = tokenizer.decode(ids[:prefix_len], skip_special_tokens=skip_special_tokens) if prefix_len else ""
     full = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -99,7 +102,7 @@ class StreamWindow:
     def _take(self, final: bool) -> Optional[tuple[list[int], int]]:
         if self._shown == len(self._ids):
             return None
-        text = window_text(self.tokenizer, self._ids, self._shown, self.skip_special_tokens)
+        text = window_text(self.tokenizer, self._ids, self._shown, self.skip_special_tokens, check_ids=False)
         # Empty text (e.g. skipped special tokens) adds nothing: keep those ids pending. A trailing
         # U+FFFD may be the start of a character the next ids complete: hold it back until the end.
         if not text or (text.endswith(REPLACEMENT) and not final):
