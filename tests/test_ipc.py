@@ -168,3 +168,24 @@ def test_a_lost_peer_fails_calls_at_once_and_is_reconnected_in_the_background(fo
     finally:
         client.close()
         server.close()
+
+
+def test_a_peer_replaced_while_idle_takes_the_next_call(folder):
+    # the model behind the socket is reloaded between calls (the supervisor, an operator): the
+    # first call after it failed as a lost peer (and with it the request that made it, though the
+    # new peer was up before it came)
+    path, secret = folder / "target.sock", server_secret(folder)
+    server = listen(path, secret, Engine().handle, "target")
+    client = WireClient(lambda: connect(path, secret), 5, "target", hello=ResetEngine())
+    try:
+        assert client.wait_connected(5)
+        assert next(client(EngineInfoQuery())).max_slots == 1
+        server.close()
+        second = Engine()
+        server = listen(path, secret, second.handle, "target")
+        time.sleep(0.3)                             # the new peer is up; the client has not called since
+        assert next(client(EngineInfoQuery())).vocab_size == 7
+        assert isinstance(second.seen[0], ResetEngine) and isinstance(second.seen[1], EngineInfoQuery)
+    finally:
+        client.close()
+        server.close()

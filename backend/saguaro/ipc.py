@@ -130,6 +130,17 @@ def serve_wire(conn: Connection, handle: Callable[[object], Iterator]) -> None:
                 return
 
 
+IDLE_RECONNECT_S = 0.25     # how long a call waits for a new connection when the idle one was closed
+
+
+def _readable(conn: Connection) -> bool:
+    """Whether a connection has something to read (or its end: EOF reads as readable)."""
+    try:
+        return conn.poll(0)
+    except (EOFError, OSError):
+        return True
+
+
 class WireClient:
     """call(msg) -> iterator of a serve_wire peer's answers, read as they arrive.
 
@@ -155,10 +166,17 @@ class WireClient:
 
     def __call__(self, msg) -> Iterator:
         conn = self.conn
+        if conn is not None:
+            while self.open:             # what the previous caller left unread, up to its end
+                self.open = not isinstance(self._recv(conn), (End, Failed))
+            if _readable(conn):
+                # Nothing is owed on an idle connection: the peer closed it (its model reloaded while
+                # we were idle). This call, which no peer saw, goes to its successor if that is up.
+                self._drop(conn, EOFError("the connection closed between calls"))
+                self._connected.wait(IDLE_RECONNECT_S)
+                conn = self.conn
         if conn is None:
             raise PeerUnavailable(f"{self.peer} is unavailable ({self.last_error}); it is being restarted")
-        while self.open:                 # what the previous caller left unread, up to its end
-            self.open = not isinstance(self._recv(conn), (End, Failed))
         try:
             conn.send_bytes(encode(msg))
         except OSError as e:
@@ -195,6 +213,10 @@ class WireClient:
             self._broken(conn, e)
 
     def _broken(self, conn: Connection, e: BaseException):
+        self._drop(conn, e)
+        raise PeerUnavailable(f"{self.peer} is unavailable ({type(e).__name__}: {e})") from e
+
+    def _drop(self, conn: Connection, e: BaseException) -> None:
         self.open = False
         if self.conn is conn:
             self.conn = None
@@ -202,7 +224,6 @@ class WireClient:
             conn.close()                 # late answers must not be read as the next call's
             self.last_error = f"{type(e).__name__}: {e}"
             self._reconnect()
-        raise PeerUnavailable(f"{self.peer} is unavailable ({type(e).__name__}: {e})") from e
 
     def _reconnect(self) -> None:
         with self._lock:
