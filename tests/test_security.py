@@ -16,9 +16,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from saguaro.http_front import HttpFront
 from saguaro.ipc import connect
 from saguaro.messages import EngineInfoQuery, encode
 from saguaro.private_dir import runtime_dir
+from saguaro.tritonserver_process import free_port
 from test_ipc import send_without_handshake
 from test_messages import MARKER, Hostile
 from test_serving import PROMPTS, stream
@@ -100,5 +102,44 @@ def test_engine_sockets_are_private_and_refuse_peers_without_the_secret(serving,
     with pytest.raises(OSError, match="authentication"):
         connect(path, b"\0" * 32)
     send_without_handshake(path, PAYLOADS["pickle"])
+    good = stream(serving, "ensemble", {"text_input": PROMPTS[1], "max_tokens": 8, "stream": True})
+    assert good["error"] is None and good["totals"]["generated_tokens"] == 8
+
+
+def loaded_code() -> tuple[str, dict[str, bytes]]:
+    """A python-backend model whose model.py writes MARKER when it loads: the config and files a
+    repository load request may bring."""
+    config = json.dumps({"name": "hostile", "backend": "python", "max_batch_size": 0,
+                         "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1]}],
+                         "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1]}]})
+    code = (f"open({str(MARKER)!r}, 'w').write('loaded')\n"
+            "class TritonPythonModel:\n    def execute(self, requests):\n        return []\n").encode()
+    return config, {"file:1/model.py": code}
+
+
+def test_clients_cannot_load_models_or_change_the_server(serving):
+    # Triton's repository API loads a model with the files a request brings (code, run in the
+    # server) and unloads any: it answered every client (HTTP, through our front too, and gRPC)
+    config, files = loaded_code()
+    body = {"parameters": {"config": config, **{k: base64.b64encode(v).decode() for k, v in files.items()}}}
+    front = HttpFront("127.0.0.1", free_port(), serving.http_url).start()
+    try:
+        for base in (f"http://{serving.http_url}", f"http://127.0.0.1:{front.port}"):
+            for path, sent in (("/v2/repository/models/hostile/load", body), ("/v2/repository/models/ensemble/unload", {}),
+                               ("/v2/repository/index", {}), ("/v2/logging", {"log_verbose_level": 1}),
+                               ("/v2/trace/setting", {"trace_level": ["TIMESTAMPS"]}),
+                               ("/v2/systemsharedmemory/region/x/register", {"key": "/x", "offset": 0, "byte_size": 8})):
+                req = urllib.request.Request(base + path, data=json.dumps(sent).encode(), method="POST")
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(req, timeout=30)
+                assert refused.value.code == 403, (base, path)
+    finally:
+        front.stop()
+    client = grpcclient.InferenceServerClient(serving.grpc_url)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.load_model("hostile", config=config, files=files)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.unload_model("ensemble")
+    assert client.is_model_ready("ensemble")
     good = stream(serving, "ensemble", {"text_input": PROMPTS[1], "max_tokens": 8, "stream": True})
     assert good["error"] is None and good["totals"]["generated_tokens"] == 8

@@ -32,6 +32,10 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 
 DEATH_POLL_S = 0.1               # how often a request waiting on Triton looks for its model's death
 MODEL_PATH = re.compile(r"/v2/models/([^/]+)/")
+# Triton's APIs that change the server (tritonserver_process.RESTRICTED_APIS): refused here too, so a
+# client's request never reaches them whatever headers it brings
+RESTRICTED_PATH = re.compile(r"/v2/(repository|logging|trace|systemsharedmemory|cudasharedmemory)(/|$)"
+                             r"|/v2/models/[^/]+(/versions/[^/]+)?/trace(/|$)")
 T = TypeVar("T")
 
 
@@ -135,6 +139,9 @@ class HttpFront(BackgroundApp):
         app.router.add_route("*", "/{tail:.*}", self._handle)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if RESTRICTED_PATH.match(request.path):
+            return _error(403, f"{request.path}: not open to clients (the server loads its models itself; "
+                               f"logging, tracing and shared memory are its operator's)")
         if (request.content_length or 0) > self.max_body_bytes:
             return _error(413, f"request body: {request.content_length} bytes, above the limit of {self.max_body_bytes}")
         try:

@@ -83,8 +83,10 @@ class StubSupervisor:
     """A thread that checks the stubs every poll_s and reloads the model of each one that died."""
 
     def __init__(self, http_url: str, server_pid: int, poll_s: float = 0.5,
-                 log: Callable[[str], None] = lambda line: None, deaths: StubDeaths | None = None):
+                 log: Callable[[str], None] = lambda line: None, deaths: StubDeaths | None = None,
+                 admin: dict[str, str] | None = None):
         self.http_url, self.server_pid, self.poll_s, self.log = http_url, server_pid, poll_s, log
+        self.admin = admin or {}          # the header Triton's repository API wants (TritonServer.admin)
         self.deaths = deaths if deaths is not None else StubDeaths()
         self.known: dict[int, str] = {}   # live stub pid -> model
         self.retry: set[str] = set()      # reloads that failed, tried again at the next check
@@ -141,16 +143,18 @@ class StubSupervisor:
 
     def _loaded_models(self) -> set[str]:
         """Models the server holds as loaded (READY), from the repository index."""
-        index = json.loads(post(self.http_url, "/v2/repository/index", timeout_s=10))
+        index = json.loads(post(self.http_url, "/v2/repository/index", timeout_s=10, headers=self.admin))
         return {m["name"] for m in index if m.get("state") == "READY"}
 
     def _post(self, path: str) -> None:
-        post(self.http_url, path, timeout_s=300)
+        post(self.http_url, path, timeout_s=300, headers=self.admin)
 
 
-def post(http_url: str, path: str, body: bytes = b"{}", timeout_s: float = 10.0) -> bytes:
-    """POST to Triton's HTTP API (repository load/unload/index, generate); the response body.
-    Raises urllib.error.HTTPError for an error status, URLError/OSError when unreachable."""
-    req = urllib.request.Request(f"http://{http_url}{path}", data=body, method="POST")
+def post(http_url: str, path: str, body: bytes = b"{}", timeout_s: float = 10.0,
+         headers: dict[str, str] | None = None) -> bytes:
+    """POST to Triton's HTTP API (repository load/unload/index, with the server's admin header;
+    generate); the response body. Raises urllib.error.HTTPError for an error status, URLError/OSError
+    when unreachable."""
+    req = urllib.request.Request(f"http://{http_url}{path}", data=body, method="POST", headers=headers or {})
     with urllib.request.urlopen(req, timeout=timeout_s) as r:
         return r.read()

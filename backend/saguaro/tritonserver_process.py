@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -42,6 +43,13 @@ from saguaro.supervisor import StubDeaths, StubSupervisor, post
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]                     # backend/ (holds saguaro/)
 DEFAULT_MODEL_REPOSITORY = PACKAGE_ROOT.parent / "model_repository"
 SETUP_HINT = "run scripts/setup.sh (installs nvidia-pytriton into .venv)"
+# Triton's APIs a client must not reach: model-repository loads models, and a load may bring its
+# own files (a model.py: code that runs in the server); logging, trace and shared-memory change the
+# server's state. tritonserver answers them only with ADMIN_HEADER set to the server's own key (403
+# otherwise); our supervisor and `load` send it. The key is on tritonserver's command line, so local
+# users who can list processes can read it; clients over HTTP and gRPC cannot.
+RESTRICTED_APIS = "model-repository,logging,trace,shared-memory"
+ADMIN_HEADER = "saguaro-admin-key"
 
 
 @dataclass(frozen=True)
@@ -197,6 +205,10 @@ class TritonServer:
         self.supervise, self.binary, self.exit_timeout_s = supervise, binary, exit_timeout_s
         self.supervisor: Optional[StubSupervisor] = None
         self.stub_deaths = stub_deaths if stub_deaths is not None else StubDeaths()   # what the supervisor finds
+        # Triton's APIs that change the server (load and unload models, with files a request brings:
+        # code; logging, tracing, shared-memory regions) answer only requests that carry this
+        # server's key, which only this process knows (RESTRICTED_APIS)
+        self.admin = {ADMIN_HEADER: secrets.token_urlsafe(32)}
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self._log: collections.deque[str] = collections.deque(maxlen=400)
         self._reader: Optional[threading.Thread] = None
@@ -229,7 +241,9 @@ class TritonServer:
                "--allow-gpu-metrics=false", f"--log-verbose={self.log_verbose}",
                # In-flight requests get this long to finish on SIGTERM before the models are
                # unloaded (the orchestrator then ends the rest with a retryable error).
-               f"--exit-timeout-secs={self.exit_timeout_s}", "--model-control-mode=explicit"]
+               f"--exit-timeout-secs={self.exit_timeout_s}", "--model-control-mode=explicit",
+               f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin[ADMIN_HEADER]}",
+               f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin[ADMIN_HEADER]}"]
         cmd += [f"--load-model={m}" for m in (self.models if self.models is not None else ["*"])]
         return cmd + self.extra_args
 
@@ -258,7 +272,8 @@ class TritonServer:
             raise
         if self.supervise:
             log = (lambda line: print(f"saguaro: {line}", file=sys.stderr, flush=True)) if self.echo else self._log.append
-            self.supervisor = StubSupervisor(self.http_url, self.proc.pid, log=log, deaths=self.stub_deaths).start()
+            self.supervisor = StubSupervisor(self.http_url, self.proc.pid, log=log, deaths=self.stub_deaths,
+                                             admin=self.admin).start()
         return self
 
     def _read_log(self) -> None:
@@ -301,7 +316,7 @@ class TritonServer:
             if self.model_ready(model):
                 continue
             try:
-                post(self.http_url, f"/v2/repository/models/{model}/load", timeout_s=timeout_s)
+                post(self.http_url, f"/v2/repository/models/{model}/load", timeout_s=timeout_s, headers=self.admin)
             except urllib.error.HTTPError as e:
                 detail = e.read().decode("utf-8", "replace")
                 raise SaguaroError(f"tritonserver: model {model!r} failed to load: {detail}\n"
