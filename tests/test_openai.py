@@ -187,6 +187,20 @@ def test_errors_come_back_as_openai_exceptions_with_our_message(client, front):
     error = json.loads(raw)["error"]
     assert status == 400 and "malformed JSON" in error["message"] and set(error) == {"message", "type", "param", "code"}
 
+    # one request of 20 prompts x n=16 held the server alone for a minute (320 sequences); a lone
+    # surrogate in the text reached Triton, which answered 500
+    for body, param, match in (
+            ({"prompt": ["def f(x):"] * 20, "n": 16}, "prompt", "20 prompts x n=16 choices is more than 64 sequences"),
+            ({"prompt": "def f(x):\ud800"}, "prompt", "prompt: not valid Unicode text"),
+            ({"prompt": ["ok", "x\udfff"]}, "prompt", r"prompt\[1\]: not valid Unicode text"),
+            ({"prompt": "x", "stop": ["\ud800"]}, "stop", "stop: not valid Unicode text")):
+        status, raw = post(f"http://127.0.0.1:{front.port}/v1/completions", {"model": "ensemble", "max_tokens": 4, **body})
+        error = json.loads(raw)["error"]
+        assert status == 400 and error["param"] == param and re.search(match, error["message"]), raw
+    status, raw = post(f"http://127.0.0.1:{front.port}/v1/chat/completions",
+                       {"model": "ensemble", "messages": [{"role": "user", "content": "x\ud800"}]})
+    assert status == 400 and "messages[0].content: not valid Unicode text" in json.loads(raw)["error"]["message"], raw
+
 
 def test_a_client_that_goes_away_frees_its_slots_at_once(client, front, serving):
     """Streamed: the client closes after two chunks; not streamed: it hangs up while waiting. Either

@@ -70,6 +70,7 @@ from saguaro.text import load_tokenizer
 MODEL = "ensemble"
 DEFAULT_MAX_TOKENS = 16          # Triton's OpenAI frontend's --default-max-tokens (and OpenAI's for completions)
 MAX_N = 16                       # choices per request (each is a request to the ensemble)
+MAX_CHOICES = 64                 # prompts x n per request: what one batched ensemble request may hold (8 x 8)
 MAX_STOPS = 4                    # OpenAI's limit
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SPECULATION = ("rounds", "accepted_tokens", "drafted_tokens", "cache_hits", "ar_rounds", "sd_rounds", "ssd_rounds")
@@ -221,7 +222,18 @@ def check_stops(value: Any) -> list[str]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
         raise ApiError(400, f"stop: send a string or a list of at most {MAX_STOPS} strings", "stop")
-    return [s for s in stops if s]
+    return [check_text(s, "stop") for s in stops if s]
+
+
+def check_text(value: str, field: str) -> str:
+    """A string that UTF-8 holds: JSON may carry a lone surrogate (\\ud800), which Triton refused
+    with a 500 ("The surrogate pair in string is invalid")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{field}: not valid Unicode text (a lone surrogate at character {e.start}); "
+                            f"send UTF-8 text", field.split("[")[0]) from None
+    return value
 
 
 def check_request(body: dict, prompts: list[str], model: str) -> Spec:
@@ -244,7 +256,11 @@ def check_request(body: dict, prompts: list[str], model: str) -> Spec:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError(400, f"seed={seed!r}: must be an integer", "seed")
-    return Spec(prompts=prompts, n=check_integer(body, "n", 1, MAX_N) or 1, stream=check_bool(body, "stream"),
+    n = check_integer(body, "n", 1, MAX_N) or 1
+    if len(prompts) * n > MAX_CHOICES:
+        raise ApiError(400, f"prompt: {len(prompts)} prompts x n={n} choices is more than {MAX_CHOICES} sequences "
+                            f"in one request; send fewer prompts or a smaller n", "prompt")
+    return Spec(prompts=prompts, n=n, stream=check_bool(body, "stream"),
                 include_usage=check_bool(options, "include_usage"), max_tokens=max_tokens,
                 stops=check_stops(body.get("stop")), seed=None if seed is None else seed % 2 ** 64, fields=fields)
 
@@ -252,9 +268,9 @@ def check_request(body: dict, prompts: list[str], model: str) -> Spec:
 def completion_prompts(body: dict) -> list[str]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return [prompt]
+        return [check_text(prompt, "prompt")]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return prompt
+        return [check_text(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
     raise ApiError(400, "prompt: send a string or a list of strings (token-id prompts are not supported)", "prompt")
 
 
@@ -272,10 +288,10 @@ def chat_messages(body: dict) -> list[dict]:
 
 def message_text(content: Any, i: int) -> str:
     if content is None or isinstance(content, str):
-        return content or ""
+        return check_text(content or "", f"messages[{i}].content")
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        return check_text("".join(p["text"] for p in content), f"messages[{i}].content")
     raise ApiError(400, f"messages[{i}].content: send text (a string or a list of text parts); "
                         f"images and audio are not supported", "messages")
 
