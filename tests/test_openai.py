@@ -93,6 +93,7 @@ def test_upstream_errors_keep_their_status_and_name_the_field():
     assert upstream_error(404, "Request for unknown model: 'ensemble' is not found").status == 503
     assert upstream_error(400, "the 'ssd' model is not ready (restarting or unloading); retry the request").status == 503
     assert upstream_error(400, "max_tokens: must be at least 1").status == 400
+    assert upstream_error(400, "num_draft_tokens (K)=0: must be at least 1").param == "num_draft_tokens"
 
 
 # -- against the ensemble ------------------------------------------------------------------------------

@@ -467,7 +467,7 @@ def upstream_error(status: int | None, message: str) -> ApiError:
     otherwise. The field the message starts with becomes `param`, named as OpenAI names it."""
     if status == 404:
         return busy(f"the model is not ready (loading or restarting); retry ({message})")
-    named = re.match(r"(\w+)\s*[=:]", message)
+    named = re.match(r"(\w+)(?:\s*\([^)]*\))?\s*[=:]", message)     # "num_draft_tokens (K)=0: ..." too
     param = named and ENSEMBLE_TO_OPENAI.get(named.group(1), named.group(1) if named.group(1) in FIELDS else None)
     if status is None or status == 200:
         status = 503 if "retry" in message.lower() else 500
