@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from saguaro.config import DEV_PROMPTS
 
@@ -282,6 +283,22 @@ def test_unary_requests_do_not_wait_for_each_other(serving, reference):
     assert short["end"] < long["end"] - 0.5, "the short request waited for the long one"
     assert short["texts"] == [reference(PROMPTS[4], 8)] and long["texts"][0] == reference(PROMPTS[0], 256)
     wait_slots_free(serving)
+
+
+def test_a_unary_request_whose_row_fails_ends_its_other_rows(serving):
+    # the request fails with that row's error; its other rows decoded to their end for nobody
+    before = metrics(serving).get("saguaro_accepted_length_sum", 0.0)
+    inputs = []
+    for name, arr, dt in (("text_input", np.array([[PROMPTS[0].encode()], [PROMPTS[1].encode()], [b""]], dtype=object), "BYTES"),
+                          ("max_tokens", np.array([[256], [256], [256]], dtype=np.int32), "INT32")):
+        t = grpcclient.InferInput(name, list(arr.shape), dt)
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    with pytest.raises(InferenceServerException, match="text_input"):
+        grpcclient.InferenceServerClient(serving.grpc_url).infer("ensemble_sync", inputs, client_timeout=60)
+    m = wait_slots_free(serving, timeout_s=3)
+    assert m["saguaro_kv_slots_in_use{engine=\"target\"}"] == 0 and m["saguaro_active_sequences"] == 0
+    assert m["saguaro_accepted_length_sum"] - before < 256      # of the 512 tokens nobody reads
 
 
 def test_draft_failure_degrades_to_exact_target_only_output(serving, reference):

@@ -167,12 +167,16 @@ class WireClient:
     def __call__(self, msg) -> Iterator:
         conn = self.conn
         if conn is not None:
-            while self.open:             # what the previous caller left unread, up to its end
-                self.open = not isinstance(self._recv(conn), (End, Failed))
-            if _readable(conn):
-                # Nothing is owed on an idle connection: the peer closed it (its model reloaded while
-                # we were idle). This call, which no peer saw, goes to its successor if that is up.
-                self._drop(conn, EOFError("the connection closed between calls"))
+            try:
+                while self.open:         # what the previous caller left unread, up to its end
+                    self.open = not isinstance(self._recv(conn), (End, Failed))
+                if _readable(conn):      # nothing is owed on an idle connection: the peer closed it
+                    self._drop(conn, EOFError("the connection closed between calls"))
+            except PeerUnavailable:      # (the peer closed it before the previous call's end)
+                pass
+            if self.conn is not conn:
+                # The peer went away between calls (its model reloaded while we were idle): this
+                # call, which no peer saw, goes to its successor if that is up.
                 self._connected.wait(IDLE_RECONNECT_S)
                 conn = self.conn
         if conn is None:

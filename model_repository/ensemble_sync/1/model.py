@@ -38,7 +38,7 @@ class TritonPythonModel:
         try:
             rows = nvidia_rows(inputs_of(request), self.max_sequences)
             answers = self._rows(request, rows)
-            errors = [a for a in answers if not isinstance(a, dict)]
+            errors = [a for a in answers if a is not None and not isinstance(a, dict)]
             return errors[0] if errors else response(pb_utils, stacked(answers), set(request.requested_output_names()))
         except Cancelled:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED))
@@ -73,13 +73,20 @@ class TritonPythonModel:
                     for relay_id in ids:
                         cancel_relayed(pb_utils, relay_id, self.secret, self.kept)
                     raise Cancelled
+            if any(a is not None and not isinstance(a, dict) for a in answers):
+                # a row failed, and with it the request: its other rows end in `ssd` now rather
+                # than decode to their end for nobody
+                for relay_id, answer in zip(ids, answers):
+                    if answer is None:
+                        cancel_relayed(pb_utils, relay_id, self.secret, self.kept)
+                break
         restart = self.ssd.restarted(pid) if any(not isinstance(a, dict) for a in answers) else None
         if restart is not None:     # (Triton's own errors: "Stub process ... is not healthy", "... not ready")
             raise restart
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer
-        return answers
+        return answers      # (None for a row cancelled after another failed)
 
     def _row(self, row, relay_id: int):
         """The row's outputs in NVIDIA's shapes, or `ssd`'s error response."""
