@@ -240,15 +240,25 @@ def test_cancelled_stream_frees_its_slots_in_both_engines_at_once(serving, model
     assert m["saguaro_active_sequences"] == 0
 
 
-def test_a_unary_request_the_client_gave_up_on_frees_its_slots(serving):
-    # ensemble_sync waits on `ssd` for every row: a client's deadline cancels them there
-    before = metrics(serving).get("saguaro_accepted_length_sum", 0.0)
+def unary_rows(rows: list[str], max_tokens: list[int] | int, **flags: bool) -> list:
+    """gRPC inputs of one batched ensemble_sync request: a row per prompt, [rows, 1] tensors."""
+    n = len(rows)
+    tokens = max_tokens if isinstance(max_tokens, list) else [max_tokens] * n
+    arrays = [("text_input", np.array([[p.encode()] for p in rows], dtype=object), "BYTES"),
+              ("max_tokens", np.array([[t] for t in tokens], dtype=np.int32), "INT32")]
+    arrays += [(name, np.full((n, 1), value), "BOOL") for name, value in flags.items()]
     inputs = []
-    for name, arr, dt in (("text_input", np.array([[p.encode()] for p in PROMPTS[:4]], dtype=object), "BYTES"),
-                          ("max_tokens", np.full((4, 1), 256, dtype=np.int32), "INT32")):
+    for name, arr, dt in arrays:
         t = grpcclient.InferInput(name, list(arr.shape), dt)
         t.set_data_from_numpy(arr)
         inputs.append(t)
+    return inputs
+
+
+def test_a_unary_request_the_client_gave_up_on_frees_its_slots(serving):
+    # ensemble_sync waits on `ssd` for every row: a client's deadline cancels them there
+    before = metrics(serving).get("saguaro_accepted_length_sum", 0.0)
+    inputs = unary_rows(PROMPTS[:4], 256)
     with pytest.raises(Exception, match="Deadline"):
         grpcclient.InferenceServerClient(serving.grpc_url).infer("ensemble_sync", inputs, client_timeout=0.3)
     m = wait_slots_free(serving, timeout_s=2)
@@ -260,13 +270,7 @@ def test_unary_requests_do_not_wait_for_each_other(serving, reference):
     # ensemble_sync answers a request only when all its rows are done; with one instance, a short
     # request sent while a long one ran waited for the long one (1.6 s against 0.08 s streamed)
     def unary(rows: list[str], max_tokens: int, out: dict) -> None:
-        inputs = []
-        for name, arr, dt in (("text_input", np.array([[p.encode()] for p in rows], dtype=object), "BYTES"),
-                              ("max_tokens", np.full((len(rows), 1), max_tokens, dtype=np.int32), "INT32"),
-                              ("exclude_input_in_output", np.full((len(rows), 1), True), "BOOL")):
-            t = grpcclient.InferInput(name, list(arr.shape), dt)
-            t.set_data_from_numpy(arr)
-            inputs.append(t)
+        inputs = unary_rows(rows, max_tokens, exclude_input_in_output=True)
         result = grpcclient.InferenceServerClient(serving.grpc_url).infer("ensemble_sync", inputs, client_timeout=120)
         out.update(texts=[t.decode() for t in result.as_numpy("text_output").reshape(-1)], end=time.monotonic())
     long, short = {}, {}
@@ -288,12 +292,7 @@ def test_unary_requests_do_not_wait_for_each_other(serving, reference):
 def test_a_unary_request_whose_row_fails_ends_its_other_rows(serving):
     # the request fails with that row's error; its other rows decoded to their end for nobody
     before = metrics(serving).get("saguaro_accepted_length_sum", 0.0)
-    inputs = []
-    for name, arr, dt in (("text_input", np.array([[PROMPTS[0].encode()], [PROMPTS[1].encode()], [b""]], dtype=object), "BYTES"),
-                          ("max_tokens", np.array([[256], [256], [256]], dtype=np.int32), "INT32")):
-        t = grpcclient.InferInput(name, list(arr.shape), dt)
-        t.set_data_from_numpy(arr)
-        inputs.append(t)
+    inputs = unary_rows([PROMPTS[0], PROMPTS[1], ""], 256)
     with pytest.raises(InferenceServerException, match="text_input"):
         grpcclient.InferenceServerClient(serving.grpc_url).infer("ensemble_sync", inputs, client_timeout=60)
     m = wait_slots_free(serving, timeout_s=3)

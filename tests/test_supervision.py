@@ -88,6 +88,16 @@ def serve_again(server, reference, t0: float, **fields) -> dict:
         time.sleep(0.5)
 
 
+def ended_soon(threads: list[threading.Thread]) -> float:
+    """Waits for the requests in flight at a kill (now) to end: within 5 s. Returns the kill's time."""
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(RECOVERY_S)
+    assert all(not t.is_alive() for t in threads), "a request in flight was left hanging"
+    assert time.monotonic() - t0 < 5, "what it held took more than 5 s to notice"
+    return t0
+
+
 def decoding(server, n: int) -> None:
     """Waits until n sequences are being decoded."""
     deadline = time.monotonic() + 30
@@ -153,11 +163,7 @@ def test_killed_ssd_ends_the_relayed_requests_retryably_and_comes_back(server, r
     threads[-1].start()
     decoding(server, 3)
     kill_stub(server, "ssd")
-    t0 = time.monotonic()
-    for t in threads:
-        t.join(RECOVERY_S)
-    assert all(not t.is_alive() for t in threads), "a request in flight was left hanging"
-    assert time.monotonic() - t0 < 5, "the relays took more than 5 s to notice"
+    t0 = ended_soon(threads)
     for error in [r["error"] for r in results] + [unary["error"]]:
         assert error is not None and "retry" in error and "'ssd'" in error, error
     serve_again(server, reference, t0)
@@ -199,11 +205,7 @@ def test_a_killed_relay_stub_ends_the_http_and_openai_requests_it_held(server, r
             t.start()
         decoding(server, 3)
         kill_stub(server, "ensemble")
-        t0 = time.monotonic()
-        for t in threads:
-            t.join(RECOVERY_S)
-        assert all(not t.is_alive() for t in threads), "a request in flight was left hanging"
-        assert time.monotonic() - t0 < 5, "the fronts took more than 5 s to notice"
+        t0 = ended_soon(threads)
         streamed_http, streamed_openai, whole = results
         for r in (streamed_http, streamed_openai):      # streams under way: an error event ends each
             assert r["status"] == 200 and r["events"], r
