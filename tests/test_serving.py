@@ -80,6 +80,14 @@ def metrics(server) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(saguaro_\S+) (\S+)$", text, re.M)}
 
 
+def decoding(server, n: int) -> None:
+    """Waits until n sequences are being decoded."""
+    deadline = time.monotonic() + 30
+    while metrics(server).get("saguaro_active_sequences", 0) < n:
+        assert time.monotonic() < deadline, "the requests never started"
+        time.sleep(0.02)
+
+
 def wait_slots_free(server, timeout_s: float = 30) -> dict[str, float]:
     deadline = time.time() + timeout_s
     while True:
@@ -255,15 +263,21 @@ def unary_rows(rows: list[str], max_tokens: list[int] | int, **flags: bool) -> l
     return inputs
 
 
+def failed_unary(serving, inputs: list, error: type, match: str, client_timeout: float, free_within_s: float) -> float:
+    """Sends a batched ensemble_sync request that must fail (`error` matching `match`); checks that
+    every slot is free within free_within_s after, and returns the tokens decoded meanwhile."""
+    before = metrics(serving).get("saguaro_accepted_length_sum", 0.0)
+    with pytest.raises(error, match=match):
+        grpcclient.InferenceServerClient(serving.grpc_url).infer("ensemble_sync", inputs, client_timeout=client_timeout)
+    m = wait_slots_free(serving, timeout_s=free_within_s)
+    assert m["saguaro_kv_slots_in_use{engine=\"target\"}"] == 0 and m["saguaro_active_sequences"] == 0
+    return m["saguaro_accepted_length_sum"] - before
+
+
 def test_a_unary_request_the_client_gave_up_on_frees_its_slots(serving):
     # ensemble_sync waits on `ssd` for every row: a client's deadline cancels them there
-    before = metrics(serving).get("saguaro_accepted_length_sum", 0.0)
-    inputs = unary_rows(PROMPTS[:4], 256)
-    with pytest.raises(Exception, match="Deadline"):
-        grpcclient.InferenceServerClient(serving.grpc_url).infer("ensemble_sync", inputs, client_timeout=0.3)
-    m = wait_slots_free(serving, timeout_s=2)
-    assert m["saguaro_kv_slots_in_use{engine=\"target\"}"] == 0 and m["saguaro_active_sequences"] == 0
-    assert m["saguaro_accepted_length_sum"] - before < 700      # of the 1024 tokens nobody reads
+    decoded = failed_unary(serving, unary_rows(PROMPTS[:4], 256), Exception, "Deadline", client_timeout=0.3, free_within_s=2)
+    assert decoded < 700      # of the 1024 tokens nobody reads
 
 
 def test_unary_requests_do_not_wait_for_each_other(serving, reference):
@@ -276,10 +290,7 @@ def test_unary_requests_do_not_wait_for_each_other(serving, reference):
     long, short = {}, {}
     threads = [threading.Thread(target=unary, args=(PROMPTS[:4], 256, long))]
     threads[0].start()
-    deadline = time.monotonic() + 30
-    while metrics(serving).get("saguaro_active_sequences", 0) < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    decoding(serving, 4)
     threads.append(threading.Thread(target=unary, args=(PROMPTS[4:5], 8, short)))
     threads[1].start()
     for t in threads:
@@ -291,13 +302,9 @@ def test_unary_requests_do_not_wait_for_each_other(serving, reference):
 
 def test_a_unary_request_whose_row_fails_ends_its_other_rows(serving):
     # the request fails with that row's error; its other rows decoded to their end for nobody
-    before = metrics(serving).get("saguaro_accepted_length_sum", 0.0)
-    inputs = unary_rows([PROMPTS[0], PROMPTS[1], ""], 256)
-    with pytest.raises(InferenceServerException, match="text_input"):
-        grpcclient.InferenceServerClient(serving.grpc_url).infer("ensemble_sync", inputs, client_timeout=60)
-    m = wait_slots_free(serving, timeout_s=3)
-    assert m["saguaro_kv_slots_in_use{engine=\"target\"}"] == 0 and m["saguaro_active_sequences"] == 0
-    assert m["saguaro_accepted_length_sum"] - before < 256      # of the 512 tokens nobody reads
+    decoded = failed_unary(serving, unary_rows([PROMPTS[0], PROMPTS[1], ""], 256), InferenceServerException, "text_input",
+                           client_timeout=60, free_within_s=3)
+    assert decoded < 256      # of the 512 tokens nobody reads
 
 
 def test_draft_failure_degrades_to_exact_target_only_output(serving, reference):

@@ -25,7 +25,7 @@ from saguaro.http_front import HttpFront
 from saguaro.openai_front import OpenAIFront, scalar
 from saguaro.supervisor import stub_processes
 from saguaro.tritonserver_process import TritonServer, free_port
-from test_serving import PROMPTS, grpc_inputs, metrics, stream, wait_slots_free
+from test_serving import PROMPTS, decoding, grpc_inputs, stream, wait_slots_free
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from soak import server_pid, wait_ready  # noqa: E402
@@ -96,14 +96,6 @@ def ended_soon(threads: list[threading.Thread]) -> float:
     assert all(not t.is_alive() for t in threads), "a request in flight was left hanging"
     assert time.monotonic() - t0 < 5, "what it held took more than 5 s to notice"
     return t0
-
-
-def decoding(server, n: int) -> None:
-    """Waits until n sequences are being decoded."""
-    deadline = time.monotonic() + 30
-    while metrics(server).get("saguaro_active_sequences", 0) < n:
-        assert time.monotonic() < deadline, "the requests never started"
-        time.sleep(0.02)
 
 
 def test_killed_target_fails_in_flight_requests_retryably_and_comes_back(server, reference):

@@ -205,10 +205,7 @@ class TritonServer:
         self.supervise, self.binary, self.exit_timeout_s = supervise, binary, exit_timeout_s
         self.supervisor: Optional[StubSupervisor] = None
         self.stub_deaths = stub_deaths if stub_deaths is not None else StubDeaths()   # what the supervisor finds
-        # Triton's APIs that change the server (load and unload models, with files a request brings:
-        # code; logging, tracing, shared-memory regions) answer only requests that carry this
-        # server's key, which only this process knows (RESTRICTED_APIS)
-        self.admin = {ADMIN_HEADER: secrets.token_urlsafe(32)}
+        self.admin = {ADMIN_HEADER: secrets.token_urlsafe(32)}          # for RESTRICTED_APIS
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self._log: collections.deque[str] = collections.deque(maxlen=400)
         self._reader: Optional[threading.Thread] = None
@@ -233,6 +230,7 @@ class TritonServer:
 
     def command(self, install: TritonInstall) -> list[str]:
         h = self.host
+        restricted = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin[ADMIN_HEADER]}"
         cmd = [str(install.binary), f"--model-repository={self.model_repository}",
                f"--backend-directory={install.backends}", f"--cache-directory={install.backends.parent / 'caches'}",
                f"--http-address={self.http_host}", f"--http-port={self.http_port}",
@@ -242,8 +240,7 @@ class TritonServer:
                # In-flight requests get this long to finish on SIGTERM before the models are
                # unloaded (the orchestrator then ends the rest with a retryable error).
                f"--exit-timeout-secs={self.exit_timeout_s}", "--model-control-mode=explicit",
-               f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin[ADMIN_HEADER]}",
-               f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin[ADMIN_HEADER]}"]
+               f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         cmd += [f"--load-model={m}" for m in (self.models if self.models is not None else ["*"])]
         return cmd + self.extra_args
 

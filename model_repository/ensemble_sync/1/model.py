@@ -61,6 +61,10 @@ class TritonPythonModel:
                 answers[i] = e
             finally:
                 done.release()
+        def cancel_running():
+            for relay_id, answer in zip(ids, answers):
+                if answer is None:
+                    cancel_relayed(pb_utils, relay_id, self.secret, self.kept)
         for i in range(len(rows)):
             threading.Thread(target=run, args=(i,), name="saguaro-relay", daemon=True).start()
         for _ in rows:
@@ -70,15 +74,12 @@ class TritonPythonModel:
                 if self.ssd.died(pid):
                     raise self.ssd.error(pid)
                 if request.is_cancelled():
-                    for relay_id in ids:
-                        cancel_relayed(pb_utils, relay_id, self.secret, self.kept)
+                    cancel_running()
                     raise Cancelled
             if any(a is not None and not isinstance(a, dict) for a in answers):
                 # a row failed, and with it the request: its other rows end in `ssd` now rather
                 # than decode to their end for nobody
-                for relay_id, answer in zip(ids, answers):
-                    if answer is None:
-                        cancel_relayed(pb_utils, relay_id, self.secret, self.kept)
+                cancel_running()
                 break
         restart = self.ssd.restarted(pid) if any(not isinstance(a, dict) for a in answers) else None
         if restart is not None:     # (Triton's own errors: "Stub process ... is not healthy", "... not ready")
