@@ -246,7 +246,6 @@ def run_point(a: argparse.Namespace, mode: str, concurrency: int, input_path: Pa
               repeat: int | None = None) -> Run:
     stem = a.out / (f"{mode}_c{concurrency}" + (f"_r{repeat}" if repeat is not None else ""))
     csv_path, export_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
-    export_path.unlink(missing_ok=True)   # perf_analyzer refuses to overwrite an export (a re-run into --out)
     # one thread per request in flight, as the input data's order assumes (make_input_data.thread_order)
     cmd = [str(PERF_ANALYZER), "-m", a.model, "-u", a.url, "-i", "grpc", "--async", "--streaming",
            "--concurrency-range", str(concurrency), "--max-threads", str(concurrency), "--input-data", str(input_path),
@@ -281,7 +280,7 @@ def run_perf_analyzer(cmd: list[str], export_path: Path, log: Path, timeout_s: f
     is run again, up to `attempts` times; the metrics are those of the run that counts."""
     returncode, deltas = -1, {}
     for attempt in range(attempts):
-        export_path.unlink(missing_ok=True)   # perf_analyzer refuses to overwrite an export
+        export_path.unlink(missing_ok=True)   # perf_analyzer refuses to overwrite an export (a re-run into --out)
         before = scrape_metrics(metrics_url)
         with log.open("w") as f:
             f.write(" ".join(cmd) + "\n")
